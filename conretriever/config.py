@@ -23,9 +23,9 @@ import yaml
 @dataclass
 class ModelArgs:
     model_name_or_path: str = "embedded:gemma-3-270m"
-    """HF id, local directory, ``.gguf`` file, or ``embedded:gemma-3-270m`` / ``embedded:minilm``."""
+    """HF id, local dir, ``.gguf`` file, ``embedded:gemma-3-270m`` or ``embedded:minilm``."""
     pooling: str | None = None
-    """``last`` (decoders), ``mean`` or ``cls``; None = from the saved model, else by architecture."""
+    """``last`` (decoders), ``mean`` or ``cls``; None = saved model's, else by architecture."""
     normalize: bool = True
     dtype: str = "auto"
     """``auto`` = bfloat16 on GPU, float32 on CPU; or ``float32`` / ``bfloat16`` / ``float16``."""
@@ -38,7 +38,7 @@ class ModelArgs:
     lora_alpha: int = 32  # alpha / r = 2 is the e5-mistral / peft-examples setting
     lora_dropout: float = 0.1
     lora_target_modules: str = "all-linear"
-    """``all-linear`` or a comma-separated list of module names (``q_proj,k_proj,v_proj,o_proj``)."""
+    """``all-linear`` or comma-separated module names (``q_proj,k_proj,v_proj,o_proj``)."""
     query_max_length: int = 128  # tokens, including the instruction and the appended EOS
     doc_max_length: int = 256  # tokens, including the appended EOS
     gradient_checkpointing: bool = False
@@ -210,7 +210,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (values here override its defaults)")
     for section in SECTIONS:
         group = parser.add_argument_group(section)
-        for name, (sec, f, tp) in _field_index().items():
+        for name, (sec, _f, tp) in _field_index().items():
             if sec != section:
                 continue
             base, _ = _unwrap_optional(tp)
@@ -247,7 +247,7 @@ def validate(cfg: RunConfig) -> None:
     if m.pooling not in (None, "last", "mean", "cls"):
         raise ConfigError(f"pooling must be last, mean or cls, got {m.pooling!r}")
     if m.prompt_format not in ("e5", "plain", "prefix", "none"):
-        raise ConfigError(f"prompt_format must be e5, plain, prefix or none, got {m.prompt_format!r}")
+        raise ConfigError(f"prompt_format must be e5/plain/prefix/none, not {m.prompt_format!r}")
     if t.temperature <= 0:
         raise ConfigError("temperature must be > 0 (it divides the cosine similarities)")
     if t.per_device_train_batch_size < 1:
@@ -257,6 +257,6 @@ def validate(cfg: RunConfig) -> None:
     if d.n_hard_negative < 0:
         raise ConfigError("n_hard_negative must be >= 0")
     if t.lr_scheduler not in ("linear", "cosine", "constant"):
-        raise ConfigError(f"lr_scheduler must be linear, cosine or constant, got {t.lr_scheduler!r}")
+        raise ConfigError(f"lr_scheduler must be linear/cosine/constant, not {t.lr_scheduler!r}")
     if t.mixed_precision not in ("auto", "bf16", "no"):
         raise ConfigError(f"mixed_precision must be auto, bf16 or no, got {t.mixed_precision!r}")

@@ -64,9 +64,7 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
         TaskSpec("nq", 1.0, "a question", "Wikipedia passages that answer the question"),
         TaskSpec("squad", 1.0, "a question", "Wikipedia passages that answer the question"),
         TaskSpec("triviaqa", 1.0, "a question", "Wikipedia passages that answer the question"),
-        TaskSpec(
-            "fiqa", 1.0, "a financial question", "user replies that best answer the question"
-        ),
+        TaskSpec("fiqa", 1.0, "a financial question", "user replies that best answer the question"),
         TaskSpec(
             "quora_duplicate",
             0.5,
@@ -112,8 +110,7 @@ EVAL_INSTRUCTIONS: dict[str, str] = {
     "CQADupstackRetrieval": _CQADUP,
 }
 for _sub in (
-    "Android English Gaming Gis Mathematica Physics Programmers Stats Tex Unix Webmasters "
-    "Wordpress"
+    "Android English Gaming Gis Mathematica Physics Programmers Stats Tex Unix Webmasters Wordpress"
 ).split():
     EVAL_INSTRUCTIONS[f"CQADupstack{_sub}Retrieval"] = _CQADUP
 
