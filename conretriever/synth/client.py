@@ -1,0 +1,326 @@
+"""A careful OpenAI-compatible chat client for long synthetic-data runs.
+
+A run sends thousands of requests to an endpoint that will, at some point, rate-limit (429),
+fail (5xx), hang (timeout) or drop the connection. The client turns that into three outcomes:
+
+* a ``Completion`` (text, finish reason, token counts);
+* ``RequestFailed`` for one request that could not be answered after the retry cap, or that the
+  server refused for good (e.g. 400); the caller records it as a reject and a rerun tries again;
+* ``FatalError`` for problems every request would hit (bad key, unknown model): stop the run.
+
+Retries are ours alone (the openai client gets ``max_retries=0``): attempt ``k`` waits
+``d/2 + U(0, d/2)`` seconds with ``d = min(backoff_max, backoff_base * 2**k)`` (exponential backoff,
+with jitter so that concurrent workers do not retry in lock-step), or the server's ``Retry-After``
+when it sends one. JSON mode (``response_format={"type": "json_object"}``) is asked for by default;
+when the server rejects that parameter (400/422), the request is sent again without it and the
+rest of the run goes on without JSON mode. The API key comes from ``OPENAI_API_KEY``, is never
+logged, and is scrubbed from any error text that the caller might store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.utils
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+# A dummy key for local servers, which ignore it; the openai client refuses an empty key.
+LOCAL_DUMMY_KEY = "sk-local-no-key"
+# Retry-After is honoured up to this bound; a larger value usually means a quota is exhausted,
+# and waiting an hour per request is worse than failing the request and rerunning later.
+MAX_RETRY_AFTER_S = 600.0
+RETRY_STATUS = frozenset({408, 409, 429})  # plus every 5xx
+FATAL_STATUS = frozenset({401, 403, 404})  # bad key, no access, unknown model/path
+
+
+class RequestFailed(Exception):
+    """One request could not be answered; ``str(exc)`` is the reject reason (key-free)."""
+
+
+class FatalError(Exception):
+    """Every request would fail the same way (bad key, unknown model): stop the run."""
+
+
+@dataclass
+class ClientSettings:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "gpt-4o-mini"
+    concurrency: int = 4  # parallel requests; raise for hosted APIs with high rate limits
+    max_retries: int = 6  # retries after the first attempt; 6 doublings of 1 s reach ~1 min
+    backoff_base: float = 1.0  # seconds; d for the first retry
+    backoff_max: float = 60.0  # seconds; cap on d
+    timeout: float = 120.0  # seconds per attempt; a 500-word document takes ~30 s on a slow server
+    json_mode: str = "auto"  # auto: ask, fall back when rejected | on: always | off: never
+    temperature: float = 1.0
+    max_tokens: int = 2048  # two 500-word documents plus a query fit in ~1,600 tokens
+    price_per_1k_input: float = 0.0  # USD per 1,000 prompt tokens, for the cost estimate
+    price_per_1k_output: float = 0.0  # USD per 1,000 completion tokens
+    api_key_env: str = "OPENAI_API_KEY"
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    attempts: int
+
+
+@dataclass
+class Usage:
+    """Per-run counters, safe to update from worker threads."""
+
+    requests: int = 0
+    retries: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def cost(self, s: ClientSettings) -> float:
+        return (
+            self.prompt_tokens / 1000 * s.price_per_1k_input
+            + self.completion_tokens / 1000 * s.price_per_1k_output
+        )
+
+    def as_dict(self, s: ClientSettings) -> dict:
+        return {
+            "requests": self.requests,
+            "retries": self.retries,
+            "failed": self.failed,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "estimated_cost_usd": round(self.cost(s), 6),
+        }
+
+
+def is_local(base_url: str) -> bool:
+    host = urlparse(base_url).hostname or ""
+    return host in LOCAL_HOSTS or host.startswith("127.")
+
+
+def resolve_api_key(s: ClientSettings) -> str:
+    key = os.environ.get(s.api_key_env, "").strip()
+    if key:
+        return key
+    if is_local(s.base_url):
+        return LOCAL_DUMMY_KEY
+    raise FatalError(
+        f"{s.api_key_env} is not set; it is required for the non-local endpoint {s.base_url} "
+        f"(export {s.api_key_env}=... ; local servers on 127.0.0.1/localhost need no key)"
+    )
+
+
+def retry_after_seconds(headers) -> float | None:
+    """Seconds from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date), else None."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class LLMClient:
+    """Thread-safe chat client: one instance per run, shared by all worker threads."""
+
+    def __init__(self, settings: ClientSettings, *, sleep: Callable[[float], None] = time.sleep):
+        import openai  # lazy: importing the synth package must stay cheap
+
+        self.settings = settings
+        self._key = resolve_api_key(settings)
+        self._openai = openai
+        self._client = openai.OpenAI(
+            api_key=self._key,
+            base_url=settings.base_url,
+            timeout=settings.timeout,
+            max_retries=0,  # our retry loop is the only one
+        )
+        self._sleep = sleep
+        self._rng = random.Random()  # jitter only; never affects what is generated
+        self._json_mode = settings.json_mode != "off"
+        self.usage = Usage()
+
+    def redact(self, text: str) -> str:
+        """``text`` with the API key removed (error bodies sometimes echo part of it)."""
+        if self._key and self._key != LOCAL_DUMMY_KEY:
+            text = text.replace(self._key, "***")
+        return text
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            wait_s = min(retry_after, MAX_RETRY_AFTER_S)
+            return wait_s + self._rng.uniform(0, 0.1 * wait_s)
+        d = min(self.settings.backoff_max, self.settings.backoff_base * 2**attempt)
+        return d / 2 + self._rng.uniform(0, d / 2)
+
+    def _create(self, messages: list[dict], temperature: float, max_tokens: int, json_mode: bool):
+        kwargs = {"response_format": {"type": "json_object"}} if json_mode else {}
+        return self._client.chat.completions.create(
+            model=self.settings.model,
+            messages=messages,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            **kwargs,
+        )
+
+    def chat(
+        self,
+        messages: list[dict],
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+    ) -> Completion:
+        s, oa = self.settings, self._openai
+        temperature = s.temperature if temperature is None else temperature
+        max_tokens = s.max_tokens if max_tokens is None else max_tokens
+        self.usage.add(requests=1)
+        attempt = 0
+        while True:
+            json_mode = self._json_mode
+            try:
+                resp = self._create(messages, temperature, max_tokens, json_mode)
+                break
+            except oa.APIStatusError as exc:
+                code = exc.status_code
+                if code in (400, 422) and json_mode and s.json_mode == "auto":
+                    # The server may not know response_format: ask once more without it.
+                    try:
+                        resp = self._create(messages, temperature, max_tokens, False)
+                    except (oa.APIStatusError, oa.APIConnectionError):
+                        pass  # not JSON mode's fault: handle the first error as usual
+                    else:
+                        if self._json_mode:
+                            log.warning(
+                                "endpoint rejected JSON mode (HTTP %s); continuing without", code
+                            )
+                        self._json_mode = False
+                        break
+                reason = self.redact(f"HTTP {code}: {exc.message}")[:500]
+                if code in FATAL_STATUS:
+                    raise FatalError(f"{reason} (endpoint {s.base_url}, model {s.model})") from None
+                if code not in RETRY_STATUS and code < 500:
+                    self.usage.add(failed=1)
+                    raise RequestFailed(reason) from None
+                wait_s = self._backoff(attempt, retry_after_seconds(exc.response.headers))
+            except oa.APIConnectionError as exc:  # includes APITimeoutError
+                kind = "timeout" if isinstance(exc, oa.APITimeoutError) else "connection error"
+                reason = self.redact(f"{kind}: {exc}")[:500]
+                wait_s = self._backoff(attempt, None)
+            if attempt >= s.max_retries:
+                self.usage.add(failed=1)
+                raise RequestFailed(f"gave up after {attempt + 1} attempts; last: {reason}")
+            log.debug("retry %d in %.2fs after %s", attempt + 1, wait_s, reason)
+            self.usage.add(retries=1)
+            self._sleep(wait_s)
+            attempt += 1
+        choice = resp.choices[0] if resp.choices else None
+        usage = resp.usage
+        self.usage.add(
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+        )
+        return Completion(
+            text=(choice.message.content or "") if choice else "",
+            finish_reason=choice.finish_reason if choice else None,
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+            attempts=attempt + 1,
+        )
+
+
+def run_bounded(
+    jobs: Iterable, worker: Callable, concurrency: int
+) -> Iterator[tuple[object, object, BaseException | None]]:
+    """Run ``worker(job)`` on threads; yield ``(job, result, error)`` as each finishes.
+
+    At most ``2 * concurrency`` jobs are queued at once, so a run over a million tasks holds a
+    few futures in memory, not a million; the caller (one thread) does all file writes.
+    """
+    jobs, end = iter(jobs), object()
+    pending: dict[Future, object] = {}
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        try:
+            while True:
+                while len(pending) < 2 * concurrency:
+                    job = next(jobs, end)
+                    if job is end:
+                        break
+                    pending[pool.submit(worker, job)] = job
+                if not pending:
+                    return
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job = pending.pop(fut)
+                    err = fut.exception()
+                    yield job, (None if err else fut.result()), err
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+def add_client_args(p: argparse.ArgumentParser, defaults: ClientSettings) -> None:
+    d = defaults
+    g = p.add_argument_group("endpoint (key from $OPENAI_API_KEY, never logged)")
+    g.add_argument("--base-url", default=d.base_url, help="OpenAI-compatible /v1 URL")
+    g.add_argument("--model", default=d.model)
+    g.add_argument("--concurrency", type=int, default=d.concurrency)
+    g.add_argument("--max-retries", type=int, default=d.max_retries)
+    g.add_argument("--backoff-base", type=float, default=d.backoff_base, help="seconds")
+    g.add_argument("--backoff-max", type=float, default=d.backoff_max, help="seconds")
+    g.add_argument("--timeout", type=float, default=d.timeout, help="seconds per attempt")
+    g.add_argument("--json-mode", choices=("auto", "on", "off"), default=d.json_mode)
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    g.add_argument("--price-per-1k-input", type=float, default=d.price_per_1k_input, help="USD")
+    g.add_argument("--price-per-1k-output", type=float, default=d.price_per_1k_output, help="USD")
+
+
+def settings_from_args(args: argparse.Namespace) -> ClientSettings:
+    s = ClientSettings(
+        base_url=args.base_url,
+        model=args.model,
+        concurrency=args.concurrency,
+        max_retries=args.max_retries,
+        backoff_base=args.backoff_base,
+        backoff_max=args.backoff_max,
+        timeout=args.timeout,
+        json_mode=args.json_mode,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        price_per_1k_input=args.price_per_1k_input,
+        price_per_1k_output=args.price_per_1k_output,
+    )
+    if s.concurrency < 1 or s.max_retries < 0 or s.timeout <= 0:
+        raise ValueError("--concurrency >= 1, --max-retries >= 0 and --timeout > 0 are required")
+    return s

@@ -1,0 +1,124 @@
+"""Append-only JSONL record logs that survive being killed at any instant.
+
+Every answered request becomes one line ``{"id": ..., ...}`` in a log file. The id is a pure
+function of the request (family, task, sample index, seed), so a restarted run reads the log,
+skips ids that are already there, and asks only for the rest: nothing is lost, nothing is asked
+twice, and the final file does not depend on where the run was killed.
+
+Why this is safe against ``kill -9``:
+
+* a record is encoded to one complete line and handed to the kernel with a single ``os.write``
+  on an ``O_APPEND`` descriptor (no user-space buffer to lose), then ``fsync``-ed;
+* the only damage a kill can do is a final line without its newline. On reopen that tail is cut
+  off (``truncate`` to the last newline) before anything new is appended, so a half line can never
+  be glued to the next record. Readers likewise ignore an unterminated last line;
+* files derived from the logs (task lists, training JSONL) are written to a temporary file and
+  renamed into place, so they are either the old version or the new one, never half of each.
+
+A malformed line *inside* a log is not a crash artefact; it is reported with file and line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import unicodedata
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class StoreError(ValueError):
+    """A log or input file is malformed; the message names file and line."""
+
+
+def normalize_text(text: str) -> str:
+    """Duplicate-detection key: NFKC, case-folded, whitespace collapsed, edge punctuation cut."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = re.sub(r"\s+", " ", text).strip()
+    return text.strip(" .!?;:,\"'`")
+
+
+def text_hash(text: str, n: int = 12) -> str:
+    """Short stable hash of normalised text (ids must not change across runs or machines)."""
+    return hashlib.sha1(normalize_text(text).encode("utf-8")).hexdigest()[:n]
+
+
+def read_jsonl(path: str | Path, *, allow_partial_tail: bool = True) -> list[dict]:
+    """All complete records of ``path`` ([] if absent). An unterminated last line is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline, else an unterminated line
+    if tail.strip() and not allow_partial_tail:
+        raise StoreError(f"{path}:{len(lines) + 1}: last line has no newline (truncated file?)")
+    records = []
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+        if not isinstance(rec, dict):
+            raise StoreError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
+    return records
+
+
+class AppendLog:
+    """An append-only JSONL file; one ``append`` = one durable, complete line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_tail()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _repair_tail(self) -> None:
+        """Cut an unterminated last line left by a killed writer."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def append(self, record: dict) -> None:
+        line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+        view = memoryview(line)
+        while view:  # os.write on a regular file writes everything unless the disk is full
+            view = view[os.write(self._fd, view) :]
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> AppendLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
+    """Write ``records`` to ``path`` via a temporary file and a rename; returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return n
