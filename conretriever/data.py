@@ -1,0 +1,332 @@
+"""Training data: task files -> validated examples -> per-epoch global batches -> token tensors.
+
+Files. A training folder holds one ``<task>.jsonl`` (or ``.jsonl.gz``) per task; each line is
+``{"query": str, "positive": str | [str], "negative": [str] (optional), "instruction": str
+(optional)}``. Every line is validated before anything trains: malformed JSON, a missing or empty
+``query``/``positive``, wrong types, or a task that has neither a registry instruction nor an
+``instruction`` on the row are reported as ``file:line: field 'x': problem`` (up to 20 at once),
+and the whole load fails, so a run never starts on a partly-read folder.
+
+Sampling. An epoch is a list of GLOBAL batches (``world_size * per_device`` rows each), computed
+deterministically from ``(seed, epoch)`` so every rank builds the same plan without talking:
+
+1. each task contributes ``round(weight * n_rows)`` rows: whole copies for the integer part of the
+   weight plus a fresh random subset for the fraction (2.0 = every row twice, 0.5 = a random
+   half, different each epoch);
+2. with ``batch_same_task`` rows are shuffled within their task and cut into global batches, so a
+   batch's in-batch negatives all come from one task (as E5 trained); a task's last incomplete
+   batch is dropped (a duplicate row would be its own false negative); the batches of all tasks
+   are then shuffled together. Without it, all rows are shuffled together and cut.
+3. rank ``r`` takes slice ``r`` of each global batch.
+
+For every slot of the plan, one positive and ``n_hard_negative`` negatives are drawn from the row
+with a generator seeded by ``(seed, epoch, batch, slot)``: nothing in the data is mutated, a
+resumed run draws exactly what the uninterrupted run drew, and rows with fewer negatives than
+asked repeat theirs (a row with none borrows positives of other rows of its task).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from conretriever.tasks import TaskRegistry, format_document, format_query
+
+MAX_REPORTED_ERRORS = 20
+
+
+class DataError(ValueError):
+    """Bad training data; the message names file, line and field of every problem found."""
+
+
+@dataclass(frozen=True)
+class Example:
+    query: str
+    positives: tuple[str, ...]
+    negatives: tuple[str, ...]
+    instruction: str | None
+    task: str
+    source: str  # "file:line", for messages
+
+
+def task_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".jsonl.gz", ".jsonl"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _open_text(path: Path):
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _str_list(value, field: str, where: str, errors: list[str], required: bool) -> tuple:
+    if value is None:
+        if required:
+            errors.append(f"{where}: field '{field}': missing")
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        errors.append(f"{where}: field '{field}': expected a string or a list of strings")
+        return ()
+    items = [v for v in items if v.strip()]
+    if required and not items:
+        errors.append(f"{where}: field '{field}': empty")
+    return tuple(items)
+
+
+def parse_row(row: object, where: str, task: str, errors: list[str]) -> Example | None:
+    """Validate one decoded JSON row; append problems to ``errors``."""
+    if not isinstance(row, dict):
+        errors.append(f"{where}: expected a JSON object, got {type(row).__name__}")
+        return None
+    n_before = len(errors)
+    query = row.get("query")
+    if query is None:
+        errors.append(f"{where}: field 'query': missing")
+    elif not isinstance(query, str):
+        errors.append(f"{where}: field 'query': expected a string, got {type(query).__name__}")
+    elif not query.strip():
+        errors.append(f"{where}: field 'query': empty")
+    positives = _str_list(row.get("positive"), "positive", where, errors, required=True)
+    negatives = _str_list(row.get("negative"), "negative", where, errors, required=False)
+    instruction = row.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        errors.append(f"{where}: field 'instruction': expected a string")
+    if len(errors) > n_before:
+        return None
+    return Example(
+        query=query,
+        positives=positives,
+        negatives=negatives,
+        instruction=instruction.strip() or None if isinstance(instruction, str) else None,
+        task=task,
+        source=where,
+    )
+
+
+def read_task_file(
+    path: str | Path, task: str | None = None, registry: TaskRegistry | None = None
+) -> list[Example]:
+    """Read and validate one task file. With a registry, rows of a task the registry does not
+    know must carry an ``instruction``. Raises :class:`DataError` listing every problem."""
+    path = Path(path)
+    task = task or task_name(path)
+    examples: list[Example] = []
+    errors: list[str] = []
+    needs_instruction = registry is not None and registry.instruction(task) is None
+    try:
+        with _open_text(path) as handle:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    errors.append(f"{where}: malformed JSON ({err.msg} at column {err.colno})")
+                    continue
+                ex = parse_row(row, where, task, errors)
+                if ex is not None and needs_instruction and ex.instruction is None:
+                    errors.append(
+                        f"{where}: field 'instruction': missing, and task {task!r} has no "
+                        "registry entry (add one with --task_config, or an instruction per row)"
+                    )
+                    continue
+                if ex is not None:
+                    examples.append(ex)
+                if len(errors) >= MAX_REPORTED_ERRORS:
+                    break
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        errors.append(f"{path}: cannot read: {err}")
+    if errors:
+        more = " (stopped after the first 20)" if len(errors) >= MAX_REPORTED_ERRORS else ""
+        raise DataError(f"{len(errors)} problem(s) in training data{more}:\n" + "\n".join(errors))
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def load_training_data(source: str | Path, registry: TaskRegistry) -> dict[str, list[Example]]:
+    """A folder of task files (or one file) -> {task: examples}, all validated."""
+    source = Path(source)
+    if source.is_file():
+        files = [source]
+    elif source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")))
+    else:
+        raise DataError(f"{source}: training data not found")
+    if not files:
+        raise DataError(f"{source}: no .jsonl or .jsonl.gz files")
+    data: dict[str, list[Example]] = {}
+    problems: list[str] = []
+    for path in files:
+        task = task_name(path)
+        if task in data:
+            problems.append(f"{path}: task {task!r} appears twice (.jsonl and .jsonl.gz?)")
+            continue
+        try:
+            data[task] = read_task_file(path, task, registry)
+        except DataError as err:
+            problems.append(str(err))
+    if problems:
+        raise DataError("\n".join(problems))
+    return data
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+Slot = tuple[str, int]  # (task, row index)
+
+
+class EpochSampler:
+    """Deterministic per-epoch plan of global batches; see the module docstring."""
+
+    def __init__(
+        self,
+        task_sizes: dict[str, int],
+        weights: dict[str, float],
+        global_batch_size: int,
+        seed: int = 42,
+        batch_same_task: bool = True,
+    ):
+        self.task_sizes = dict(sorted(task_sizes.items()))
+        self.weights = {t: float(weights.get(t, 1.0)) for t in self.task_sizes}
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.batch_same_task = batch_same_task
+        if len(self) == 0:
+            raise DataError(
+                f"no full batch of {global_batch_size} rows can be formed "
+                f"(rows per task after weighting: {self.epoch_counts()}); lower the batch size"
+            )
+
+    def epoch_counts(self) -> dict[str, int]:
+        return {t: round(self.weights[t] * n) for t, n in self.task_sizes.items()}
+
+    def __len__(self) -> int:
+        """Global batches per epoch (the same every epoch)."""
+        counts = self.epoch_counts().values()
+        if self.batch_same_task:
+            return sum(c // self.global_batch_size for c in counts)
+        return sum(counts) // self.global_batch_size
+
+    def _task_rows(self, task: str, rng: random.Random) -> list[int]:
+        n, w = self.task_sizes[task], self.weights[task]
+        whole = int(math.floor(w))
+        rows = list(range(n)) * whole
+        rows += rng.sample(range(n), round(w * n) - whole * n)
+        rng.shuffle(rows)
+        return rows
+
+    def batches(self, epoch: int) -> list[list[Slot]]:
+        rng = random.Random(f"{self.seed}:{epoch}:plan")
+        per_task = {t: self._task_rows(t, rng) for t in self.task_sizes}
+        size = self.global_batch_size
+        if self.batch_same_task:
+            out = [
+                [(t, i) for i in rows[k : k + size]]
+                for t, rows in per_task.items()
+                for k in range(0, len(rows) - size + 1, size)
+            ]
+        else:
+            flat = [(t, i) for t, rows in per_task.items() for i in rows]
+            rng.shuffle(flat)
+            out = [flat[k : k + size] for k in range(0, len(flat) - size + 1, size)]
+        rng.shuffle(out)
+        return out
+
+
+@dataclass
+class TrainItem:
+    query: str  # formatted, instruction included
+    positive: str
+    negatives: list[str]
+
+
+def draw_item(
+    ex: Example,
+    n_negative: int,
+    rng: random.Random,
+    fallback_pool: Sequence[Example],
+) -> tuple[str, list[str]]:
+    """One positive and ``n_negative`` negatives for this slot (see module docstring)."""
+    positive = rng.choice(ex.positives)
+    pool = list(ex.negatives)
+    if n_negative and not pool:
+        others = [o for o in fallback_pool if o.positives != ex.positives]
+        pool = [rng.choice(o.positives) for o in rng.sample(others, min(len(others), n_negative))]
+        pool = pool or [positive]  # a one-row task: nothing else exists
+    negatives: list[str] = []
+    while len(negatives) < n_negative:
+        block = pool[:]
+        rng.shuffle(block)
+        negatives += block[: n_negative - len(negatives)]
+    return positive, negatives
+
+
+def build_items(
+    slots: Sequence[Slot],
+    data: dict[str, list[Example]],
+    registry: TaskRegistry,
+    n_negative: int,
+    seed: int,
+    epoch: int,
+    batch_index: int,
+    slot_offset: int = 0,
+    prompt_format: str = "e5",
+) -> list[TrainItem]:
+    """Formatted training items for some slots of one global batch (a rank's slice)."""
+    items = []
+    for k, (task, row) in enumerate(slots):
+        ex = data[task][row]
+        rng = random.Random(f"{seed}:{epoch}:{batch_index}:{slot_offset + k}")
+        positive, negatives = draw_item(ex, n_negative, rng, data[task])
+        instruction = ex.instruction or registry.instruction(task)
+        items.append(
+            TrainItem(
+                query=format_query(ex.query, instruction, prompt_format),
+                positive=format_document(positive, None, prompt_format),
+                negatives=[format_document(n, None, prompt_format) for n in negatives],
+            )
+        )
+    return items
+
+
+def text_ids(texts: Sequence[str]) -> list[int]:
+    """Stable 63-bit ids of texts, to spot identical documents across devices."""
+    import hashlib
+
+    return [
+        int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") >> 1
+        for t in texts
+    ]
+
+
+def collate(
+    items: Sequence[TrainItem],
+    tokenize: Callable[[list[str], int], dict],
+    query_max_length: int,
+    doc_max_length: int,
+) -> dict:
+    """Tokenize a rank's items. Documents are laid out as ``[positives (B), negatives of query 0,
+    negatives of query 1, ...]``, so query i's positive is document i."""
+    import torch
+
+    queries = [it.query for it in items]
+    docs = [it.positive for it in items] + [n for it in items for n in it.negatives]
+    q = tokenize(queries, query_max_length)
+    d = tokenize(docs, doc_max_length)
+    return {
+        "query": {"input_ids": q["input_ids"], "attention_mask": q["attention_mask"]},
+        "doc": {"input_ids": d["input_ids"], "attention_mask": d["attention_mask"]},
+        "doc_text_ids": torch.tensor(text_ids(docs), dtype=torch.int64),
+    }
