@@ -26,8 +26,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -257,36 +256,6 @@ class LLMClient:
             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
             attempts=attempt + 1,
         )
-
-
-def run_bounded(
-    jobs: Iterable, worker: Callable, concurrency: int
-) -> Iterator[tuple[object, object, BaseException | None]]:
-    """Run ``worker(job)`` on threads; yield ``(job, result, error)`` as each finishes.
-
-    At most ``2 * concurrency`` jobs are queued at once, so a run over a million tasks holds a
-    few futures in memory, not a million; the caller (one thread) does all file writes.
-    """
-    jobs, end = iter(jobs), object()
-    pending: dict[Future, object] = {}
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        try:
-            while True:
-                while len(pending) < 2 * concurrency:
-                    job = next(jobs, end)
-                    if job is end:
-                        break
-                    pending[pool.submit(worker, job)] = job
-                if not pending:
-                    return
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    job = pending.pop(fut)
-                    err = fut.exception()
-                    yield job, (None if err else fut.result()), err
-        finally:
-            for fut in pending:
-                fut.cancel()
 
 
 def add_client_args(p: argparse.ArgumentParser, defaults: ClientSettings) -> None:

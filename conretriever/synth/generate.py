@@ -1,0 +1,259 @@
+"""Synthetic data, step 2: one JSON example per request (``conretriever generate``), and the
+conversion of the examples to training JSONL (``conretriever convert-synthetic``).
+
+Step 2 reads ``tasks.jsonl`` from step 1 and sends ``--examples-per-task`` requests per task.
+Request ``j`` of a task has the id ``{family}:{task key}:{j}:seed{seed}``; its attributes (query
+type and length, clarity, difficulty, document length, language, unit, scores) are drawn from a
+``random.Random`` seeded by that id, so the same command always asks the same questions and a
+killed run resumes exactly (see ``run.py`` and ``store.py``).
+
+A reply is kept only when it parses to a JSON object whose three fields (see ``prompts.FIELDS``)
+are non-empty strings, the positive differs from the negative, and (for retrieval families) the
+query is not a copy of the positive. Anything else goes to ``examples.rejects.jsonl``.
+
+Conversion (run automatically at the end of ``generate``) turns ``examples.jsonl`` into
+``{train_dir}/synthetic.jsonl``, one training row per distinct query::
+
+    {"query": str, "positive": [str], "negative": [str], "instruction": task description}
+
+Rows are sorted by request id (family, task, index), so the file does not depend on the order in
+which concurrent requests finished, and duplicate queries (normalised text) keep their first row.
+``train_dir`` holds only ``synthetic.jsonl`` because the trainer reads every ``*.jsonl`` in a task
+folder as a task; the file stem ``synthetic`` is the task name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from conretriever.synth import prompts
+from conretriever.synth.client import (
+    ClientSettings,
+    FatalError,
+    LLMClient,
+    RequestFailed,
+    add_client_args,
+    settings_from_args,
+)
+from conretriever.synth.parsing import ReplyParseError, extract_json
+from conretriever.synth.run import Outcome, ResumableRun, configure_logging, parse_families
+from conretriever.synth.store import (
+    StoreError,
+    normalize_text,
+    read_jsonl,
+    text_hash,
+    write_jsonl_atomic,
+)
+
+log = logging.getLogger(__name__)
+TRAIN_FILE = "synthetic.jsonl"  # task name = file stem = "synthetic" (tasks.py registers it)
+
+
+@dataclass
+class GenerateSettings:
+    out_dir: Path
+    tasks_file: Path | None = None  # None = {out_dir}/tasks.jsonl
+    train_dir: Path | None = None  # None = {out_dir}/train
+    families: tuple[str, ...] = prompts.FAMILIES
+    examples_per_task: int = 1
+    languages: dict[str, float] | None = None  # None = prompts.DEFAULT_LANGUAGES
+    seed: int = 0
+    retry_rejects: bool = False
+
+
+def load_tasks(path: Path, families: tuple[str, ...]) -> list[prompts.Task]:
+    """Step-1 output, validated line by line (errors name file, line and field)."""
+    if not path.exists():
+        raise StoreError(f"{path}: no task file; run `conretriever brainstorm` first")
+    tasks = []
+    for lineno, row in enumerate(read_jsonl(path, allow_partial_tail=False), start=1):
+        where = f"{path}:{lineno}"
+        family, text = row.get("family"), row.get("task")
+        if family not in prompts.FAMILIES:
+            raise StoreError(f"{where}: field 'family' is {family!r}, not one of the families")
+        if not isinstance(text, str) or not text.strip():
+            raise StoreError(f"{where}: field 'task' must be a non-empty string")
+        src, tgt = row.get("source_language", ""), row.get("target_language", "")
+        if family == "bitext" and not (src and tgt):
+            raise StoreError(f"{where}: bitext task needs 'source_language' and 'target_language'")
+        if family in families:
+            tasks.append(prompts.Task(family, text.strip(), src, tgt))
+    return tasks
+
+
+def plan_requests(tasks: list[prompts.Task], s: GenerateSettings) -> list[dict]:
+    languages = s.languages or prompts.DEFAULT_LANGUAGES
+    jobs = []
+    for task in tasks:
+        key = text_hash(task.text)
+        for j in range(s.examples_per_task):
+            rid = f"{task.family}:{key}:{j}:seed{s.seed}"
+            attrs = prompts.sample_attributes(task, random.Random(rid), languages)
+            jobs.append({"id": rid, "task": task, "key": key, "index": j, "attributes": attrs})
+    return jobs
+
+
+def validate_example(family: str, reply: object) -> dict[str, str]:
+    """The three fields of a step-2 reply, stripped; ReplyParseError names what is wrong."""
+    if not isinstance(reply, dict):
+        raise ReplyParseError(f"expected a JSON object, got {type(reply).__name__}")
+    fields = prompts.FIELDS[family]
+    out = {}
+    for name in fields:
+        value = reply.get(name)
+        if not isinstance(value, str) or not value.strip():
+            got = "missing" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+            raise ReplyParseError(f"field {name!r}: expected a non-empty string, got {got}")
+        out[name] = value.strip()
+    query, pos, neg = (normalize_text(out[n]) for n in fields)
+    if pos == neg:
+        raise ReplyParseError(f"fields {fields[1]!r} and {fields[2]!r} are identical")
+    if query == pos and family not in ("long-short",):
+        raise ReplyParseError(f"field {fields[1]!r} repeats {fields[0]!r}")
+    return out
+
+
+def answer(client: LLMClient, job: dict) -> Outcome:
+    task: prompts.Task = job["task"]
+    meta = {
+        "id": job["id"],
+        "family": task.family,
+        "task": task.text,
+        "task_key": job["key"],
+        "index": job["index"],
+        "attributes": job["attributes"],
+    }
+    if task.family == "bitext":
+        meta.update(source_language=task.source_language, target_language=task.target_language)
+    try:
+        done = client.chat(prompts.generate_messages(task, job["attributes"]))
+    except RequestFailed as exc:
+        return Outcome.failed(meta, str(exc))
+    try:
+        example = validate_example(task.family, extract_json(done.text))
+    except ReplyParseError as exc:
+        return Outcome.rejected(meta, str(exc), done)
+    return Outcome.accepted({**meta, "example": example}, done)
+
+
+def to_training_rows(records: list[dict]) -> tuple[list[dict], int]:
+    """Training rows from example records, in id order, one per distinct query; (rows, dups)."""
+    order = {f: i for i, f in enumerate(prompts.FAMILIES)}
+    records = sorted(
+        records, key=lambda r: (order[r["family"]], r["task_key"], r["index"], r["id"])
+    )
+    rows, seen, dups = [], set(), 0
+    for rec in records:
+        q, pos, neg = (rec["example"][f] for f in prompts.FIELDS[rec["family"]])
+        key = normalize_text(q)
+        if key in seen:
+            dups += 1
+            continue
+        seen.add(key)
+        rows.append({"query": q, "positive": [pos], "negative": [neg], "instruction": rec["task"]})
+    return rows, dups
+
+
+def convert(examples_path: Path, train_dir: Path) -> dict:
+    records = read_jsonl(examples_path)
+    for rec in records:
+        family, example = rec.get("family"), rec.get("example")
+        if family not in prompts.FIELDS or not isinstance(example, dict):
+            raise StoreError(f"{examples_path}: record {rec.get('id')!r} lacks family/example")
+    rows, dups = to_training_rows(records)
+    out = train_dir / TRAIN_FILE
+    write_jsonl_atomic(out, rows)
+    log.info("[convert] %d examples -> %d training rows (%d duplicate queries dropped) in %s",
+             len(records), len(rows), dups, out)  # fmt: skip
+    return {"examples": len(records), "rows": len(rows), "duplicates": dups, "path": str(out)}
+
+
+def parse_languages(spec: str) -> dict[str, float] | None:
+    """``"English:50,French:5,German"`` -> weights (a bare name weighs 1); "" -> default table."""
+    if not spec.strip():
+        return None
+    table = {}
+    for item in spec.split(","):
+        name, _, weight = item.strip().partition(":")
+        try:
+            table[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"--languages: bad weight in {item!r}") from None
+    if not all(table) or any(w <= 0 for w in table.values()):
+        raise ValueError(f"--languages {spec!r}: names must be non-empty, weights > 0")
+    return table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = GenerateSettings(out_dir=Path("synthetic_out"))
+    p = argparse.ArgumentParser(prog="conretriever generate", description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", type=Path, default=d.out_dir, help="logs and tasks.jsonl live here")
+    p.add_argument("--tasks", type=Path, default=None, help="default: OUT_DIR/tasks.jsonl")
+    p.add_argument("--train-dir", type=Path, default=None, help="default: OUT_DIR/train")
+    p.add_argument("--families", default="all")
+    p.add_argument("--examples-per-task", type=int, default=d.examples_per_task)
+    p.add_argument("--languages", default="", help='e.g. "English:50,French:5" (default table)')
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--retry-rejects", action="store_true", help="re-ask requests with bad replies")
+    p.add_argument("--no-convert", action="store_true", help="skip writing synthetic.jsonl")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_client_args(p, ClientSettings())
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        s = GenerateSettings(
+            out_dir=args.out_dir,
+            tasks_file=args.tasks,
+            train_dir=args.train_dir,
+            families=parse_families(args.families),
+            examples_per_task=args.examples_per_task,
+            languages=parse_languages(args.languages),
+            seed=args.seed,
+            retry_rejects=args.retry_rejects,
+        )
+        cs = settings_from_args(args)
+        tasks = load_tasks(s.tasks_file or s.out_dir / "tasks.jsonl", s.families)
+        jobs = plan_requests(tasks, s)
+        client = LLMClient(cs)
+        run = ResumableRun(s.out_dir, "examples", retry_rejects=s.retry_rejects)
+        run.execute(jobs, lambda job: answer(client, job), cs.concurrency, client.redact)
+        stats = (
+            {} if args.no_convert else convert(run.records_path, s.train_dir or s.out_dir / "train")
+        )
+        run.report(
+            client, cs, extra={"tasks": len(tasks), **{f"train_{k}": v for k, v in stats.items()}}
+        )
+    except (FatalError, ValueError, OSError) as exc:
+        print(f"conretriever generate: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="conretriever convert-synthetic",
+        description="examples.jsonl from `conretriever generate` -> training JSONL synthetic.jsonl",
+    )
+    p.add_argument("--out-dir", type=Path, default=Path("synthetic_out"))
+    p.add_argument("--examples", type=Path, default=None, help="default: OUT_DIR/examples.jsonl")
+    p.add_argument("--train-dir", type=Path, default=None, help="default: OUT_DIR/train")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        examples = args.examples or args.out_dir / "examples.jsonl"
+        if not examples.exists():
+            raise StoreError(f"{examples}: not found; run `conretriever generate` first")
+        convert(examples, args.train_dir or args.out_dir / "train")
+    except (ValueError, OSError) as exc:
+        print(f"conretriever convert-synthetic: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

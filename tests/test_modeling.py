@@ -1,0 +1,152 @@
+"""Embedder: pooling against hand-computed references, EOS handling, save/load, ST parity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conretriever.modeling import Embedder, LoraSettings, pool
+
+TEXTS = ["hello world", "a much longer text about retrieval and pooling", "x", "two words"]
+
+
+def _reference_last_token(embedder: Embedder, text: str) -> torch.Tensor:
+    """Run one text alone (no padding at all) and take the final position by hand."""
+    ids = embedder.tokenizer(text).input_ids
+    assert ids[-1] == embedder.tokenizer.eos_token_id, "EOS must be appended for last pooling"
+    with torch.no_grad():
+        out = embedder.backbone(input_ids=torch.tensor([ids]))
+    return torch.nn.functional.normalize(out.last_hidden_state[0, -1].float(), dim=-1)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_last_token_pooling_matches_reference_under_padding(tiny_decoder, side):
+    emb = Embedder.from_pretrained(tiny_decoder, device="cpu", prompt_format="none")
+    emb.tokenizer.padding_side = side
+    batch = emb.tokenize(TEXTS, max_length=64)
+    # The batch really is padded on the requested side.
+    col = 0 if side == "left" else -1
+    assert (batch["attention_mask"][:, col] == 0).any()
+    with torch.no_grad():
+        got = emb(batch["input_ids"], batch["attention_mask"])
+    for i, text in enumerate(TEXTS):
+        ref = _reference_last_token(emb, text)
+        torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_pool_modes_by_hand():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    assert torch.equal(pool(hidden, right, "last"), torch.stack([hidden[0, 2], hidden[1, 1]]))
+    assert torch.equal(pool(hidden, left, "last"), torch.stack([hidden[0, 3], hidden[1, 3]]))
+    assert torch.equal(pool(hidden, left, "cls"), torch.stack([hidden[0, 1], hidden[1, 2]]))
+    assert torch.equal(pool(hidden, right, "cls"), hidden[:, 0])
+    expected_mean = torch.stack([hidden[0, :3].mean(0), hidden[1, :2].mean(0)])
+    torch.testing.assert_close(pool(hidden, right, "mean"), expected_mean)
+
+
+def test_truncation_keeps_eos(tiny_decoder):
+    emb = Embedder.from_pretrained(tiny_decoder, device="cpu")
+    batch = emb.tokenize(["a very long text " * 20], max_length=10)
+    ids = batch["input_ids"][0].tolist()
+    assert len(ids) == 10 and ids[-1] == emb.tokenizer.eos_token_id and ids[0] == 1
+
+
+def test_encode_order_and_instruction(tiny_decoder):
+    emb = Embedder.from_pretrained(tiny_decoder, device="cpu")
+    out = emb.encode(TEXTS, role="passage", batch_size=2)
+    single = np.stack([emb.encode([t], role="passage")[0] for t in TEXTS])
+    np.testing.assert_allclose(out, single, atol=1e-5)
+    assert out.dtype == np.float32 and out.shape == (4, 32)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    assert emb.format(["q"], "query", "find it") == ["Instruct: find it\nQuery: q"]
+    assert emb.format(["d"], "passage", "find it") == ["d"]
+    q_inst = emb.encode(["q"], role="query", instruction="find it")
+    q_manual = emb.encode(["Instruct: find it\nQuery: q"], role="passage")
+    np.testing.assert_allclose(q_inst, q_manual, atol=1e-6)
+
+
+def _randomize_lora(embedder: Embedder, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in embedder.backbone.named_parameters():
+            if "lora_B" in name:  # peft initialises B = 0, which would make merging a no-op
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def test_save_merges_lora_and_round_trips(tiny_decoder, tmp_path):
+    emb = Embedder.from_pretrained(
+        tiny_decoder,
+        device="cpu",
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+        default_instruction="Given a question, retrieve answers",
+    )
+    _randomize_lora(emb)
+    emb.eval()
+    before_q = emb.encode(TEXTS, role="query")
+    before_d = emb.encode(TEXTS, role="passage")
+    base = Embedder.from_pretrained(tiny_decoder, device="cpu")
+    assert not np.allclose(base.encode(TEXTS, role="passage"), before_d, atol=1e-3)
+
+    out = emb.save(tmp_path / "saved")
+    keys = set(load_file(str(out / "model.safetensors")))
+    assert not any("lora" in k or "base_model" in k or "base_layer" in k for k in keys)
+    assert "layers.0.self_attn.q_proj.weight" in keys
+    settings = json.loads((out / "conretriever.json").read_text())
+    assert settings["pooling"] == "last" and settings["prompt_format"] == "e5"
+
+    loaded = Embedder.from_pretrained(out, device="cpu")
+    assert loaded.settings.default_instruction == "Given a question, retrieve answers"
+    np.testing.assert_allclose(loaded.encode(TEXTS, role="query"), before_q, atol=1e-5)
+    np.testing.assert_allclose(loaded.encode(TEXTS, role="passage"), before_d, atol=1e-5)
+
+
+def test_sentence_transformers_loads_saved_model(tiny_decoder, tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    emb = Embedder.from_pretrained(
+        tiny_decoder,
+        device="cpu",
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        default_instruction="Given a claim, retrieve evidence",
+    )
+    _randomize_lora(emb)
+    out = emb.save(tmp_path / "saved")
+    model = st.SentenceTransformer(str(out), device="cpu")
+    ours_d = emb.encode(TEXTS, role="passage")
+    np.testing.assert_allclose(model.encode(TEXTS), ours_d, atol=1e-5)
+    ours_q = emb.encode(TEXTS, role="query")
+    np.testing.assert_allclose(model.encode(TEXTS, prompt_name="query"), ours_q, atol=1e-5)
+
+
+def test_encoder_mean_pooling_matches_sentence_transformers(tiny_encoder, tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    emb = Embedder.from_pretrained(tiny_encoder, device="cpu")
+    assert emb.settings.pooling == "mean" and emb.settings.prompt_format == "none"
+    out = emb.save(tmp_path / "enc")
+    model = st.SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(model.encode(TEXTS), emb.encode(TEXTS, role="passage"), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_embedded_minilm_equals_sentence_transformers():
+    st = pytest.importorskip("sentence_transformers")
+    from conretriever.models import resolve_model
+
+    texts = ["A man is eating food.", "Photosynthesis converts light into chemical energy.", "ok"]
+    ours = Embedder.from_pretrained("embedded:minilm", device="cpu").encode(texts, role="passage")
+    ref = st.SentenceTransformer(resolve_model("embedded:minilm"), device="cpu").encode(texts)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_embedded_gemma_encodes_offline():
+    emb = Embedder.from_pretrained("embedded:gemma-3-270m", device="cpu")
+    ids = emb.tokenizer("hello world").input_ids
+    assert ids[0] == emb.tokenizer.bos_token_id and ids[-1] == emb.tokenizer.eos_token_id
+    vec = emb.encode(["hello world", "retrieval"], role="passage")
+    assert vec.shape == (2, 640) and np.isfinite(vec).all()
