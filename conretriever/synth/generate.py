@@ -247,7 +247,7 @@ def convert_main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", type=Path, default=None, help="default: OUT_DIR/examples.jsonl")
     p.add_argument("--train-dir", type=Path, default=None, help="default: OUT_DIR/train")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging(False)
     try:
         examples = args.examples or args.out_dir / "examples.jsonl"
         if not examples.exists():

@@ -35,10 +35,14 @@ REPLY_CHARS_KEPT = 4000  # enough to see what went wrong, small enough to keep r
 
 
 def configure_logging(verbose: bool) -> None:
-    """Progress lines on stderr; the HTTP library's per-request lines only with -v."""
+    """Progress lines on stderr; the HTTP library's per-request lines only with -v.
+
+    Library loggers never go below INFO: their DEBUG output dumps request options, and nothing
+    that could carry credentials should reach a log.
+    """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
     for name in ("httpx", "httpx2", "httpcore", "openai"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def parse_families(spec: str) -> tuple[str, ...]:
