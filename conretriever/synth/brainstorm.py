@@ -39,7 +39,13 @@ from conretriever.synth.client import (
 )
 from conretriever.synth.parsing import ReplyParseError, extract_json
 from conretriever.synth.run import Outcome, ResumableRun, configure_logging, parse_families
-from conretriever.synth.store import normalize_text, read_jsonl, text_hash, write_jsonl_atomic
+from conretriever.synth.store import (
+    normalize_text,
+    read_jsonl,
+    request_seed,
+    text_hash,
+    write_jsonl_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +112,9 @@ def plan_requests(s: BrainstormSettings, temperature: float) -> list[dict]:
 def answer(client: LLMClient, job: dict) -> Outcome:
     meta = {k: job[k] for k in ("id", "family", "request_index", "seed", "temperature")}
     try:
-        done = client.chat(job["messages"], temperature=job["temperature"])
+        done = client.chat(
+            job["messages"], temperature=job["temperature"], seed=request_seed(job["id"])
+        )
     except RequestFailed as exc:
         return Outcome.failed(meta, str(exc))
     try:

@@ -183,8 +183,11 @@ class LLMClient:
         d = min(self.settings.backoff_max, self.settings.backoff_base * 2**attempt)
         return d / 2 + self._rng.uniform(0, d / 2)
 
-    def _create(self, messages: list[dict], temperature: float, max_tokens: int, json_mode: bool):
+    def _create(self, messages: list[dict], temperature: float, max_tokens: int, json_mode: bool,
+                seed: int | None):  # fmt: skip
         kwargs = {"response_format": {"type": "json_object"}} if json_mode else {}
+        if seed is not None:
+            kwargs["seed"] = seed
         return self._client.chat.completions.create(
             model=self.settings.model,
             messages=messages,
@@ -199,7 +202,11 @@ class LLMClient:
         *,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        seed: int | None = None,
     ) -> Completion:
+        """One chat completion. ``seed`` asks the server for reproducible sampling (OpenAI, vLLM
+        and llama.cpp honour it, best effort): requests with the same prompt but different ids
+        then still get different answers, and a rerun of one id gets the same answer."""
         s, oa = self.settings, self._openai
         temperature = s.temperature if temperature is None else temperature
         max_tokens = s.max_tokens if max_tokens is None else max_tokens
@@ -208,14 +215,14 @@ class LLMClient:
         while True:
             json_mode = self._json_mode
             try:
-                resp = self._create(messages, temperature, max_tokens, json_mode)
+                resp = self._create(messages, temperature, max_tokens, json_mode, seed)
                 break
             except oa.APIStatusError as exc:
                 code = exc.status_code
                 if code in (400, 422) and json_mode and s.json_mode == "auto":
                     # The server may not know response_format: ask once more without it.
                     try:
-                        resp = self._create(messages, temperature, max_tokens, False)
+                        resp = self._create(messages, temperature, max_tokens, False, seed)
                     except (oa.APIStatusError, oa.APIConnectionError):
                         pass  # not JSON mode's fault: handle the first error as usual
                     else:

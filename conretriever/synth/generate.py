@@ -46,6 +46,7 @@ from conretriever.synth.store import (
     StoreError,
     normalize_text,
     read_jsonl,
+    request_seed,
     text_hash,
     write_jsonl_atomic,
 )
@@ -131,7 +132,8 @@ def answer(client: LLMClient, job: dict) -> Outcome:
     if task.family == "bitext":
         meta.update(source_language=task.source_language, target_language=task.target_language)
     try:
-        done = client.chat(prompts.generate_messages(task, job["attributes"]))
+        messages = prompts.generate_messages(task, job["attributes"])
+        done = client.chat(messages, seed=request_seed(job["id"]))
     except RequestFailed as exc:
         return Outcome.failed(meta, str(exc))
     try:

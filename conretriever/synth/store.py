@@ -45,6 +45,11 @@ def text_hash(text: str, n: int = 12) -> str:
     return hashlib.sha1(normalize_text(text).encode("utf-8")).hexdigest()[:n]
 
 
+def request_seed(request_id: str) -> int:
+    """The sampling seed sent with a request: a 31-bit hash of its id (servers want an int32)."""
+    return int(hashlib.sha1(request_id.encode("utf-8")).hexdigest()[:8], 16) % 2**31
+
+
 def read_jsonl(path: str | Path, *, allow_partial_tail: bool = True) -> list[dict]:
     """All complete records of ``path`` ([] if absent). An unterminated last line is skipped."""
     path = Path(path)
