@@ -142,7 +142,9 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    names["float64"] = torch.float64
+    return names[dtype]
 
 
 class Embedder(nn.Module):
@@ -153,6 +155,9 @@ class Embedder(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.settings = settings
+        # Right padding: real tokens keep the positions they have unpadded (matters for models
+        # with absolute positions) and GradCache can trim a chunk to its longest sequence.
+        tokenizer.padding_side = "right"
         if settings.pooling == "last":
             ensure_eos_appended(tokenizer)
         elif tokenizer.pad_token is None:
@@ -258,7 +263,9 @@ class Embedder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[batch, seq] ids -> [batch, dim] float32 embeddings (unit length if normalize)."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        emb = pool(out.last_hidden_state, attention_mask, self.settings.pooling).float()
+        emb = pool(out.last_hidden_state, attention_mask, self.settings.pooling)
+        if emb.dtype in (torch.float16, torch.bfloat16):
+            emb = emb.float()  # similarities and the loss are computed in (at least) fp32
         if self.settings.normalize:
             emb = nn.functional.normalize(emb, p=2, dim=-1)
         return emb
