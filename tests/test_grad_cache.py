@@ -95,9 +95,11 @@ def test_rng_replay_reproduces_dropout(tiny_decoder):
 
 
 def test_false_negative_masking_and_accuracy():
+    torch.manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(2, 8, dtype=torch.float64), dim=-1)
-    d = torch.cat([q, q[:1]])  # doc 2 (query 0's hard negative) duplicates query 0's positive
-    d = torch.cat([d, torch.randn(1, 8, dtype=torch.float64)])  # query 1's negative
+    other = torch.nn.functional.normalize(torch.randn(1, 8, dtype=torch.float64), dim=-1)
+    # docs: [pos 0, pos 1, negative of query 0 (= a copy of pos 0), negative of query 1]
+    d = torch.cat([q, q[:1], other])
     ids = torch.tensor([10, 11, 10, 12])
     masked = contrastive_loss(q, d, 0.02, ids)
     unmasked = contrastive_loss(q, d, 0.02, None)
