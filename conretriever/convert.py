@@ -1,0 +1,585 @@
+"""Dataset conversion: Hugging Face / BEIR / MS MARCO-style data -> training task JSONL.
+
+The trainer reads one ``<task>.jsonl`` per task, each line ``{"query", "positive": [..],
+"negative": [..], "instruction"?}`` (see ``conretriever.data``). This module turns the layouts
+people actually have into that file, reading everything through ``datasets.load_dataset(...,
+streaming=True)`` so a hub name and a local file take the same path and nothing is held in memory
+whole (rows are validated and written as they arrive):
+
+* ``columns`` (the E5-R collection ``BeastyZ/E5-R``, FlagEmbedding, sentence-transformers and
+  Tevatron files): one row per query with query / positive / negative (/ instruction) columns.
+  Column names come from ``--query-column`` etc., or the first of the usual aliases present
+  (``query|question|anchor|claim``, ``positive|positives|pos|positive_passages|...``). A cell may be
+  a string, a list of strings, or Tevatron-style ``{"title", "text"}`` dicts (joined by a space).
+* ``triples``: a header-less TSV of ``query<TAB>positive[<TAB>negative]`` (MS MARCO
+  ``triples.train.small.tsv``). MS MARCO repeats a query once per negative, so consecutive lines
+  with the same query and positive are merged into one row with all their negatives.
+* ``beir``: a folder with ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``. Positives
+  are the documents with score > 0 (title and text joined by a space); negatives are left empty
+  for ``conretriever mine``. Only the documents named in the qrels are kept in memory.
+
+A local folder that is not BEIR is a collection: each sub-folder (or file stem) is a config, the
+way ``BeastyZ/E5-R`` is organised on the hub; ``--config all`` converts every config into its
+own task file. Every output row passes the trainer's own validator (``data.parse_row``); a bad
+input row is reported as ``file:row: field 'x': problem``, where ``row`` is the 1-based record
+number in that file (for JSONL without blank lines, the line number). Output goes to hidden
+temporary files that are renamed into place only when every requested task converted cleanly, so
+a failed run leaves no half-written task file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+import os
+import random
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conretriever.data import MAX_REPORTED_ERRORS, DataError, parse_row
+from conretriever.tasks import BEIR_DIR_TO_TASK, TaskRegistry, eval_instruction
+
+LAYOUTS = ("auto", "columns", "triples", "beir")
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".tsv")
+
+# First alias present in a row wins; the order puts the most specific names first.
+QUERY_ALIASES = ("query", "question", "anchor", "claim")
+POSITIVE_ALIASES = ("positive", "positives", "pos", "positive_passages", "document", "passage")
+NEGATIVE_ALIASES = ("negative", "negatives", "neg", "negative_passages", "hard_negatives")
+INSTRUCTION_ALIASES = ("instruction", "prompt")
+
+
+@dataclass
+class ConvertSettings:
+    """What to convert and how; one field per command-line flag."""
+
+    dataset: str  # hub name, local file, local collection folder or BEIR folder
+    out: Path  # output folder; each task becomes <out>/<task>.jsonl
+    config: str | None = None  # a config (hub) / sub-folder or file stem (local); "all" = each
+    split: str = "train"  # hub split; BEIR qrels file; file-name prefix inside a local config
+    layout: str = "auto"  # see LAYOUTS and the module docstring
+    task: str | None = None  # output task name (default: config, else dataset folder/file stem)
+    query_column: str | None = None
+    positive_column: str | None = None
+    negative_column: str | None = None
+    instruction_column: str | None = None
+    instruction: str | None = None  # put on rows that carry none (e.g. a task the registry lacks)
+    max_examples: int | None = None  # output rows per task (after shuffling, if any)
+    max_negatives: int | None = None  # keep a seeded random subset of each row's negatives
+    shuffle_buffer: int = 0  # >0: approximate streaming shuffle with a buffer of this many rows
+    seed: int = 42  # for the shuffle and the negative subsets
+    show_progress: bool = True
+
+
+@dataclass
+class TaskReport:
+    task: str
+    path: str
+    rows_read: int = 0
+    rows_written: int = 0
+    positives: int = 0
+    negatives: int = 0
+    with_instruction: int = 0
+
+
+@dataclass
+class Source:
+    """One task's input: local data files with one builder, or a hub dataset config."""
+
+    task: str
+    label: str  # for messages
+    files: list[Path] = field(default_factory=list)
+    hub: tuple[str, str | None] | None = None  # (name, config)
+    beir_dir: Path | None = None
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def _builder(path: Path) -> tuple[str, dict]:
+    """``datasets`` builder name and kwargs for a local data file."""
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+        return "json", {}
+    if name.endswith(".parquet"):
+        return "parquet", {}
+    if name.endswith((".csv", ".tsv")):
+        # Every column read as text: pandas would turn a query "1984" into an int and an empty
+        # cell into NaN; keep_default_na=False keeps "" (which the validator reports as empty).
+        kwargs = {"keep_default_na": False}
+        if name.endswith(".tsv"):
+            kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+        return "csv", kwargs
+    raise DataError(f"{path}: unsupported file type (use one of {', '.join(DATA_SUFFIXES)})")
+
+
+def _first_line(path: Path) -> str:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        return handle.readline().rstrip("\n\r")
+
+
+def _string_features(names: list[str]):
+    from datasets import Features, Value
+
+    return Features({n: Value("string") for n in names})
+
+
+def _locate_bad_json(path: Path) -> str:
+    """``datasets`` reports unparsable JSON without a line; find it ourselves for the message."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
+    return f"{path}: cannot be read as JSON lines"
+
+
+def iter_file(path: Path, layout: str) -> Iterator[tuple[str, dict]]:
+    """Stream ``(where, record)`` from one local file through ``datasets``."""
+    from datasets import load_dataset
+
+    builder, kwargs = _builder(path)
+    if builder == "csv":
+        header = next(csv.reader([_first_line(path)], delimiter=kwargs.get("delimiter", ",")))
+        if layout == "triples":
+            names = ["query", "positive", "negative"][: len(header)]
+            kwargs.update(header=None, column_names=names)
+            header = names
+        kwargs["features"] = _string_features(header)
+    try:
+        stream = load_dataset(
+            builder, data_files=[str(path)], split="train", streaming=True, **kwargs
+        )
+        for row_number, record in enumerate(stream, 1):
+            yield f"{path}:{row_number}", record
+    except ValueError as err:
+        if builder == "json":
+            raise DataError(_locate_bad_json(path)) from None
+        raise DataError(f"{path}: cannot read: {err}") from None
+
+
+def iter_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
+    from datasets import load_dataset
+
+    stream = load_dataset(name, config, split=split, streaming=True)
+    label = f"{name}[{config}/{split}]" if config else f"{name}[{split}]"
+    for row_number, record in enumerate(stream, 1):
+        yield f"{label}:{row_number}", record
+
+
+def buffer_shuffle(
+    items: Iterable[tuple[str, dict]], buffer_size: int, seed: int
+) -> Iterator[tuple[str, dict]]:
+    """The streaming shuffle ``datasets`` uses (fill a buffer, emit a random slot, refill it), on
+    our ``(where, record)`` pairs so row numbers survive. Exact for inputs <= ``buffer_size``."""
+    rng = random.Random(seed)
+    buffer: list[tuple[str, dict]] = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        k = rng.randrange(buffer_size)
+        yield buffer[k]
+        buffer[k] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# --- turning records into rows ------------------------------------------------------------------
+
+
+def _texts(value):
+    """A cell -> list of passage strings. Strings, lists and Tevatron ``{title, text}`` dicts are
+    understood; anything else is passed through unchanged for the validator to name."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict) and "text" in value:
+        return [f"{value.get('title') or ''} {value['text'] or ''}".strip()]
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            converted = _texts(item)
+            if not isinstance(converted, list):
+                return value
+            out += converted
+        return out
+    return value
+
+
+@dataclass
+class Columns:
+    query: str
+    positive: str
+    negative: str | None
+    instruction: str | None
+
+    @classmethod
+    def resolve(cls, settings: ConvertSettings, record: dict, where: str) -> Columns:
+        """Columns from the flags, else the first alias present in the first record."""
+        keys = list(record)
+
+        def pick(flag: str | None, aliases: tuple[str, ...], what: str, required: bool):
+            if flag is not None:
+                if flag not in record:
+                    raise DataError(f"{where}: no column {flag!r} ({what}); columns: {keys}")
+                return flag
+            found = next((a for a in aliases if a in record), None)
+            if found is None and required:
+                raise DataError(
+                    f"{where}: no {what} column (looked for {', '.join(aliases)}); columns: "
+                    f"{keys}; name it with --{what}-column"
+                )
+            return found
+
+        return cls(
+            query=pick(settings.query_column, QUERY_ALIASES, "query", True),
+            positive=pick(settings.positive_column, POSITIVE_ALIASES, "positive", True),
+            negative=pick(settings.negative_column, NEGATIVE_ALIASES, "negative", False),
+            instruction=pick(
+                settings.instruction_column, INSTRUCTION_ALIASES, "instruction", False
+            ),
+        )
+
+
+def column_rows(
+    records: Iterable[tuple[str, dict]], settings: ConvertSettings, merge_consecutive: bool
+) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` -> ``(where, row)`` in the training schema (not yet validated)."""
+    columns: Columns | None = None
+    pending: tuple[str, dict] | None = None
+    for where, record in records:
+        if columns is None:
+            columns = Columns.resolve(settings, record, where)
+        row = {
+            "query": record.get(columns.query),
+            "positive": _texts(record.get(columns.positive)),
+            "negative": _texts(record.get(columns.negative)) if columns.negative else [],
+        }
+        if columns.instruction and record.get(columns.instruction) is not None:
+            row["instruction"] = record[columns.instruction]
+        if not merge_consecutive:
+            yield where, row
+            continue
+        prev = pending[1] if pending else None
+        if (
+            prev is not None
+            and prev["query"] == row["query"]
+            and prev["positive"] == row["positive"]
+            and isinstance(prev["negative"], list)
+            and isinstance(row["negative"], list)
+        ):
+            prev["negative"] += [n for n in row["negative"] if n not in prev["negative"]]
+            continue
+        if pending:
+            yield pending
+        pending = (where, row)
+    if pending:
+        yield pending
+
+
+def beir_rows(folder: Path, split: str) -> Iterator[tuple[str, dict]]:
+    """Rows of a BEIR folder: queries in ``queries.jsonl`` order, positives from the qrels."""
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    for need in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_path):
+        if not need.exists():
+            raise DataError(
+                f"{need}: missing (a BEIR folder needs corpus.jsonl, queries.jsonl, "
+                f"qrels/{split}.tsv)"
+            )
+    relevant: dict[str, list[tuple[str, str]]] = {}  # query id -> [(doc id, qrels where)]
+    errors: list[str] = []
+    for where, rec in iter_file(qrels_path, "columns"):
+        qid, did, score = rec.get("query-id"), rec.get("corpus-id"), rec.get("score")
+        if not qid or not did:
+            errors.append(f"{where}: field 'query-id'/'corpus-id': missing")
+            continue
+        try:
+            positive = float(score) > 0
+        except (TypeError, ValueError):
+            errors.append(f"{where}: field 'score': expected a number, got {score!r}")
+            continue
+        if positive:
+            relevant.setdefault(qid, []).append((did, where))
+    needed = {did for pairs in relevant.values() for did, _ in pairs}
+    docs: dict[str, str] = {}
+    for _, rec in iter_file(folder / "corpus.jsonl", "columns"):
+        did = str(rec.get("_id"))
+        if did in needed:
+            docs[did] = f"{rec.get('title') or ''} {rec.get('text') or ''}".strip()
+    for pairs in relevant.values():
+        errors += [
+            f"{w}: field 'corpus-id': {d!r} not in corpus.jsonl" for d, w in pairs if d not in docs
+        ]
+    if errors:
+        raise DataError("\n".join(errors[:MAX_REPORTED_ERRORS]))
+    seen: set[str] = set()
+    for where, rec in iter_file(folder / "queries.jsonl", "columns"):
+        qid = str(rec.get("_id"))
+        if qid in relevant and qid not in seen:
+            seen.add(qid)
+            yield (
+                where,
+                {
+                    "query": rec.get("text"),
+                    "positive": [docs[d] for d, _ in relevant[qid]],
+                    "negative": [],
+                },
+            )
+    missing = [q for q in relevant if q not in seen]
+    if missing:
+        raise DataError(
+            f"{qrels_path}: {len(missing)} query id(s) not in queries.jsonl, e.g. {missing[:5]}"
+        )
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+
+def _is_beir(path: Path) -> bool:
+    return path.is_dir() and (path / "corpus.jsonl").exists() and (path / "queries.jsonl").exists()
+
+
+def _data_files(folder: Path, split: str) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
+    # Hub-style folders name files by split (train-00000-of-00001.parquet, test.jsonl, ...).
+    by_split = [p for p in files if p.name.startswith(split)]
+    return by_split or files
+
+
+def _local_configs(folder: Path) -> dict[str, Path]:
+    """Config name -> sub-folder or file, for a local collection folder."""
+    configs: dict[str, Path] = {}
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if child.is_dir():
+            configs[child.name] = child
+        elif child.name.endswith(DATA_SUFFIXES):
+            stem = child.name
+            for suffix in DATA_SUFFIXES:
+                if stem.endswith(suffix):
+                    stem = stem[: -len(suffix)]
+                    break
+            configs[stem] = child
+    return configs
+
+
+def resolve_sources(settings: ConvertSettings) -> list[Source]:
+    path = Path(settings.dataset)
+    config = settings.config
+    if path.exists():
+        if path.is_file():
+            task = settings.task or path.name.split(".")[0]
+            return [Source(task, str(path), files=[path])]
+        if settings.layout == "beir" or (settings.layout == "auto" and _is_beir(path)):
+            return [Source(settings.task or path.name, str(path), beir_dir=path)]
+        if config is None:
+            files = _data_files(path, settings.split)
+            if not files:
+                raise DataError(f"{path}: no data files ({', '.join(DATA_SUFFIXES)})")
+            return [Source(settings.task or path.name, str(path), files=files)]
+        configs = _local_configs(path)
+        wanted = list(configs) if config == "all" else [config]
+        sources = []
+        for name in wanted:
+            if name not in configs:
+                raise DataError(f"{path}: no config {name!r}; configs: {sorted(configs)}")
+            target = configs[name]
+            if _is_beir(target):
+                sources.append(Source(name, str(target), beir_dir=target))
+                continue
+            files = [target] if target.is_file() else _data_files(target, settings.split)
+            sources.append(Source(name, str(target), files=files))
+        if settings.task and len(sources) == 1:
+            sources[0].task = settings.task
+        return sources
+    # Not a local path: a hub dataset (needs internet).
+    if config == "all":
+        from datasets import get_dataset_config_names
+
+        names = get_dataset_config_names(settings.dataset)
+        return [Source(n, f"{settings.dataset}[{n}]", hub=(settings.dataset, n)) for n in names]
+    task = settings.task or config or settings.dataset.rstrip("/").split("/")[-1]
+    return [Source(task, settings.dataset, hub=(settings.dataset, config))]
+
+
+def _layout_of(source: Source, settings: ConvertSettings) -> str:
+    if source.beir_dir is not None:
+        return "beir"
+    if settings.layout != "auto":
+        return settings.layout
+    # A .tsv whose first line names none of the known columns is MS MARCO-style triples.
+    if source.files and source.files[0].name.endswith(".tsv"):
+        header = set(_first_line(source.files[0]).split("\t"))
+        flags = {settings.query_column, settings.positive_column}
+        if not header & (set(QUERY_ALIASES) | set(POSITIVE_ALIASES) | flags):
+            return "triples"
+    return "columns"
+
+
+def source_rows(source: Source, settings: ConvertSettings) -> Iterator[tuple[str, dict]]:
+    layout = _layout_of(source, settings)
+    if layout == "beir":
+        return beir_rows(source.beir_dir, settings.split)
+    if source.hub is not None:
+        records = iter_hub(source.hub[0], source.hub[1], settings.split)
+    else:
+        records = (item for path in source.files for item in iter_file(path, layout))
+    return column_rows(records, settings, merge_consecutive=layout == "triples")
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def convert_source(
+    source: Source, settings: ConvertSettings, handle, registry: TaskRegistry
+) -> TaskReport:
+    """Validate and write one task's rows to an open file; raise DataError on bad rows."""
+    from tqdm.auto import tqdm
+
+    report = TaskReport(task=source.task, path=str(settings.out / f"{source.task}.jsonl"))
+    default_instruction = settings.instruction
+    if default_instruction is None and registry.instruction(source.task) is None:
+        beir_name = Path(source.label).name.lower()
+        if source.beir_dir is not None and beir_name in BEIR_DIR_TO_TASK:
+            default_instruction = eval_instruction(beir_name)
+    rows = source_rows(source, settings)
+    if settings.shuffle_buffer > 0:
+        rows = buffer_shuffle(rows, settings.shuffle_buffer, settings.seed)
+    errors: list[str] = []
+    bar = tqdm(desc=f"convert {source.task}", unit=" rows", disable=not settings.show_progress)
+    with bar:
+        for where, row in rows:
+            report.rows_read += 1
+            bar.update(1)
+            ex = parse_row(row, where, source.task, errors)
+            if len(errors) >= MAX_REPORTED_ERRORS:
+                break
+            if ex is None:
+                continue
+            negatives = list(ex.negatives)
+            if settings.max_negatives is not None and len(negatives) > settings.max_negatives:
+                rng = random.Random(f"{settings.seed}:{where}")
+                negatives = rng.sample(negatives, settings.max_negatives)
+            out = {"query": ex.query, "positive": list(ex.positives), "negative": negatives}
+            instruction = ex.instruction or default_instruction
+            if instruction:
+                out["instruction"] = instruction
+                report.with_instruction += 1
+            handle.write(json.dumps(out, ensure_ascii=False) + "\n")
+            report.rows_written += 1
+            report.positives += len(ex.positives)
+            report.negatives += len(negatives)
+            bar.set_postfix(written=report.rows_written, refresh=False)
+            if settings.max_examples is not None and report.rows_written >= settings.max_examples:
+                break
+    if errors:
+        more = " (stopped after the first 20)" if len(errors) >= MAX_REPORTED_ERRORS else ""
+        raise DataError(f"{len(errors)} problem(s) in {source.label}{more}:\n" + "\n".join(errors))
+    if report.rows_written == 0:
+        raise DataError(f"{source.label}: no rows")
+    return report
+
+
+def convert(settings: ConvertSettings, registry: TaskRegistry | None = None) -> list[TaskReport]:
+    """Convert every source; all task files appear together, or none does."""
+    registry = registry or TaskRegistry.load()
+    sources = resolve_sources(settings)
+    names = [s.task for s in sources]
+    if len(set(names)) != len(names):
+        raise DataError(f"two sources map to the same task name: {names}")
+    settings.out.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    reports = []
+    try:
+        for source in sources:
+            final = settings.out / f"{source.task}.jsonl"
+            tmp = settings.out / f".{source.task}.jsonl.tmp"
+            staged.append((tmp, final))
+            with open(tmp, "w", encoding="utf-8") as handle:
+                reports.append(convert_source(source, settings, handle, registry))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    return reports
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hf_to_training_data.py",
+        description="Hugging Face / BEIR / MS MARCO-style retrieval data -> training JSONL.",
+    )
+    p.add_argument("--dataset", required=True, help="hub name, local file, or local folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder (training_data/NAME)")
+    p.add_argument("--config", help="config / sub-folder to convert; 'all' for every one")
+    p.add_argument("--split", default="train", help="split (BEIR: qrels/<split>.tsv)")
+    p.add_argument("--layout", default="auto", choices=LAYOUTS)
+    p.add_argument("--task", help="output task name (file <out>/<task>.jsonl)")
+    p.add_argument("--query-column")
+    p.add_argument("--positive-column")
+    p.add_argument("--negative-column")
+    p.add_argument("--instruction-column")
+    p.add_argument("--instruction", help="instruction for rows without one")
+    p.add_argument("--max-examples", type=int)
+    p.add_argument("--max-negatives", type=int)
+    p.add_argument("--shuffle-buffer", type=int, default=0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = ConvertSettings(
+        dataset=args.dataset,
+        out=args.out,
+        config=args.config,
+        split=args.split,
+        layout=args.layout,
+        task=args.task,
+        query_column=args.query_column,
+        positive_column=args.positive_column,
+        negative_column=args.negative_column,
+        instruction_column=args.instruction_column,
+        instruction=args.instruction,
+        max_examples=args.max_examples,
+        max_negatives=args.max_negatives,
+        shuffle_buffer=args.shuffle_buffer,
+        seed=args.seed,
+        show_progress=not args.no_progress,
+    )
+    registry = TaskRegistry.load()
+    try:
+        reports = convert(settings, registry)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for r in reports:
+        print(
+            f"{r.path}: {r.rows_written} rows (read {r.rows_read}), {r.positives} positives, "
+            f"{r.negatives} negatives, {r.with_instruction} with instruction"
+        )
+        if r.with_instruction < r.rows_written and registry.instruction(r.task) is None:
+            print(
+                f"  note: task {r.task!r} has no registry instruction and some rows carry none; "
+                "the trainer needs --instruction here or a --task_config entry",
+                file=sys.stderr,
+            )
+    return 0
