@@ -184,6 +184,8 @@ class StubLLM:
             raise AssertionError(f"stub: unrecognised prompt {prompt[:200]!r}")
         text = json.dumps(obj)
         with self.lock:
+            if fault in ("malformed", "truncated", "fenced"):
+                self.faults_seen[fault] += 1
             if fault in ("malformed", "truncated"):
                 self.served[key] = fault
             else:
