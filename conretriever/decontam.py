@@ -1,0 +1,286 @@
+"""Decontamination: which training rows overlap the evaluation sets we will report?
+
+A retriever that saw an evaluation query, or the document that answers it, during training
+reports a score it did not earn. For each evaluation BEIR folder we take the queries of one qrels
+split (``test`` by default; ``queries.jsonl`` also holds train queries, which are not evaluation
+data) and their relevant documents (score > 0, title and text joined by a space), and compare
+every training row's query and positives (``--fields``) with them in three ways, strongest first:
+
+1. ``exact``: the two strings are identical;
+2. ``normalized``: identical after lower-casing, replacing punctuation by spaces and collapsing
+   whitespace (catches re-cased, re-punctuated or re-spaced copies);
+3. ``ngram``: the texts share word n-grams of the normalised text (default n = 13, the GPT-3
+   decontamination rule: one shared 13-gram flags a row; Llama-2 used a fraction-of-tokens rule,
+   which ``--min-ngram-fraction`` approximates as the share of the training text's n-grams that
+   occur in the evaluation data). Texts shorter than n words have no n-grams; only rules 1-2
+   apply to them, since short questions collide by chance far more often than long passages.
+
+A row is counted once, under the strongest rule any of its fields met. The report (JSON) gives
+counts per rule, per training field and per evaluation side (query or document), plus examples;
+``--drop --out`` also writes the training data without the flagged rows (lines copied verbatim).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from conretriever.data import DataError, _open_text, parse_row, task_name
+
+KINDS = ("exact", "normalized", "ngram")
+_PUNCT = re.compile(r"[^\w\s]|_")
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case, punctuation -> space, whitespace collapsed."""
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def ngram_hashes(normalized: str, n: int) -> set[int]:
+    words = normalized.split()
+    return {hash(" ".join(words[i : i + n])) for i in range(len(words) - n + 1)}
+
+
+@dataclass
+class DecontamSettings:
+    eval_dirs: list[Path]
+    data: list[Path]  # training files or folders of task files
+    eval_split: str = "test"
+    fields: tuple[str, ...] = ("query", "positive")
+    ngram: int = 13
+    min_shared_ngrams: int = 1  # GPT-3: a single shared 13-gram
+    min_ngram_fraction: float = 0.0  # and at least this share of the text's n-grams
+    n_examples: int = 5  # per rule, in the report
+
+
+@dataclass
+class EvalIndex:
+    """Every evaluation text under the three rules; values say where it came from."""
+
+    exact: dict[str, str] = field(default_factory=dict)
+    normalized: dict[str, str] = field(default_factory=dict)
+    ngrams: dict[int, str] = field(default_factory=dict)
+    n_queries: int = 0
+    n_docs: int = 0
+
+    def add(self, text: str, label: str, n: int) -> None:
+        norm = normalize_text(text)
+        self.exact.setdefault(text, label)
+        self.normalized.setdefault(norm, label)
+        for h in ngram_hashes(norm, n):
+            self.ngrams.setdefault(h, label)
+
+    @classmethod
+    def build(cls, eval_dirs: list[Path], split: str, n: int) -> EvalIndex:
+        from conretriever.convert import beir_rows
+
+        index = cls()
+        for folder in eval_dirs:
+            docs_seen: set[str] = set()
+            for where, row in beir_rows(Path(folder), split):
+                index.add(row["query"], f"{folder.name} query ({where})", n)
+                index.n_queries += 1
+                for doc in row["positive"]:
+                    if doc not in docs_seen:
+                        docs_seen.add(doc)
+                        index.add(doc, f"{folder.name} document (relevant to {where})", n)
+            index.n_docs += len(docs_seen)
+        return index
+
+    def match(self, text: str, settings: DecontamSettings) -> tuple[str, str, int] | None:
+        """(rule, evaluation label, shared n-grams) of the strongest match, or None."""
+        if text in self.exact:
+            return "exact", self.exact[text], 0
+        norm = normalize_text(text)
+        if norm in self.normalized:
+            return "normalized", self.normalized[norm], 0
+        grams = ngram_hashes(norm, settings.ngram)
+        shared = [h for h in grams if h in self.ngrams]
+        if (
+            shared
+            and len(shared) >= settings.min_shared_ngrams
+            and len(shared) / len(grams) >= settings.min_ngram_fraction
+        ):
+            return "ngram", self.ngrams[shared[0]], len(shared)
+        return None
+
+
+def _training_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(x for x in p.iterdir() if x.name.endswith((".jsonl", ".jsonl.gz")))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: training data not found")
+    return files
+
+
+def decontaminate(settings: DecontamSettings, drop_out: Path | None = None) -> dict:
+    """Scan the training data; return the report; with ``drop_out`` write the clean rows."""
+    start = time.perf_counter()
+    index = EvalIndex.build(settings.eval_dirs, settings.eval_split, settings.ngram)
+    files = _training_files(settings.data)
+    counts = {k: 0 for k in KINDS}
+    by_field = {f: {k: 0 for k in KINDS} for f in settings.fields}
+    by_side = {"query": 0, "document": 0}
+    examples: dict[str, list[dict]] = {k: [] for k in KINDS}
+    rows = 0
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path in files:
+            writer = None
+            if drop_out is not None:
+                final = drop_out / path.name if len(files) > 1 else drop_out
+                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp = final.with_name(f".{final.name}.tmp")
+                staged.append((tmp, final))
+                writer = open(tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+            try:
+                with _open_text(path) as handle:
+                    for lineno, line in enumerate(handle, 1):
+                        if not line.strip():
+                            continue
+                        where = f"{path}:{lineno}"
+                        errors: list[str] = []
+                        try:
+                            ex = parse_row(json.loads(line), where, task_name(path), errors)
+                        except json.JSONDecodeError as err:
+                            raise DataError(f"{where}: malformed JSON ({err.msg})") from None
+                        if ex is None:
+                            raise DataError("\n".join(errors))
+                        rows += 1
+                        hit = _row_match(ex, index, settings)
+                        if hit is None:
+                            if writer:
+                                writer.write(line if line.endswith("\n") else line + "\n")
+                            continue
+                        kind, fld, text, label, shared = hit
+                        counts[kind] += 1
+                        by_field[fld][kind] += 1
+                        by_side["query" if " query (" in label else "document"] += 1
+                        if len(examples[kind]) < settings.n_examples:
+                            examples[kind].append(
+                                {
+                                    "train": where,
+                                    "field": fld,
+                                    "text": text[:200],
+                                    "eval": label,
+                                    "shared_ngrams": shared,
+                                }
+                            )
+            finally:
+                if writer:
+                    writer.close()
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    flagged = sum(counts.values())
+    return {
+        "settings": {
+            k: [str(x) for x in v] if isinstance(v, list) else v
+            for k, v in asdict(settings).items()
+        },
+        "eval": {"queries": index.n_queries, "documents": index.n_docs},
+        "training_rows": rows,
+        "flagged_rows": flagged,
+        "kept_rows": rows - flagged,
+        "by_kind": counts,
+        "by_field": by_field,
+        "by_eval_side": by_side,
+        "examples": examples,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _row_match(ex, index: EvalIndex, settings: DecontamSettings):
+    """Strongest match over the row's checked fields: (kind, field, text, label, shared)."""
+    best = None
+    for fld in settings.fields:
+        texts = {"query": [ex.query], "positive": ex.positives, "negative": ex.negatives}[fld]
+        for text in texts:
+            m = index.match(text, settings)
+            if m and (best is None or KINDS.index(m[0]) < KINDS.index(best[0])):
+                best = (m[0], fld, text, m[1], m[2])
+                if m[0] == "exact":
+                    return best
+    return best
+
+
+def summary(report: dict) -> str:
+    lines = [
+        f"evaluation: {report['eval']['queries']} queries, {report['eval']['documents']} "
+        f"relevant documents",
+        f"training rows: {report['training_rows']}, flagged: {report['flagged_rows']} "
+        f"({100 * report['flagged_rows'] / max(1, report['training_rows']):.2f}%), "
+        f"kept: {report['kept_rows']}  [{report['seconds']} s]",
+        "by rule: " + ", ".join(f"{k} {v}" for k, v in report["by_kind"].items()),
+        "by field: "
+        + "; ".join(
+            f"{f}: " + ", ".join(f"{k} {v}" for k, v in c.items())
+            for f, c in report["by_field"].items()
+        ),
+        "matched evaluation " + ", ".join(f"{k} {v}" for k, v in report["by_eval_side"].items()),
+    ]
+    for kind, exs in report["examples"].items():
+        for e in exs[:3]:
+            lines.append(f"  [{kind}] {e['train']} {e['field']}: {e['text'][:80]!r} ~ {e['eval']}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="conretriever decontaminate",
+        description="Report (and optionally drop) training rows that overlap evaluation data.",
+    )
+    p.add_argument("--data", nargs="+", type=Path, required=True, help="training files/folders")
+    p.add_argument("--eval-dir", nargs="+", type=Path, required=True, help="BEIR folders")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--fields", default="query,positive", help="of query,positive,negative")
+    p.add_argument("--ngram", type=int, default=13)
+    p.add_argument("--min-shared-ngrams", type=int, default=1)
+    p.add_argument("--min-ngram-fraction", type=float, default=0.0)
+    p.add_argument("--report", type=Path, help="write the JSON report here")
+    p.add_argument("--drop", action="store_true", help="write the data without flagged rows")
+    p.add_argument("--out", type=Path, help="with --drop: output file (folder if several)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.drop and args.out is None:
+        print("error: --drop needs --out", file=sys.stderr)
+        return 2
+    fields_ = tuple(f.strip() for f in args.fields.split(",") if f.strip())
+    if not fields_ or set(fields_) - {"query", "positive", "negative"}:
+        print(f"error: --fields {args.fields!r}: use query, positive, negative", file=sys.stderr)
+        return 2
+    settings = DecontamSettings(
+        eval_dirs=args.eval_dir,
+        data=args.data,
+        eval_split=args.eval_split,
+        fields=fields_,
+        ngram=args.ngram,
+        min_shared_ngrams=args.min_shared_ngrams,
+        min_ngram_fraction=args.min_ngram_fraction,
+    )
+    try:
+        report = decontaminate(settings, args.out if args.drop else None)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(summary(report))
+    return 0
