@@ -63,6 +63,7 @@ class StubLLM:
         self.faults_seen: Counter = Counter()
         self.tokens_seen: set[str] = set()
         self.json_mode_requests = 0
+        self.response_formats: list[dict] = []
         self.plain_requests = 0
         stub = self
 
@@ -110,6 +111,7 @@ class StubLLM:
             self.tokens_seen.add(token)
             if json_mode:
                 self.json_mode_requests += 1
+                self.response_formats.append(body["response_format"])
             else:
                 self.plain_requests += 1
             self.attempts[key] += 1

@@ -189,3 +189,16 @@ def test_client_stops_the_run_on_a_bad_key(monkeypatch):
         with pytest.raises(FatalError, match="HTTP 401"):
             client.chat(MESSAGES)
     assert client.usage.retries == 0  # a bad key is not retried
+
+
+def test_schema_mode_sends_the_reply_schema(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    schema = prompts.reply_schema("sts")
+    assert schema["required"] == ["S1", "S2", "S3"]
+    with StubLLM(no_faults) as stub:
+        LLMClient(fast_settings(stub.base_url, json_mode="schema")).chat(MESSAGES, schema=schema)
+        LLMClient(fast_settings(stub.base_url)).chat(MESSAGES, schema=schema)
+    assert stub.response_formats == [
+        {"type": "json_object", "schema": schema},
+        {"type": "json_object"},  # plain JSON mode never sends a schema
+    ]

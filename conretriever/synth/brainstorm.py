@@ -113,7 +113,10 @@ def answer(client: LLMClient, job: dict) -> Outcome:
     meta = {k: job[k] for k in ("id", "family", "request_index", "seed", "temperature")}
     try:
         done = client.chat(
-            job["messages"], temperature=job["temperature"], seed=request_seed(job["id"])
+            job["messages"],
+            temperature=job["temperature"],
+            seed=request_seed(job["id"]),
+            schema=prompts.reply_schema(None),
         )
     except RequestFailed as exc:
         return Outcome.failed(meta, str(exc))

@@ -59,7 +59,10 @@ class ClientSettings:
     backoff_base: float = 1.0  # seconds; d for the first retry
     backoff_max: float = 60.0  # seconds; cap on d
     timeout: float = 120.0  # seconds per attempt; a 500-word document takes ~30 s on a slow server
-    json_mode: str = "auto"  # auto: ask, fall back when rejected | on: always | off: never
+    # auto: ask for JSON mode, fall back when rejected | on: always | off: never |
+    # schema: like auto, plus the reply's JSON schema in the llama.cpp/Anyscale form
+    # {"type": "json_object", "schema": ...}, which makes small local models emit our keys.
+    json_mode: str = "auto"
     temperature: float = 1.0
     max_tokens: int = 2048  # two 500-word documents plus a query fit in ~1,600 tokens
     price_per_1k_input: float = 0.0  # USD per 1,000 prompt tokens, for the cost estimate
@@ -184,8 +187,12 @@ class LLMClient:
         return d / 2 + self._rng.uniform(0, d / 2)
 
     def _create(self, messages: list[dict], temperature: float, max_tokens: int, json_mode: bool,
-                seed: int | None):  # fmt: skip
-        kwargs = {"response_format": {"type": "json_object"}} if json_mode else {}
+                seed: int | None, schema: dict | None):  # fmt: skip
+        kwargs = {}
+        if json_mode:
+            kwargs["response_format"] = {"type": "json_object"}
+            if schema is not None and self.settings.json_mode == "schema":
+                kwargs["response_format"]["schema"] = schema
         if seed is not None:
             kwargs["seed"] = seed
         return self._client.chat.completions.create(
@@ -203,10 +210,12 @@ class LLMClient:
         temperature: float | None = None,
         max_tokens: int | None = None,
         seed: int | None = None,
+        schema: dict | None = None,
     ) -> Completion:
         """One chat completion. ``seed`` asks the server for reproducible sampling (OpenAI, vLLM
         and llama.cpp honour it, best effort): requests with the same prompt but different ids
-        then still get different answers, and a rerun of one id gets the same answer."""
+        then still get different answers, and a rerun of one id gets the same answer. ``schema``
+        (a JSON schema of the reply) is sent only with ``json_mode="schema"``."""
         s, oa = self.settings, self._openai
         temperature = s.temperature if temperature is None else temperature
         max_tokens = s.max_tokens if max_tokens is None else max_tokens
@@ -215,14 +224,14 @@ class LLMClient:
         while True:
             json_mode = self._json_mode
             try:
-                resp = self._create(messages, temperature, max_tokens, json_mode, seed)
+                resp = self._create(messages, temperature, max_tokens, json_mode, seed, schema)
                 break
             except oa.APIStatusError as exc:
                 code = exc.status_code
-                if code in (400, 422) and json_mode and s.json_mode == "auto":
+                if code in (400, 422) and json_mode and s.json_mode in ("auto", "schema"):
                     # The server may not know response_format: ask once more without it.
                     try:
-                        resp = self._create(messages, temperature, max_tokens, False, seed)
+                        resp = self._create(messages, temperature, max_tokens, False, seed, None)
                     except (oa.APIStatusError, oa.APIConnectionError):
                         pass  # not JSON mode's fault: handle the first error as usual
                     else:
@@ -275,7 +284,12 @@ def add_client_args(p: argparse.ArgumentParser, defaults: ClientSettings) -> Non
     g.add_argument("--backoff-base", type=float, default=d.backoff_base, help="seconds")
     g.add_argument("--backoff-max", type=float, default=d.backoff_max, help="seconds")
     g.add_argument("--timeout", type=float, default=d.timeout, help="seconds per attempt")
-    g.add_argument("--json-mode", choices=("auto", "on", "off"), default=d.json_mode)
+    g.add_argument(
+        "--json-mode",
+        choices=("auto", "on", "off", "schema"),
+        default=d.json_mode,
+        help="schema: also send the reply's JSON schema (llama.cpp server form)",
+    )
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--max-tokens", type=int, default=d.max_tokens)
     g.add_argument("--price-per-1k-input", type=float, default=d.price_per_1k_input, help="USD")

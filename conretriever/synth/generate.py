@@ -133,7 +133,8 @@ def answer(client: LLMClient, job: dict) -> Outcome:
         meta.update(source_language=task.source_language, target_language=task.target_language)
     try:
         messages = prompts.generate_messages(task, job["attributes"])
-        done = client.chat(messages, seed=request_seed(job["id"]))
+        schema = prompts.reply_schema(task.family)
+        done = client.chat(messages, seed=request_seed(job["id"]), schema=schema)
     except RequestFailed as exc:
         return Outcome.failed(meta, str(exc))
     try:

@@ -181,6 +181,15 @@ def sample_attributes(task: Task, rng: random.Random, languages: dict[str, float
     return attrs
 
 
+def reply_schema(family: str | None) -> dict:
+    """JSON schema of a reply: step 2's three string fields, or step 1's task list (None)."""
+    if family is None:
+        props = {"tasks": {"type": "array", "items": {"type": "string"}}}
+    else:
+        props = {name: {"type": "string"} for name in FIELDS[family]}
+    return {"type": "object", "properties": props, "required": list(props)}
+
+
 _JSON_ONLY = "Output only the JSON object, with no explanation or extra text. Be creative."
 
 
