@@ -33,6 +33,7 @@ from conretriever.synth.store import AppendLog, StoreError, normalize_text, read
         ('```json\n{"a": "x"}\n```', {"a": "x"}),
         ('Sure! Here: {"a": "brace } inside", "b": [1]} Enjoy.', {"a": "brace } inside", "b": [1]}),
         ('See [note] then ["t1", "t2"]', ["t1", "t2"]),
+        ('{"doc": "para one\npara two"}', {"doc": "para one\npara two"}),  # raw newline
         ('prefix {"a": "quote \\" and { brace"} suffix', {"a": 'quote " and { brace'}),
     ],
 )  # fmt: skip

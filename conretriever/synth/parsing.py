@@ -8,6 +8,9 @@ wrap it in a Markdown code fence or chatter around it ("Sure! Here is ..."). The
 3. otherwise scan for the first ``{`` or ``[`` and take the balanced span that closes it, tracking
    strings and escapes so that braces inside string values do not count.
 
+Parsing is non-strict about control characters: models often put raw newlines inside long
+string values (documents with paragraphs), which strict JSON forbids but which are harmless.
+
 A reply that is cut off (``finish_reason == "length"``) usually has no balanced span; it then
 fails here with a reason that says so, and the caller writes it to the rejects file.
 """
@@ -57,7 +60,7 @@ def extract_json(text: str) -> object:
     fenced = _FENCE.match(text)
     body = fenced.group(1) if fenced else text
     try:
-        return json.loads(body)
+        return json.loads(body, strict=False)
     except json.JSONDecodeError:
         pass
     for match in re.finditer(r"[{\[]", body):
@@ -65,7 +68,7 @@ def extract_json(text: str) -> object:
         if span is None:
             continue
         try:
-            return json.loads(span)
+            return json.loads(span, strict=False)
         except json.JSONDecodeError:
             continue  # e.g. "[citation]" in prose before the real object
     raise ReplyParseError("no complete JSON object or array in reply (malformed or truncated)")
