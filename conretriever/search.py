@@ -7,9 +7,9 @@ Dense retrieval evaluation and hard-negative mining both come down to two steps:
    ``(model fingerprint, document-length limit, sha256 of the text)``. Evaluating again, a second
    query set against the same corpus, or a corpus that overlaps one seen before encodes only
    the texts the cache does not hold. The store for one key prefix is a folder of shards
-   ``<id>.emb.npy`` ([n, dim] float32) + ``<id>.keys.npy`` ([n] 16-byte digests); a shard is
-   written to a temporary name and renamed (keys last), so a killed run leaves either a whole
-   shard or nothing a later run would trust.
+   ``<id>.emb.npy`` ([n, dim] float32) + ``<id>.keys.npy`` ([n, 16] uint8 sha256 prefixes);
+   a shard is written to a temporary name and renamed (keys last), so a killed run leaves
+   either a whole shard or nothing a later run would trust.
 2. **Search exactly** (:func:`exact_search`): vectors are unit length, so the inner product is
    the cosine similarity; faiss ``IndexFlatIP`` when faiss is importable (its GPU index when faiss
    sees GPUs), otherwise a chunked matmul + top-k in torch (on the GPU when there is one).
@@ -109,13 +109,14 @@ class _ShardStore:
             return found
         for keys_file in sorted(self.folder.glob("*.keys.npy")):
             emb_file = keys_file.with_name(keys_file.name.replace(".keys.npy", ".emb.npy"))
-            shard_keys = np.load(keys_file)
-            rows = [i for i, k in enumerate(shard_keys.tolist()) if k in wanted and k not in found]
+            # [n, 16] uint8, not a bytes dtype: numpy's "S16" strips trailing zero bytes.
+            shard_keys = [row.tobytes() for row in np.load(keys_file)]
+            rows = [i for i, k in enumerate(shard_keys) if k in wanted and k not in found]
             if not rows:
                 continue
             emb = np.load(emb_file, mmap_mode="r")
             for i in rows:
-                found[shard_keys[i].tobytes()] = np.asarray(emb[i], dtype=np.float32)
+                found[shard_keys[i]] = np.asarray(emb[i], dtype=np.float32)
         return found
 
     def add(self, keys: list[bytes], emb: np.ndarray) -> None:
@@ -124,8 +125,8 @@ class _ShardStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         name = uuid.uuid4().hex
         # embeddings first, keys last: a shard is visible only once its keys file exists.
-        for suffix, array in ((".emb.npy", emb.astype(np.float32)), (".keys.npy", keys)):
-            array = np.asarray(array, dtype="S16") if suffix == ".keys.npy" else array
+        key_matrix = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16)
+        for suffix, array in ((".emb.npy", emb.astype(np.float32)), (".keys.npy", key_matrix)):
             tmp = self.folder / f".{name}{suffix}.tmp"
             with open(tmp, "wb") as handle:
                 np.save(handle, array)
