@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from synth_stub import StubLLM, default_faults
+from synth_stub import StubLLM, default_faults, no_faults
 
 from conretriever.synth import brainstorm, generate, prompts
 from conretriever.synth.store import read_jsonl
@@ -117,8 +117,9 @@ def test_duplicate_queries_are_dropped_in_conversion(tmp_path):
         record("c", "sts", "Retrieve semantically similar text.", ["s1", "s2", "s3"]),
     ]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stats = generate.convert(log, tmp_path / "train")
-    assert stats["rows"] == 2 and stats["duplicates"] == 1
+    assert (
+        generate.convert_main(["--examples", str(log), "--train-dir", str(tmp_path / "train")]) == 0
+    )
     written = read_jsonl(tmp_path / "train" / "synthetic.jsonl")
     assert written[0]["positive"] == ["doc 2"]  # id order decides which duplicate is kept
 
@@ -161,3 +162,26 @@ def test_api_key_never_reaches_logs_or_files(tmp_path):
     assert len(files) >= 7
     for text in logs + [p.read_text(errors="replace") for p in files]:
         assert key not in text and key[3:15] not in text  # ... and never written anywhere
+
+
+def test_failed_requests_are_retried_by_a_rerun(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    out = tmp_path / "synth"
+    args = ["--out-dir", str(out), "--examples-per-task", "3", "--max-retries", "1"]
+
+    def outage(key: str) -> str | None:  # a third of the requests never get through
+        return "always500" if int(key[:8], 16) % 3 == 0 else None
+
+    with StubLLM(no_faults) as stub:
+        assert brainstorm.main(["--families", "sts,bitext", "--out-dir", str(out)]) == 0
+    with StubLLM(outage) as stub:
+        assert generate.main([*args, *fast_flags(stub.base_url)]) == 0
+    failed = {r["id"] for r in read_jsonl(out / "examples.rejects.jsonl") if not r["final"]}
+    kept_first = {r["id"] for r in read_jsonl(out / "examples.jsonl")}
+    assert failed and kept_first and failed.isdisjoint(kept_first)
+    with StubLLM(no_faults) as stub:  # the endpoint is back (on another port: ids do not care)
+        assert generate.main([*args, *fast_flags(stub.base_url)]) == 0
+        assert sum(stub.attempts.values()) == len(failed)  # only the failed ones were asked
+    kept = [r["id"] for r in read_jsonl(out / "examples.jsonl")]
+    assert len(kept) == len(set(kept)) and set(kept) == kept_first | failed == planned_ids(out, 3)
+    assert len(read_jsonl(out / "train" / "synthetic.jsonl")) == len(kept)
