@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             retry_rejects=args.retry_rejects,
         )
+        if min(s.requests_per_family, s.tasks_per_request, s.examples_shown) < 1:
+            raise ValueError("--requests-per-family, --tasks-per-request, --examples-shown >= 1")
         cs = settings_from_args(args)
         jobs = plan_requests(s, cs.temperature)
         # No client (and no key check) when nothing needs the LLM, e.g. only sts/bitext.

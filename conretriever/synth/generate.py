@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             retry_rejects=args.retry_rejects,
         )
+        if s.examples_per_task < 1:
+            raise ValueError(f"--examples-per-task must be >= 1, got {s.examples_per_task}")
         cs = settings_from_args(args)
         tasks = load_tasks(s.tasks_file or s.out_dir / "tasks.jsonl", s.families)
         jobs = plan_requests(tasks, s)
