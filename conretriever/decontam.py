@@ -63,18 +63,19 @@ class DecontamSettings:
 class EvalIndex:
     """Every evaluation text under the three rules; values say where it came from."""
 
-    exact: dict[str, str] = field(default_factory=dict)
-    normalized: dict[str, str] = field(default_factory=dict)
-    ngrams: dict[int, str] = field(default_factory=dict)
+    # text (or n-gram hash) -> (side, label): side is "query" or "document"
+    exact: dict[str, tuple[str, str]] = field(default_factory=dict)
+    normalized: dict[str, tuple[str, str]] = field(default_factory=dict)
+    ngrams: dict[int, tuple[str, str]] = field(default_factory=dict)
     n_queries: int = 0
     n_docs: int = 0
 
-    def add(self, text: str, label: str, n: int) -> None:
+    def add(self, text: str, side: str, label: str, n: int) -> None:
         norm = normalize_text(text)
-        self.exact.setdefault(text, label)
-        self.normalized.setdefault(norm, label)
+        self.exact.setdefault(text, (side, label))
+        self.normalized.setdefault(norm, (side, label))
         for h in ngram_hashes(norm, n):
-            self.ngrams.setdefault(h, label)
+            self.ngrams.setdefault(h, (side, label))
 
     @classmethod
     def build(cls, eval_dirs: list[Path], split: str, n: int) -> EvalIndex:
@@ -84,17 +85,19 @@ class EvalIndex:
         for folder in eval_dirs:
             docs_seen: set[str] = set()
             for where, row in beir_rows(Path(folder), split):
-                index.add(row["query"], f"{folder.name} query ({where})", n)
+                index.add(row["query"], "query", f"{folder.name} query ({where})", n)
                 index.n_queries += 1
                 for doc in row["positive"]:
                     if doc not in docs_seen:
                         docs_seen.add(doc)
-                        index.add(doc, f"{folder.name} document (relevant to {where})", n)
+                        index.add(
+                            doc, "document", f"{folder.name} document (relevant to {where})", n
+                        )
             index.n_docs += len(docs_seen)
         return index
 
-    def match(self, text: str, settings: DecontamSettings) -> tuple[str, str, int] | None:
-        """(rule, evaluation label, shared n-grams) of the strongest match, or None."""
+    def match(self, text: str, settings: DecontamSettings) -> tuple[str, tuple, int] | None:
+        """(rule, (side, label), shared n-grams) of the strongest match, or None."""
         if text in self.exact:
             return "exact", self.exact[text], 0
         norm = normalize_text(text)
@@ -162,10 +165,10 @@ def decontaminate(settings: DecontamSettings, drop_out: Path | None = None) -> d
                             if writer:
                                 writer.write(line if line.endswith("\n") else line + "\n")
                             continue
-                        kind, fld, text, label, shared = hit
+                        kind, fld, text, (side, label), shared = hit
                         counts[kind] += 1
                         by_field[fld][kind] += 1
-                        by_side["query" if " query (" in label else "document"] += 1
+                        by_side[side] += 1
                         if len(examples[kind]) < settings.n_examples:
                             examples[kind].append(
                                 {
