@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "conretriever.synth.generate:convert_main",
         "synthetic examples -> training JSONL",
     ),
+    "compare": ("conretriever.report:compare_main", "side-by-side table of eval output folders"),
     "convert": ("conretriever.convert:main", "Hugging Face / BEIR datasets -> training JSONL"),
     "mine": ("conretriever.mining:main", "mine hard negatives with any Embedder"),
     "decontaminate": ("conretriever.mining:decontaminate_main", "training/eval overlap report"),

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import os
 import string
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Scripts run by tests call `python` / `conretriever`: make them this interpreter's, as an
+# activated venv would, and never wait on a model hub we cannot reach.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not SHARED_DATA.exists():  # CI clones the repo next to a copy of shared/
