@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from conretriever.search import encode_corpus, encode_sharded, exact_search, model_fingerprint
-from conretriever.tasks import BEIR_DIR_TO_TASK, eval_instruction, format_document
+from conretriever.tasks import BEIR_DIR_TO_TASK, eval_instruction, format_document, query_prefix
 
 # mteb's retrieval cut-offs (AbsTaskRetrieval.k_values); 1000 is also the search depth.
 K_VALUES = (1, 3, 5, 10, 20, 100, 1000)
@@ -336,7 +336,15 @@ def _evaluate_data(embedder, data: BeirData, settings: EvalSettings) -> dict:
     else:
         metrics = next(iter(per_part.values()))
     seconds = time.perf_counter() - start
-    metrics = {**metrics, "instruction": instruction, "seconds": round(seconds, 2)}
+    fmt = getattr(getattr(embedder, "settings", None), "prompt_format", None)
+    # What queries really got: an encoder saved with prompt_format "none" ignores the instruction.
+    applied = query_prefix(instruction, fmt) if fmt else None
+    metrics = {
+        **metrics,
+        "instruction": instruction,
+        "query_prefix": applied,
+        "seconds": round(seconds, 2),
+    }
     result = {
         "task": data.name,
         "source": data.source,
@@ -643,8 +651,17 @@ def main(argv: list[str] | None = None) -> int:
         split=args.split,
         show_progress=rank0,
     )
-    # Load every folder first: a malformed file fails in seconds, not after an hour of encoding.
+    # Read every folder and look up every task first: a malformed file or a misspelt task name
+    # fails in seconds, not after an hour of encoding.
     folders = [load_beir_dir(p, args.split) for p in args.beir_dir]
+    named = []
+    if args.tasks:
+        import mteb
+
+        try:
+            named = [mteb.get_task(name) for name in expand_tasks(args.tasks)]
+        except KeyError as err:
+            parser.error(f"--tasks: {err.args[0]}")
     embedder = Embedder.from_pretrained(args.model, dtype=args.dtype, device=device)
     results = []
     for data in folders:
@@ -655,11 +672,17 @@ def main(argv: list[str] | None = None) -> int:
             results.append(_evaluate_data(embedder, data, settings))
         if rank0:
             print(f"{data.name}: nDCG@10 = {100 * results[-1]['metrics'][MAIN_SCORE]:.2f}")
-    if args.tasks:
-        import mteb
-
-        tasks = [mteb.get_task(name) for name in expand_tasks(args.tasks)]
-        results += evaluate_with_mteb(embedder, tasks, settings, args.model)
+    failed = []
+    for task in named:  # one at a time: a task that cannot download does not stop the others
+        try:
+            results += evaluate_with_mteb(embedder, [task], settings, args.model)
+        except (ConnectionError, OSError) as err:
+            failed.append(task.metadata.name)
+            print(
+                f"conretriever eval: {task.metadata.name}: cannot load its data ({err}); "
+                "offline? evaluate a local copy with --beir-dir",
+                file=sys.stderr,
+            )
 
     if rank0:
         out = Path(args.output_dir)
@@ -671,6 +694,12 @@ def main(argv: list[str] | None = None) -> int:
             "embedder_settings": asdict(embedder.settings),
             "eval_settings": asdict(settings),
             "instructions": {r["task"]: r["metrics"]["instruction"] for r in results},
+            "query_prefixes": {
+                r["task"]: query_prefix(
+                    r["metrics"]["instruction"], embedder.settings.prompt_format
+                )
+                for r in results
+            },
             "seconds_per_task": {r["task"]: r["metrics"]["seconds"] for r in results},
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "argv": sys.argv if argv is None else list(argv),
@@ -679,4 +708,4 @@ def main(argv: list[str] | None = None) -> int:
         table = summary_table(results)
         (out / "summary.md").write_text(f"# Retrieval evaluation: `{args.model}`\n\n{table}")
         print(table)
-    return 0
+    return 1 if failed else 0

@@ -190,7 +190,8 @@ def test_instruction_reaches_queries_and_none_reaches_documents(tiny_decoder, tm
         seen.append((role, original(texts, role, instruction)))
         or original(texts, role, instruction)
     )
-    ev.evaluate_beir_dir(model, folder, show_progress=False)
+    metrics = ev.evaluate_beir_dir(model, folder, show_progress=False)
+    assert metrics["query_prefix"] == f"Instruct: {EVAL_INSTRUCTIONS['SciFact']}\nQuery: "
     assert dict(seen) == {
         "passage": ["Cells cells divide.", "stars shine."],
         "query": [f"Instruct: {EVAL_INSTRUCTIONS['SciFact']}\nQuery: do cells divide?"],
@@ -211,8 +212,9 @@ def test_encoder_without_prompts_gets_no_instruction(tiny_encoder, tmp_path):
     model.format = lambda texts, role, instruction=None: (
         seen.append(original(texts, role, instruction)) or original(texts, role, instruction)
     )
-    ev.evaluate_beir_dir(model, folder, show_progress=False)
+    metrics = ev.evaluate_beir_dir(model, folder, show_progress=False)
     assert ["q z"] in seen and ["x y"] in seen
+    assert metrics["query_prefix"] == ""  # the SciFact instruction is recorded but not applied
 
 
 def test_cqadupstack_folder_is_the_mean_of_its_subforums(tmp_path):
