@@ -11,8 +11,9 @@ Dense retrieval evaluation and hard-negative mining both come down to two steps:
    a shard is written to a temporary name and renamed (keys last), so a killed run leaves
    either a whole shard or nothing a later run would trust.
 2. **Search exactly** (:func:`exact_search`): vectors are unit length, so the inner product is
-   the cosine similarity; faiss ``IndexFlatIP`` when faiss is importable (its GPU index when faiss
-   sees GPUs), otherwise a chunked matmul + top-k in torch (on the GPU when there is one).
+   the cosine similarity. Backend: faiss ``IndexFlatIP`` on GPU when faiss sees GPUs; else a
+   chunked matmul + top-k in torch on the GPU when torch has one (faster than faiss-cpu); else
+   faiss-cpu when importable; else torch on the CPU.
 
 :func:`model_fingerprint` names the weights: it must change when training changes them, else the
 cache would serve stale vectors. It hashes every tensor's name, shape, dtype, float64 sum and a
