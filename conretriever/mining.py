@@ -18,7 +18,8 @@ them with a retriever. For each training row:
    catches re-formatted copies; the cosine catches copies that differ by more than formatting
    (a truncated or re-scraped passage, a title added) which any embedder places almost on top of
    the original, while distinct passages on the same topic rarely come that close (the mining
-   report lists the cosine of every candidate at or above 0.9 to check the choice on real data);
+   report counts the non-positive candidates at or above cosine 0.90 / 0.95 / 0.98 and gives
+   the highest, to check the choice on real data);
 4. ``n_negatives`` of the remaining candidates are drawn at random (seeded per row; ``--pick
    top`` takes the best-ranked instead) and written in rank order into ``negative``.
 
@@ -77,7 +78,8 @@ class MineReport:
     negatives_written: int = 0
     rows_short: int = 0  # rows that got fewer than n_negatives
     per_row: dict[int, int] = field(default_factory=dict)  # negatives per row -> rows
-    near_cosine_counts: dict[str, int] = field(default_factory=dict)
+    near_cosine_counts: dict[str, int] = field(default_factory=dict)  # non-positive candidates
+    max_cosine_to_positive: float = -1.0  # over candidates that are not positives
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -222,11 +224,13 @@ def mine(settings: MineSettings, embedder=None, registry: TaskRegistry | None = 
                 kept = []
                 for doc, cos in zip(window.tolist(), cosine, strict=True):
                     report.candidates += 1
-                    for band in NEAR_THRESHOLD_BANDS:
-                        bands[band] += int(cos >= band)
                     if normalized[doc] in blocked:
                         report.dropped_positive += 1
-                    elif cos > settings.dedup_threshold:
+                        continue
+                    for band in NEAR_THRESHOLD_BANDS:  # among candidates that are not positives
+                        bands[band] += int(cos >= band)
+                    report.max_cosine_to_positive = max(report.max_cosine_to_positive, float(cos))
+                    if cos > settings.dedup_threshold:
                         report.dropped_near_duplicate += 1
                     else:
                         kept.append(doc)

@@ -104,6 +104,8 @@ def test_negatives_come_from_window_and_exclude_positives(setup):
     assert report.dropped_positive == 2  # the positive and its lower-cased copy
     assert report.dropped_near_duplicate == 1  # the rewrite (cosine 1.0 > 0.95)
     assert report.negatives_written == 13 and report.rows_short == 1
+    assert report.near_cosine_counts == {">=0.9": 1, ">=0.95": 1, ">=0.98": 1}
+    assert report.max_cosine_to_positive == pytest.approx(0.9994, abs=1e-3)
     # the query was encoded as a query with nq's registry instruction, the corpus as passages
     roles = {(role, inst) for role, inst, _ in embedder.calls}
     assert roles == {("passage", None), ("query", TaskRegistry.load().instruction("nq"))}
