@@ -155,23 +155,28 @@ def encode_sharded(
     and the slices are gathered in rank order, so every rank returns the full [n, dim] matrix.
     Without an initialised process group it is a plain ``encode`` call (no cache)."""
     rank, world = _dist_info()
+    if not texts:
+        return np.zeros((0, getattr(embedder, "dim", 0)), np.float32)
     bounds = [len(texts) * r // world for r in range(world + 1)]
     mine = list(texts[bounds[rank] : bounds[rank + 1]])
-    emb = None
-    if mine:
-        emb = embedder.encode(
-            mine,
-            role=role,
-            instruction=instruction,
-            batch_size=batch_size,
-            max_length=max_length,
-            show_progress=show_progress and rank == 0,
-        ).astype(np.float32, copy=False)
+    # Every rank encodes the same number of texts (shards differ by at most one; pad by repeating
+    # a text), so every rank runs the same number of forward passes: an FSDP-sharded model
+    # all-gathers its weights in each forward and would hang if one rank stopped early.
+    per_rank = -(-len(texts) // world)
+    padded = mine + [mine[-1] if mine else texts[0]] * (per_rank - len(mine))
+    emb = embedder.encode(
+        padded,
+        role=role,
+        instruction=instruction,
+        batch_size=batch_size,
+        max_length=max_length,
+        show_progress=show_progress and rank == 0,
+    ).astype(np.float32, copy=False)[: len(mine)]
     if world == 1:
-        return emb if emb is not None else np.zeros((0, getattr(embedder, "dim", 0)), np.float32)
+        return emb
     pieces: list[np.ndarray | None] = [None] * world
     torch.distributed.all_gather_object(pieces, emb)
-    return np.concatenate([p for p in pieces if p is not None], axis=0)
+    return np.concatenate(pieces, axis=0)
 
 
 def encode_corpus(

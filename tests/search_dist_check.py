@@ -25,7 +25,8 @@ def main() -> None:
     from conretriever.search import encode_corpus
 
     model = Embedder.from_pretrained(model_dir, device="cpu")
-    # 23 texts of varied length: uneven split over 2 ranks, several length-sorted batches.
+    # 23 texts of varied length: uneven split over 2 ranks (11 + 12, the short one padded),
+    # several length-sorted batches.
     texts = [f"doc {i} " + "word " * (i % 7) + "end" for i in range(23)]
     seen = []
     original = model.encode
