@@ -123,7 +123,11 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: RunC
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": cfg_world()}
+        state = {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "world_size": dist_utils.world_size(),
+        }
         (tmp / "trainer_state.json").write_text(json.dumps(state))
     dist_utils.barrier()
     if rank == 0:
@@ -134,18 +138,14 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: RunC
     dist_utils.barrier()
 
 
-def cfg_world() -> int:
-    return dist_utils.world_size()
-
-
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     state = json.loads((path / "trainer_state.json").read_text())
-    if state["world_size"] != cfg_world():
+    if state["world_size"] != dist_utils.world_size():
         raise RuntimeError(
-            f"{path}: saved with {state['world_size']} processes, resuming with {cfg_world()}: "
+            f"{path}: saved with {state['world_size']} processes, resuming with {dist_utils.world_size()}: "
             "exact resume needs the same world size"
         )
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
