@@ -143,9 +143,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     state = json.loads((path / "trainer_state.json").read_text())
-    if state["world_size"] != dist_utils.world_size():
+    world = dist_utils.world_size()
+    if state["world_size"] != world:
         raise RuntimeError(
-            f"{path}: saved with {state['world_size']} processes, resuming with {dist_utils.world_size()}: "
+            f"{path}: saved with {state['world_size']} processes, resuming with {world}: "
             "exact resume needs the same world size"
         )
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
