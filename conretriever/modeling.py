@@ -276,40 +276,61 @@ class Embedder(nn.Module):
         texts: list[str],
         role: str = "query",
         instruction: str | None = None,
-        batch_size: int = 32,
+        batch_size: int = 256,
         max_length: int | None = None,
         show_progress: bool | None = None,
+        max_tokens: int | None = 16384,
     ) -> np.ndarray:
         """Encode texts as queries (with instruction) or passages; returns float32 [n, dim].
 
-        Texts are tokenized once and sorted by length so each batch pads only to its own longest
-        text (the biggest single saving on real corpora); the output keeps the input order.
+        Texts are tokenized once, sorted by length (longest first) and grouped into batches by a
+        TOKEN budget: a batch holds at most ``max_tokens`` padded tokens (sequences x the
+        batch's longest length) and at most ``batch_size`` sequences, so a batch is many short
+        texts or a few long ones and the work per forward stays about constant. Each batch is
+        right padded only to its own longest text; after sorting, neighbours have nearly equal
+        lengths, so little compute is spent on padding. ``max_tokens=None`` gives fixed batches
+        of ``batch_size`` (still sorted). Batching never changes a vector beyond float rounding
+        (right padding keeps every real token's position and the mask hides the padding), and
+        the output rows follow the input order.
         """
         if isinstance(texts, str):
             texts = [texts]
         if max_length is None:
             s = self.settings
             max_length = s.query_max_length if role == "query" else s.doc_max_length
+        if not texts:  # the tokenizer rejects an empty batch
+            return np.zeros((0, self.dim), dtype=np.float32)
         formatted = self.format(list(texts), role, instruction)
         ids = self.tokenize(formatted, max_length, padding=False)["input_ids"]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        return self._encode_ids(ids, batch_size, max_tokens, show_progress, desc=f"encode {role}")
+
+    @torch.no_grad()
+    def _encode_ids(
+        self,
+        ids: list[list[int]],
+        batch_size: int,
+        max_tokens: int | None,
+        show_progress: bool | None = None,
+        desc: str = "encode",
+    ) -> np.ndarray:
+        """Token id lists (special tokens included) -> float32 [n, dim], in input order.
+
+        The batching half of :meth:`encode`, separate so benchmarks can feed exact token counts.
+        """
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        batches = _token_budget_batches([len(x) for x in ids], batch_size, max_tokens)
         if show_progress is None:
-            show_progress = len(ids) > 4 * batch_size and sys.stderr.isatty()
+            show_progress = len(batches) > 4 and sys.stderr.isatty()
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         was_training = self.training
         self.eval()
         try:
             from tqdm.auto import tqdm
 
-            starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc=f"encode {role}", disable=not show_progress):
-                idx = order[start : start + batch_size]
-                batch = self.tokenizer.pad(
-                    {"input_ids": [ids[i] for i in idx]}, return_tensors="pt"
-                )
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+            for idx in tqdm(batches, desc=desc, disable=not show_progress):
+                input_ids, mask = _pad_right([ids[i] for i in idx], pad_id)
                 with _autocast(self.device):
-                    emb = self(batch["input_ids"], batch["attention_mask"])
+                    emb = self(input_ids.to(self.device), mask.to(self.device))
                 out[idx] = emb.float().cpu().numpy()
         finally:
             self.train(was_training)
@@ -374,6 +395,46 @@ class Embedder(nn.Module):
             shutil.rmtree(out)
         os.replace(tmp, out)
         return out
+
+
+def _token_budget_batches(
+    lengths: list[int], max_sequences: int, max_tokens: int | None
+) -> list[list[int]]:
+    """Group indices of sequences with ``lengths`` (tokens) into batches, longest first.
+
+    A batch is padded to its first (longest) member, so its cost is ``len(batch) * lengths[0]``
+    padded tokens; a sequence joins the current batch while that stays within ``max_tokens``
+    and the batch has fewer than ``max_sequences`` members. A single sequence longer than the
+    budget gets a batch of its own. Equal lengths keep their input order (stable sort).
+    """
+    if max_sequences < 1:
+        raise ValueError(f"batch_size must be >= 1, got {max_sequences}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current:
+            full = len(current) >= max_sequences
+            over = bool(max_tokens) and (len(current) + 1) * lengths[current[0]] > max_tokens
+            if full or over:
+                batches.append(current)
+                current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id lists -> ([n, longest] int64 ids, [n, longest] 0/1 mask), padded on the right so every
+    real token keeps the position it has alone (the reference the batched vectors must match)."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return input_ids, mask
 
 
 def apply_lora(backbone: nn.Module, lora: LoraSettings | dict) -> nn.Module:
