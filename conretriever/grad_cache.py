@@ -19,8 +19,23 @@ FSDP2 the gradient reduce-scatter is disabled for all replays but the last, so g
 synchronised once per step, not once per chunk. Each chunk is trimmed to its own longest
 sequence (right padding), which saves compute when lengths vary.
 
-``chunk_size=0`` runs the plain step (one forward and backward over the whole batch), which is
-the reference the tests compare against.
+Two ways to cut the batch into chunks:
+
+* ``chunk_size`` rows per chunk, in the given order (the classic GradCache). A chunk's cost is
+  rows x its LONGEST sequence, and with documents in random order that is nearly always the
+  length limit, so most of a chunk of short documents is padding.
+* ``chunk_tokens`` (a budget of padded tokens = rows x longest length): queries and documents
+  are each sorted by length, longest first, and a chunk takes rows while ``rows x longest``
+  stays within the budget (and ``chunk_size`` rows, if also given). Chunks are then
+  length-homogeneous (little padding) and hold many short or few long rows, so activation
+  memory stays about ``chunk_tokens`` tokens' worth whatever the lengths. The embeddings are
+  put back in batch order before the loss, so the gradients are the same as with any other
+  chunking (up to float rounding; the RNG replay still pairs each chunk with its own dropout).
+  Under FSDP every rank must run the same number of chunks (each forward all-gathers weights),
+  so a rank with fewer chunks halves its biggest ones until the counts match.
+
+``chunk_size=0`` and ``chunk_tokens=0`` run the plain step (one forward and backward over the
+whole batch), which is the reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -31,8 +46,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from conretriever.distributed import set_gradient_sync
+from conretriever.distributed import set_gradient_sync, world_size
 from conretriever.loss import LossOutput
+from conretriever.modeling import _token_budget_batches
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask (right padded)
 
@@ -68,6 +84,73 @@ def split_chunks(batch: Batch, chunk_size: int) -> list[Batch]:
     return chunks
 
 
+def split_chunks_by_tokens(
+    batch: Batch, chunk_tokens: int, max_rows: int = 0
+) -> tuple[list[Batch], torch.Tensor]:
+    """Length-sorted chunks of at most ``chunk_tokens`` padded tokens (rows x longest length)
+    and at most ``max_rows`` rows (0: no limit), each trimmed to its longest sequence.
+
+    Returns the chunks and ``order``, the [n] int64 row indices in chunk order: concatenating
+    the chunks' rows gives ``batch`` rows ``order`` (right padding required).
+    """
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    n = len(lengths)
+    groups = _token_budget_batches(lengths, max_rows if max_rows > 0 else n, chunk_tokens)
+    chunks = []
+    for rows in groups:
+        index = torch.tensor(rows, dtype=torch.long, device=batch["input_ids"].device)
+        length = max(lengths[i] for i in rows)
+        chunks.append(
+            {
+                "input_ids": batch["input_ids"][index, :length],
+                "attention_mask": batch["attention_mask"][index, :length],
+            }
+        )
+    return chunks, torch.tensor([i for rows in groups for i in rows], dtype=torch.long)
+
+
+def _trim(chunk: Batch) -> Batch:
+    length = int(chunk["attention_mask"].sum(dim=1).max())
+    return {k: v[:, :length] for k, v in chunk.items()}
+
+
+def split_to_count(chunks: list[Batch], count: int) -> list[Batch]:
+    """Halve the chunk with the most rows until there are ``count`` chunks; rows keep their
+    order (so the ``order`` of :func:`split_chunks_by_tokens` stays valid) and each new chunk is
+    trimmed to its own longest sequence."""
+    chunks = list(chunks)
+    while len(chunks) < count:
+        i = max(range(len(chunks)), key=lambda j: chunks[j]["input_ids"].shape[0])
+        rows = chunks[i]["input_ids"].shape[0]
+        if rows < 2:
+            raise ValueError(f"cannot cut {len(chunks)} one-row chunks into {count}")
+        half = rows // 2
+        chunks[i : i + 1] = [
+            _trim({k: v[:half] for k, v in chunks[i].items()}),
+            _trim({k: v[half:] for k, v in chunks[i].items()}),
+        ]
+    return chunks
+
+
+def _same_count_on_every_rank(
+    q_chunks: list[Batch], d_chunks: list[Batch], device: torch.device
+) -> tuple[list[Batch], list[Batch]]:
+    """Token-budget chunk counts depend on each rank's lengths, but under FSDP every forward and
+    backward all-gathers weights, so every rank must run as many as the others or the step
+    hangs. Ranks hold equal row counts, so splitting chunks always gets there."""
+    if world_size() == 1:
+        return q_chunks, d_chunks
+    counts = torch.tensor([len(q_chunks), len(d_chunks)], device=device)
+    torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+    return split_to_count(q_chunks, int(counts[0])), split_to_count(d_chunks, int(counts[1]))
+
+
+def _plan(batch: Batch, chunk_size: int, chunk_tokens: int) -> tuple[list[Batch], torch.Tensor]:
+    if chunk_tokens > 0:
+        return split_chunks_by_tokens(batch, chunk_tokens, chunk_size)
+    return split_chunks(batch, chunk_size), torch.arange(batch["input_ids"].shape[0])
+
+
 def _embed(model: nn.Module, chunk: Batch, device: torch.device, autocast) -> torch.Tensor:
     with autocast():
         return model(chunk["input_ids"].to(device), chunk["attention_mask"].to(device))
@@ -81,13 +164,16 @@ def grad_cache_step(
     chunk_size: int,
     device: torch.device,
     autocast: Callable = contextlib.nullcontext,
+    chunk_tokens: int = 0,
 ) -> LossOutput:
     """Accumulate into ``.grad`` the gradient of ``loss_fn(model(queries), model(docs))``.
 
-    ``autocast`` is a context factory (e.g. bf16 autocast on GPU). Returns the loss output; the
-    caller clips and steps the optimizer.
+    ``chunk_size``: rows per chunk, or with ``chunk_tokens > 0`` the most rows per chunk (0: no
+    limit); ``chunk_tokens``: padded tokens per chunk, rows length-sorted (see module doc); both
+    0: the plain step. ``autocast`` is a context factory (e.g. bf16 autocast on GPU). Returns
+    the loss output; the caller clips and steps the optimizer.
     """
-    if chunk_size <= 0:  # the plain step
+    if chunk_size <= 0 and chunk_tokens <= 0:  # the plain step
         set_gradient_sync(model, True)
         q = _embed(model, queries, device, autocast)
         d = _embed(model, docs, device, autocast)
@@ -95,8 +181,11 @@ def grad_cache_step(
         out.backward_loss.backward()
         return out
 
-    chunks = [("q", c) for c in split_chunks(queries, chunk_size)]
-    chunks += [("d", c) for c in split_chunks(docs, chunk_size)]
+    q_chunks, q_order = _plan(queries, chunk_size, chunk_tokens)
+    d_chunks, d_order = _plan(docs, chunk_size, chunk_tokens)
+    if chunk_tokens > 0:
+        q_chunks, d_chunks = _same_count_on_every_rank(q_chunks, d_chunks, device)
+    chunks = [("q", c) for c in q_chunks] + [("d", c) for c in d_chunks]
     # 1. embed every chunk without a graph, remembering the RNG state it started from
     states, embs = [], []
     with torch.no_grad():
@@ -105,12 +194,16 @@ def grad_cache_step(
             embs.append(_embed(model, chunk, device, autocast))
     # 2. loss on the detached embeddings; its backward stops at them
     n_q = sum(1 for kind, _ in chunks if kind == "q")
-    q_all = torch.cat(embs[:n_q]).detach().requires_grad_()
-    d_all = torch.cat(embs[n_q:]).detach().requires_grad_()
-    out = loss_fn(q_all, d_all)
+    # The leaves hold rows in chunk order; the loss sees them in batch order (argsort(order) is
+    # the inverse permutation), and autograd routes dL/de back to chunk order through the index.
+    q_leaf = torch.cat(embs[:n_q]).detach().requires_grad_()
+    d_leaf = torch.cat(embs[n_q:]).detach().requires_grad_()
+    q_back = torch.argsort(q_order).to(q_leaf.device)
+    d_back = torch.argsort(d_order).to(d_leaf.device)
+    out = loss_fn(q_leaf[q_back], d_leaf[d_back])
     out.backward_loss.backward()
-    grads = list(q_all.grad.split([e.shape[0] for e in embs[:n_q]]))
-    grads += list(d_all.grad.split([e.shape[0] for e in embs[n_q:]]))
+    grads = list(q_leaf.grad.split([e.shape[0] for e in embs[:n_q]]))
+    grads += list(d_leaf.grad.split([e.shape[0] for e in embs[n_q:]]))
     # 3. replay each chunk with a graph and push the cached gradient through it
     after = RandState(device)
     for i, (_, chunk) in enumerate(chunks):

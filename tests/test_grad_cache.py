@@ -7,7 +7,13 @@ import copy
 import pytest
 import torch
 
-from conretriever.grad_cache import RandState, grad_cache_step, split_chunks
+from conretriever.grad_cache import (
+    RandState,
+    grad_cache_step,
+    split_chunks,
+    split_chunks_by_tokens,
+    split_to_count,
+)
 from conretriever.loss import contrastive_loss
 from conretriever.modeling import Embedder, LoraSettings
 
@@ -136,3 +142,77 @@ def test_grad_cache_with_activation_checkpointing_and_dropout(tiny_decoder):
     plain, checkpointed = run(False), run(True)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_token_budget_chunks_equal_full_batch_step(tiny_decoder, lora):
+    """Length-sorted chunks under a padded-token budget (rows reordered, chunks of different
+    sizes) still give the full-batch gradients: the embeddings are put back in batch order."""
+    queries = [f"q {i} " + "word " * (i % 5 * 3) for i in range(8)]
+    docs = [f"d {i} " + "text " * ((i * 7) % 11) for i in range(16)]
+    ref_model = _model(tiny_decoder, lora)
+    emb = copy.deepcopy(ref_model)
+    q, d = ref_model.tokenize(queries, 64), ref_model.tokenize(docs, 96)
+    ids = torch.arange(len(docs))
+    chunks, order = split_chunks_by_tokens(d, chunk_tokens=120, max_rows=5)
+    assert len({c["input_ids"].shape[0] for c in chunks}) > 1  # uneven chunks
+    assert order.tolist() != sorted(order.tolist())  # rows really were reordered
+    assert all(c["input_ids"].numel() <= 120 or c["input_ids"].shape[0] == 1 for c in chunks)
+
+    def grads(model, **chunking):
+        grad_cache_step(
+            model,
+            q,
+            d,
+            lambda a, b: contrastive_loss(a, b, 0.05, ids),
+            device=torch.device("cpu"),
+            **chunking,
+        )
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref = grads(ref_model, chunk_size=0)
+    got = grads(emb, chunk_size=5, chunk_tokens=120)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-6)
+
+
+def test_split_to_count_keeps_rows_and_order(tiny_decoder):
+    emb = _model(tiny_decoder, lora=False)
+    batch = emb.tokenize(DOCS + NEGS, 48)
+    chunks, order = split_chunks_by_tokens(batch, chunk_tokens=10_000)
+    assert len(chunks) == 1
+    split = split_to_count(chunks, 5)
+    assert len(split) == 5
+    rows = torch.cat([c["input_ids"][:, :1] for c in split])
+    assert torch.equal(rows, batch["input_ids"][order][:, :1])  # same rows, same order
+    for c in split:  # each piece trimmed to its own longest row
+        assert int(c["attention_mask"].sum(1).max()) == c["input_ids"].shape[1]
+    with pytest.raises(ValueError):
+        split_to_count(split, len(DOCS + NEGS) + 1)
+
+
+def test_token_budget_chunk_counts_match_across_ranks(tiny_decoder, monkeypatch):
+    """Pretend another rank needs more chunks (as with other lengths under FSDP): this rank
+    splits its chunks to match, and the gradients still equal the full-batch step's."""
+    import conretriever.grad_cache as gc
+
+    ref_model = _model(tiny_decoder, lora=True)
+    emb = copy.deepcopy(ref_model)
+    q, d, ids = _batches(ref_model)
+    n_forwards = []
+    monkeypatch.setattr(gc, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: t.add_(3))
+    hook = emb.register_forward_pre_hook(lambda *a: n_forwards.append(1))
+
+    def loss(a, b):
+        return contrastive_loss(a, b, 0.05, ids)
+
+    grad_cache_step(emb, q, d, loss, 0, torch.device("cpu"), chunk_tokens=200)
+    hook.remove()
+    monkeypatch.undo()
+    plain_chunks = len(split_chunks_by_tokens(q, 200)[0]) + len(split_chunks_by_tokens(d, 200)[0])
+    assert len(n_forwards) == 2 * (plain_chunks + 6)  # embed + replay, 3 more chunks per side
+    grad_cache_step(ref_model, q, d, loss, 0, torch.device("cpu"))
+    for (name, p), (_, r) in zip(emb.named_parameters(), ref_model.named_parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, r.grad, atol=1e-6, rtol=1e-6, msg=name)
