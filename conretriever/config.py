@@ -63,6 +63,8 @@ class TrainArgs:
     per_device_train_batch_size: int = 8
     chunk_size: int = 4
     """GradCache chunk (sequences per forward); bounds activation memory. 0 = no cache."""
+    chunk_tokens: int = 0
+    """GradCache chunks of <= this many padded tokens, rows length-sorted; chunk_size caps rows."""
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     num_train_epochs: float = 1.0

@@ -344,6 +344,7 @@ def train(cfg: RunConfig) -> dict:
             t.chunk_size,
             info.device,
             autocast,
+            chunk_tokens=t.chunk_tokens,
         )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         optimizer.step()
