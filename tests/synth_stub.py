@@ -47,7 +47,7 @@ class StubLLM:
         fault_for=default_faults,
         *,
         delay: float = 0.0,
-        timeout_sleep: float = 1.0,
+        timeout_sleep: float = 4.0,
         retry_after: str = "0.05",
         reject_json_mode: bool = False,
     ):

@@ -20,10 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fast_flags(url: str) -> list[str]:
-    # Tiny backoffs and a 0.4 s timeout keep the injected faults cheap; the stub's "timeout"
-    # fault sleeps 0.8 s, past that timeout.
+    # Tiny backoffs keep the injected faults cheap. The 3 s timeout survives a loaded CI machine
+    # (0.4 s flaked: slow normal replies were retried); the stub's "timeout" fault sleeps 4 s.
     return ["--base-url", url, "--model", "stub", "--backoff-base", "0.01", "--backoff-max",
-            "0.05", "--timeout", "0.4", "--concurrency", "4"]  # fmt: skip
+            "0.05", "--timeout", "3.0", "--concurrency", "4"]  # fmt: skip
 
 
 def planned_ids(out: Path, per_task: int) -> set[str]:

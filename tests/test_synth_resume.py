@@ -23,7 +23,7 @@ PER_TASK = 2
 def flags(url: str, out: Path) -> list[str]:
     return ["--out-dir", str(out), "--examples-per-task", str(PER_TASK), "--base-url", url,
             "--model", "stub", "--backoff-base", "0.01", "--backoff-max", "0.05",
-            "--timeout", "0.4", "--concurrency", "2"]  # fmt: skip
+            "--timeout", "3.0", "--concurrency", "2"]  # fmt: skip
 
 
 def count_lines(path: Path) -> int:
