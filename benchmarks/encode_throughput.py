@@ -351,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
     ] + [padded_tokens(lengths, _token_budget_batches(lengths, args.max_batch, b)) for b in budgets]
 
-    # Warm-up on a few documents (kernel selection, allocator, oneDNN primitives) for every path.
-    warm = ids[: min(len(ids), 2 * args.batch_size)]
+    # Warm-up (kernel selection, allocator, oneDNN primitives) for every path: a batch's worth on
+    # a GPU; on a CPU a few documents suffice, and more would cost as much as a timed variant.
+    warm = ids[: min(len(ids), 2 * args.batch_size if cuda else 8)]
     encode_fixed(embedder, warm, args.batch_size, False)
     embedder._encode_ids(warm, args.max_batch, budgets[0] if budgets else None)
 
