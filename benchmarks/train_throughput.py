@@ -114,6 +114,31 @@ def baseline_step(model, queries, docs, loss_fn, chunk: int, device, amp) -> Non
         torch.dot(emb.flatten(), g.flatten().to(emb.dtype)).backward()
 
 
+def extrapolate_max_batch(peaks: list[tuple[int, float]], device: torch.device) -> str:
+    """Where GradCache's memory runs out, from the peaks measured at a few batch sizes.
+
+    Chunk activations do not grow with the batch; what grows is per row (ids, embeddings and
+    their gradients: linear) and the score matrix with its softmax and gradient (queries x
+    documents: quadratic). A quadratic through the measured (batch, peak MiB) points, solved for
+    95% of the device's memory, estimates the largest batch without running it."""
+    import numpy as np
+
+    b = np.array([p[0] for p in peaks], dtype=float)
+    mib = np.array([p[1] for p in peaks], dtype=float)
+    c2, c1, c0 = np.polyfit(b, mib, 2)
+    c2 = max(c2, 0.0)  # noise can bend a near-flat curve downwards
+    total = 0.95 * torch.cuda.get_device_properties(device).total_memory / 2**20
+    if c2 > 0:
+        limit = (-c1 + np.sqrt(c1 * c1 + 4 * c2 * (total - c0))) / (2 * c2)
+    else:
+        limit = (total - c0) / c1 if c1 > 0 else float("inf")
+    return (
+        f"- no OOM up to batch {int(b.max())}; peak MiB ~ {c0:,.0f} + {c1:.3f} b + {c2:.2e} b^2 "
+        f"fits the measured points, so ~{limit:,.0f} rows would fill 95% of the "
+        f"{total / 0.95 / 1024:.0f} GiB (extrapolated, not run)"
+    )
+
+
 def set_checkpointing(embedder, on: bool) -> None:
     """Activation checkpointing on/off (transformers 5.2x names it ``activation_...``; the GPU
     machine's 5.17 may only know the old ``gradient_...`` names)."""
@@ -254,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         set_checkpointing(embedder, best_cfg[0])
         batch, started = args.batch, time.perf_counter()
         last_s = best[1]
+        peaks = [(args.batch, best[3])]  # (batch, peak MiB) for the extrapolation below
+        oom = False
         while True:
             left = args.time_budget_s - (time.perf_counter() - started)
             if 2 * last_s > left:  # the next (doubled) step would not fit the time budget
@@ -266,13 +293,17 @@ def main(argv: list[str] | None = None) -> int:
                 last_s, mib = timed("ours", best_cfg[0], q2, d2, best_cfg[1], 1, 0)
             except torch.OutOfMemoryError:
                 max_batch_lines.append(f"- batch {batch}: OOM")
+                oom = True
                 break
+            peaks.append((batch, mib))
             max_batch_lines.append(
                 f"- batch {batch}: {last_s:.2f} s/step, {tok2 / last_s:,.0f} real tok/s, "
                 f"peak {mib:,.0f} MiB"
             )
             print(max_batch_lines[-1], flush=True)
             del q2, d2
+        if not oom and len(peaks) >= 3:
+            max_batch_lines.append(extrapolate_max_batch(peaks, device))
 
     cmd = "python " + " ".join([os.path.relpath(__file__, REPO), *(argv or sys.argv[1:])])
     base_tps = rows[0][2]

@@ -1,6 +1,7 @@
 """Every knob of a run, as typed dataclasses: parsed once, validated, saved with the run.
 
-A run is described by four sections (``model``, ``data``, ``train``, ``eval``). Values come from,
+A run is described by three sections (``model``, ``data``, ``train``; evaluation is a separate
+command, ``conretriever eval``, which the training script runs after training). Values come from,
 in increasing priority: the dataclass defaults below, a YAML file (``--config FILE``, nested by
 section), and command-line flags. Flags are flat and named like the fields (``--learning_rate
 1e-4``, ``--use_lora false``), which keeps the seed project's flag names working; every field name
@@ -85,21 +86,10 @@ class TrainArgs:
 
 
 @dataclass
-class EvalArgs:
-    eval_beir_dirs: list[str] = field(default_factory=list)
-    """Local BEIR folders evaluated after training (and before, with eval_before_training)."""
-    eval_tasks: list[str] = field(default_factory=list)
-    """Named MTEB tasks evaluated after training (needs mteb; downloads when online)."""
-    eval_before_training: bool = False
-    eval_batch_size: int = 32
-
-
-@dataclass
 class RunConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
-    eval: EvalArgs = field(default_factory=EvalArgs)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -74,7 +74,7 @@ DEFAULT_SPLIT = {"MSMARCO": "dev"}
 class EvalSettings:
     """Knobs of one evaluation run; saved in ``settings.json``."""
 
-    batch_size: int = 32
+    batch_size: int = 256
     query_max_length: int | None = None  # None: the embedder's own setting
     doc_max_length: int | None = None
     instruction: str | None = None  # None: the task's e5-mistral instruction
@@ -291,7 +291,7 @@ def evaluate_beir_dir(
     embedder,
     beir_dir: str | Path | BeirData,
     *,
-    batch_size: int = 32,
+    batch_size: int = 256,
     cache_dir: str | Path | None = None,
     instruction: str | None = None,
     output_dir: str | Path | None = None,

@@ -62,7 +62,7 @@ class MineSettings:
     seed: int = 42
     task: str | None = None  # default: the data file's name
     instruction: str | None = None  # overrides rows and registry
-    batch_size: int = 32
+    batch_size: int = 256
     max_length: int | None = None  # passage tokens; None = the embedder's doc_max_length
     cache_dir: Path | None = None  # embedding cache (search.encode_corpus)
     show_progress: bool = True

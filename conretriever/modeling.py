@@ -270,6 +270,36 @@ class Embedder(nn.Module):
             emb = nn.functional.normalize(emb, p=2, dim=-1)
         return emb
 
+    def forward_packed(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Id lists -> [n, dim] float32 embeddings from ONE padding-free forward (decoders only;
+        see ``conretriever.packing``): the texts are concatenated, positions restart per text and
+        attention stays inside each text, so each vector equals the padded forward's."""
+        from conretriever.packing import pack, packed_attention, pool_packed
+
+        ids, positions, cu, longest = pack(seqs)
+        dev = self.device
+        cu = cu.to(dev)
+        with packed_attention(self.base_model):
+            out = self.backbone(
+                input_ids=ids.to(dev),
+                position_ids=positions.to(dev),
+                cu_seq_lens_q=cu,
+                cu_seq_lens_k=cu,
+                max_length_q=longest,
+                max_length_k=longest,
+            )
+        emb = pool_packed(out.last_hidden_state[0], cu, self.settings.pooling)
+        emb = emb.float()
+        if self.settings.normalize:
+            emb = nn.functional.normalize(emb, p=2, dim=-1)
+        return emb
+
+    def packing_default(self) -> bool:
+        """Pack by default where it pays: a decoder on a GPU with the varlen attention kernel."""
+        from conretriever.packing import varlen_kernel_available
+
+        return is_decoder_config(self.base_model.config) and varlen_kernel_available(self.device)
+
     @torch.no_grad()
     def encode(
         self,
@@ -280,6 +310,7 @@ class Embedder(nn.Module):
         max_length: int | None = None,
         show_progress: bool | None = None,
         max_tokens: int | None = 16384,
+        packed: bool | None = None,
     ) -> np.ndarray:
         """Encode texts as queries (with instruction) or passages; returns float32 [n, dim].
 
@@ -292,6 +323,11 @@ class Embedder(nn.Module):
         of ``batch_size`` (still sorted). Batching never changes a vector beyond float rounding
         (right padding keeps every real token's position and the mask hides the padding), and
         the output rows follow the input order.
+
+        ``packed`` (default: on for decoders on a GPU with PyTorch's varlen attention kernel)
+        removes the padding altogether: a batch is ONE row of concatenated texts holding at most
+        ``max_tokens`` real tokens, with attention kept inside each text (see
+        ``conretriever.packing``). Same vectors, up to float rounding.
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -302,7 +338,9 @@ class Embedder(nn.Module):
             return np.zeros((0, self.dim), dtype=np.float32)
         formatted = self.format(list(texts), role, instruction)
         ids = self.tokenize(formatted, max_length, padding=False)["input_ids"]
-        return self._encode_ids(ids, batch_size, max_tokens, show_progress, desc=f"encode {role}")
+        return self._encode_ids(
+            ids, batch_size, max_tokens, show_progress, desc=f"encode {role}", packed=packed
+        )
 
     @torch.no_grad()
     def _encode_ids(
@@ -312,13 +350,18 @@ class Embedder(nn.Module):
         max_tokens: int | None,
         show_progress: bool | None = None,
         desc: str = "encode",
+        packed: bool | None = None,
     ) -> np.ndarray:
         """Token id lists (special tokens included) -> float32 [n, dim], in input order.
 
         The batching half of :meth:`encode`, separate so benchmarks can feed exact token counts.
         """
+        if packed is None:
+            packed = self.packing_default()
+        elif packed and not is_decoder_config(self.base_model.config):
+            raise ValueError("packed encoding needs a decoder (causal attention); use packed=False")
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
-        batches = _token_budget_batches([len(x) for x in ids], batch_size, max_tokens)
+        batches = _token_budget_batches([len(x) for x in ids], batch_size, max_tokens, packed)
         if show_progress is None:
             show_progress = len(batches) > 4 and sys.stderr.isatty()
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -328,6 +371,11 @@ class Embedder(nn.Module):
             from tqdm.auto import tqdm
 
             for idx in tqdm(batches, desc=desc, disable=not show_progress):
+                if packed:
+                    with _autocast(self.device):
+                        emb = self.forward_packed([ids[i] for i in idx])
+                    out[idx] = emb.cpu().numpy()
+                    continue
                 input_ids, mask = _pad_right([ids[i] for i in idx], pad_id)
                 with _autocast(self.device):
                     emb = self(input_ids.to(self.device), mask.to(self.device))
@@ -398,28 +446,31 @@ class Embedder(nn.Module):
 
 
 def _token_budget_batches(
-    lengths: list[int], max_sequences: int, max_tokens: int | None
+    lengths: list[int], max_sequences: int, max_tokens: int | None, packed: bool = False
 ) -> list[list[int]]:
     """Group indices of sequences with ``lengths`` (tokens) into batches, longest first.
 
-    A batch is padded to its first (longest) member, so its cost is ``len(batch) * lengths[0]``
-    padded tokens; a sequence joins the current batch while that stays within ``max_tokens``
-    and the batch has fewer than ``max_sequences`` members. A single sequence longer than the
-    budget gets a batch of its own. Equal lengths keep their input order (stable sort).
+    A padded batch is padded to its first (longest) member, so its cost is
+    ``len(batch) * lengths[0]`` tokens; a packed batch (``packed=True``) costs the sum of its
+    lengths. A sequence joins the current batch while that cost stays within ``max_tokens`` and
+    the batch has fewer than ``max_sequences`` members. A single sequence longer than the budget
+    gets a batch of its own. Equal lengths keep their input order (stable sort).
     """
     if max_sequences < 1:
         raise ValueError(f"batch_size must be >= 1, got {max_sequences}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
+    total = 0  # real tokens in ``current``
     for i in order:
         if current:
             full = len(current) >= max_sequences
-            over = bool(max_tokens) and (len(current) + 1) * lengths[current[0]] > max_tokens
-            if full or over:
+            cost = total + lengths[i] if packed else (len(current) + 1) * lengths[current[0]]
+            if full or (bool(max_tokens) and cost > max_tokens):
                 batches.append(current)
-                current = []
+                current, total = [], 0
         current.append(i)
+        total += lengths[i]
     if current:
         batches.append(current)
     return batches
@@ -569,7 +620,7 @@ def encode_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help=".npy file to write")
     parser.add_argument("--role", choices=["query", "passage"], default="passage")
     parser.add_argument("--instruction", default=None)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--max_length", type=int, default=None)
     args = parser.parse_args(argv)
     texts = []

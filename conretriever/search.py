@@ -29,10 +29,10 @@ never needs it.
 API (stable; ``conretriever.mining`` builds on it)::
 
     model_fingerprint(embedder) -> str
-    encode_corpus(embedder, texts, *, batch_size=32, max_length=None, cache_dir=None,
+    encode_corpus(embedder, texts, *, batch_size=256, max_length=None, cache_dir=None,
                   show_progress=True) -> np.ndarray          # [len(texts), dim] float32
     exact_search(query_emb, doc_emb, top_k) -> (scores, indices)   # each [n_queries, k]
-    encode_sharded(embedder, texts, *, role, instruction=None, batch_size=32, max_length=None,
+    encode_sharded(embedder, texts, *, role, instruction=None, batch_size=256, max_length=None,
                    show_progress=True) -> np.ndarray       # uncached encode, split over ranks
 """
 
@@ -147,7 +147,7 @@ def encode_sharded(
     *,
     role: str = "passage",
     instruction: str | None = None,
-    batch_size: int = 32,
+    batch_size: int = 256,
     max_length: int | None = None,
     show_progress: bool = True,
 ) -> np.ndarray:
@@ -183,7 +183,7 @@ def encode_corpus(
     embedder,
     texts: list[str],
     *,
-    batch_size: int = 32,
+    batch_size: int = 256,
     max_length: int | None = None,
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
