@@ -2,9 +2,10 @@
 
 The trainer reads one ``<task>.jsonl`` per task, each line ``{"query", "positive": [..],
 "negative": [..], "instruction"?}`` (see ``conretriever.data``). This module turns the layouts
-people actually have into that file, reading everything through ``datasets.load_dataset(...,
-streaming=True)`` so a hub name and a local file take the same path and nothing is held in memory
-whole (rows are validated and written as they arrive):
+people actually have into that file. ``conretriever.sources`` finds the inputs (hub dataset, local
+file, collection folder, BEIR folder) and streams their records; here each record becomes a row
+in the training schema, which is validated and written as it arrives, so nothing is held in
+memory whole:
 
 * ``columns`` (the E5-R collection ``BeastyZ/E5-R``, FlagEmbedding, sentence-transformers and
   Tevatron files): one row per query with query / positive / negative (/ instruction) columns.
@@ -14,9 +15,9 @@ whole (rows are validated and written as they arrive):
 * ``triples``: a header-less TSV of ``query<TAB>positive[<TAB>negative]`` (MS MARCO
   ``triples.train.small.tsv``). MS MARCO repeats a query once per negative, so consecutive lines
   with the same query and positive are merged into one row with all their negatives.
-* ``beir``: a folder with ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``. Positives
-  are the documents with score > 0 (title and text joined by a space); negatives are left empty
-  for ``conretriever mine``. Only the documents named in the qrels are kept in memory.
+* ``beir``: a folder with ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``, read by
+  ``sources.beir_rows``: positives are the documents with score > 0 (title and text joined by a
+  space); negatives are left empty for ``conretriever mine``.
 
 A local folder that is not BEIR is a collection: each sub-folder (or file stem) is a config, the
 way ``BeastyZ/E5-R`` is organised on the hub; ``--config all`` converts every config into its
@@ -30,21 +31,26 @@ a failed run leaves no half-written task file behind.
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import json
-import os
 import random
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from conretriever.data import MAX_REPORTED_ERRORS, DataError, parse_row
+from conretriever.data import MAX_REPORTED_ERRORS, DataError, atomic_files, parse_row
+from conretriever.sources import (
+    Source,
+    beir_rows,
+    buffer_shuffle,
+    first_line,
+    iter_file,
+    iter_hub,
+    resolve_sources,
+)
 from conretriever.tasks import BEIR_DIR_TO_TASK, TaskRegistry, eval_instruction
 
 LAYOUTS = ("auto", "columns", "triples", "beir")
-DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".tsv")
 
 # First alias present in a row wins; the order puts the most specific names first.
 QUERY_ALIASES = ("query", "question", "anchor", "claim")
@@ -84,114 +90,6 @@ class TaskReport:
     positives: int = 0
     negatives: int = 0
     with_instruction: int = 0
-
-
-@dataclass
-class Source:
-    """One task's input: local data files with one builder, or a hub dataset config."""
-
-    task: str
-    label: str  # for messages
-    files: list[Path] = field(default_factory=list)
-    hub: tuple[str, str | None] | None = None  # (name, config)
-    beir_dir: Path | None = None
-
-
-# --- reading ------------------------------------------------------------------------------------
-
-
-def _builder(path: Path) -> tuple[str, dict]:
-    """``datasets`` builder name and kwargs for a local data file."""
-    name = path.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
-        return "json", {}
-    if name.endswith(".parquet"):
-        return "parquet", {}
-    if name.endswith((".csv", ".tsv")):
-        # Every column read as text: pandas would turn a query "1984" into an int and an empty
-        # cell into NaN; keep_default_na=False keeps "" (which the validator reports as empty).
-        kwargs = {"keep_default_na": False}
-        if name.endswith(".tsv"):
-            kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
-        return "csv", kwargs
-    raise DataError(f"{path}: unsupported file type (use one of {', '.join(DATA_SUFFIXES)})")
-
-
-def _first_line(path: Path) -> str:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return handle.readline().rstrip("\n\r")
-
-
-def _string_features(names: list[str]):
-    from datasets import Features, Value
-
-    return Features({n: Value("string") for n in names})
-
-
-def _locate_bad_json(path: Path) -> str:
-    """``datasets`` reports unparsable JSON without a line; find it ourselves for the message."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as err:
-                return f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
-    return f"{path}: cannot be read as JSON lines"
-
-
-def iter_file(path: Path, layout: str) -> Iterator[tuple[str, dict]]:
-    """Stream ``(where, record)`` from one local file through ``datasets``."""
-    from datasets import load_dataset
-
-    builder, kwargs = _builder(path)
-    if builder == "csv":
-        header = next(csv.reader([_first_line(path)], delimiter=kwargs.get("delimiter", ",")))
-        if layout == "triples":
-            names = ["query", "positive", "negative"][: len(header)]
-            kwargs.update(header=None, column_names=names)
-            header = names
-        kwargs["features"] = _string_features(header)
-    try:
-        stream = load_dataset(
-            builder, data_files=[str(path)], split="train", streaming=True, **kwargs
-        )
-        for row_number, record in enumerate(stream, 1):
-            yield f"{path}:{row_number}", record
-    except ValueError as err:
-        if builder == "json":
-            raise DataError(_locate_bad_json(path)) from None
-        raise DataError(f"{path}: cannot read: {err}") from None
-
-
-def iter_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, dict]]:
-    from datasets import load_dataset
-
-    stream = load_dataset(name, config, split=split, streaming=True)
-    label = f"{name}[{config}/{split}]" if config else f"{name}[{split}]"
-    for row_number, record in enumerate(stream, 1):
-        yield f"{label}:{row_number}", record
-
-
-def buffer_shuffle(
-    items: Iterable[tuple[str, dict]], buffer_size: int, seed: int
-) -> Iterator[tuple[str, dict]]:
-    """The streaming shuffle ``datasets`` uses (fill a buffer, emit a random slot, refill it), on
-    our ``(where, record)`` pairs so row numbers survive. Exact for inputs <= ``buffer_size``."""
-    rng = random.Random(seed)
-    buffer: list[tuple[str, dict]] = []
-    for item in items:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        k = rng.randrange(buffer_size)
-        yield buffer[k]
-        buffer[k] = item
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 # --- turning records into rows ------------------------------------------------------------------
@@ -288,130 +186,7 @@ def column_rows(
         yield pending
 
 
-def beir_rows(folder: Path, split: str) -> Iterator[tuple[str, dict]]:
-    """Rows of a BEIR folder: queries in ``queries.jsonl`` order, positives from the qrels."""
-    qrels_path = folder / "qrels" / f"{split}.tsv"
-    for need in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_path):
-        if not need.exists():
-            raise DataError(
-                f"{need}: missing (a BEIR folder needs corpus.jsonl, queries.jsonl, "
-                f"qrels/{split}.tsv)"
-            )
-    relevant: dict[str, list[tuple[str, str]]] = {}  # query id -> [(doc id, qrels where)]
-    errors: list[str] = []
-    for where, rec in iter_file(qrels_path, "columns"):
-        qid, did, score = rec.get("query-id"), rec.get("corpus-id"), rec.get("score")
-        if not qid or not did:
-            errors.append(f"{where}: field 'query-id'/'corpus-id': missing")
-            continue
-        try:
-            positive = float(score) > 0
-        except (TypeError, ValueError):
-            errors.append(f"{where}: field 'score': expected a number, got {score!r}")
-            continue
-        if positive:
-            relevant.setdefault(qid, []).append((did, where))
-    needed = {did for pairs in relevant.values() for did, _ in pairs}
-    docs: dict[str, str] = {}
-    for _, rec in iter_file(folder / "corpus.jsonl", "columns"):
-        did = str(rec.get("_id"))
-        if did in needed:
-            docs[did] = f"{rec.get('title') or ''} {rec.get('text') or ''}".strip()
-    for pairs in relevant.values():
-        errors += [
-            f"{w}: field 'corpus-id': {d!r} not in corpus.jsonl" for d, w in pairs if d not in docs
-        ]
-    if errors:
-        raise DataError("\n".join(errors[:MAX_REPORTED_ERRORS]))
-    seen: set[str] = set()
-    for where, rec in iter_file(folder / "queries.jsonl", "columns"):
-        qid = str(rec.get("_id"))
-        if qid in relevant and qid not in seen:
-            seen.add(qid)
-            yield (
-                where,
-                {
-                    "query": rec.get("text"),
-                    "positive": [docs[d] for d, _ in relevant[qid]],
-                    "negative": [],
-                },
-            )
-    missing = [q for q in relevant if q not in seen]
-    if missing:
-        raise DataError(
-            f"{qrels_path}: {len(missing)} query id(s) not in queries.jsonl, e.g. {missing[:5]}"
-        )
-
-
-# --- sources ------------------------------------------------------------------------------------
-
-
-def _is_beir(path: Path) -> bool:
-    return path.is_dir() and (path / "corpus.jsonl").exists() and (path / "queries.jsonl").exists()
-
-
-def _data_files(folder: Path, split: str) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
-    # Hub-style folders name files by split (train-00000-of-00001.parquet, test.jsonl, ...).
-    by_split = [p for p in files if p.name.startswith(split)]
-    return by_split or files
-
-
-def _local_configs(folder: Path) -> dict[str, Path]:
-    """Config name -> sub-folder or file, for a local collection folder."""
-    configs: dict[str, Path] = {}
-    for child in sorted(folder.iterdir()):
-        if child.name.startswith("."):
-            continue
-        if child.is_dir():
-            configs[child.name] = child
-        elif child.name.endswith(DATA_SUFFIXES):
-            stem = child.name
-            for suffix in DATA_SUFFIXES:
-                if stem.endswith(suffix):
-                    stem = stem[: -len(suffix)]
-                    break
-            configs[stem] = child
-    return configs
-
-
-def resolve_sources(settings: ConvertSettings) -> list[Source]:
-    path = Path(settings.dataset)
-    config = settings.config
-    if path.exists():
-        if path.is_file():
-            task = settings.task or path.name.split(".")[0]
-            return [Source(task, str(path), files=[path])]
-        if settings.layout == "beir" or (settings.layout == "auto" and _is_beir(path)):
-            return [Source(settings.task or path.name, str(path), beir_dir=path)]
-        if config is None:
-            files = _data_files(path, settings.split)
-            if not files:
-                raise DataError(f"{path}: no data files ({', '.join(DATA_SUFFIXES)})")
-            return [Source(settings.task or path.name, str(path), files=files)]
-        configs = _local_configs(path)
-        wanted = list(configs) if config == "all" else [config]
-        sources = []
-        for name in wanted:
-            if name not in configs:
-                raise DataError(f"{path}: no config {name!r}; configs: {sorted(configs)}")
-            target = configs[name]
-            if _is_beir(target):
-                sources.append(Source(name, str(target), beir_dir=target))
-                continue
-            files = [target] if target.is_file() else _data_files(target, settings.split)
-            sources.append(Source(name, str(target), files=files))
-        if settings.task and len(sources) == 1:
-            sources[0].task = settings.task
-        return sources
-    # Not a local path: a hub dataset (needs internet).
-    if config == "all":
-        from datasets import get_dataset_config_names
-
-        names = get_dataset_config_names(settings.dataset)
-        return [Source(n, f"{settings.dataset}[{n}]", hub=(settings.dataset, n)) for n in names]
-    task = settings.task or config or settings.dataset.rstrip("/").split("/")[-1]
-    return [Source(task, settings.dataset, hub=(settings.dataset, config))]
+# --- layouts ------------------------------------------------------------------------------------
 
 
 def _layout_of(source: Source, settings: ConvertSettings) -> str:
@@ -421,7 +196,7 @@ def _layout_of(source: Source, settings: ConvertSettings) -> str:
         return settings.layout
     # A .tsv whose first line names none of the known columns is MS MARCO-style triples.
     if source.files and source.files[0].name.endswith(".tsv"):
-        header = set(_first_line(source.files[0]).split("\t"))
+        header = set(first_line(source.files[0]).split("\t"))
         flags = {settings.query_column, settings.positive_column}
         if not header & (set(QUERY_ALIASES) | set(POSITIVE_ALIASES) | flags):
             return "triples"
@@ -500,25 +275,22 @@ def convert(settings: ConvertSettings, registry: TaskRegistry | None = None) -> 
     if len(set(names)) != len(names):
         raise DataError(f"two sources map to the same task name: {names}")
     settings.out.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[Path, Path]] = []
     reports = []
-    try:
+    with atomic_files() as stage:
         for source in sources:
-            final = settings.out / f"{source.task}.jsonl"
-            tmp = settings.out / f".{source.task}.jsonl.tmp"
-            staged.append((tmp, final))
+            tmp = stage(settings.out / f"{source.task}.jsonl")
             with open(tmp, "w", encoding="utf-8") as handle:
                 reports.append(convert_source(source, settings, handle, registry))
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, final in staged:
-        os.replace(tmp, final)
     return reports
 
 
 # --- command line -------------------------------------------------------------------------------
+
+
+# The embedded default (no arguments): a small local dataset in the hub layout, shipped with the
+# package, written where run outputs go.
+SAMPLE_DATASET = Path(__file__).resolve().parent / "sample_data" / "hf_demo"
+SAMPLE_OUT = Path("outputs") / "hf_demo_converted"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -526,8 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf_to_training_data.py",
         description="Hugging Face / BEIR / MS MARCO-style retrieval data -> training JSONL.",
     )
-    p.add_argument("--dataset", required=True, help="hub name, local file, or local folder")
-    p.add_argument("--out", required=True, type=Path, help="output folder (training_data/NAME)")
+    p.add_argument(
+        "--dataset",
+        help="hub name, local file, or local folder (default, with no arguments at all: the "
+        f"embedded example {SAMPLE_DATASET.name!r} in the hub layout)",
+    )
+    p.add_argument(
+        "--out", type=Path, help=f"output folder (training_data/NAME; default {SAMPLE_OUT})"
+    )
     p.add_argument("--config", help="config / sub-folder to convert; 'all' for every one")
     p.add_argument("--split", default="train", help="split (BEIR: qrels/<split>.tsv)")
     p.add_argument("--layout", default="auto", choices=LAYOUTS)
@@ -546,7 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # the embedded default: offline, seconds on a CPU
+        argv = ["--dataset", str(SAMPLE_DATASET), "--config", "all", "--out", str(SAMPLE_OUT)]
+        print(f"no arguments: converting the embedded example dataset {SAMPLE_DATASET}")
+        print(f"  (python hf_to_training_data.py {' '.join(argv)}; --help for every option)")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.dataset or not args.out:
+        parser.error("--dataset and --out are both needed (or no arguments: the embedded example)")
     settings = ConvertSettings(
         dataset=args.dataset,
         out=args.out,

@@ -30,8 +30,10 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +68,31 @@ def _open_text(path: Path):
     if path.name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
+
+
+@contextmanager
+def atomic_files() -> Iterator[Callable[[Path], Path]]:
+    """Task files that appear together and whole, or not at all (convert, mine, decontaminate).
+
+    ``stage(final)`` returns the hidden sibling ``.<name>.tmp`` to write instead of ``final``.
+    When the block ends cleanly every staged file is renamed onto its final name (``os.replace``:
+    atomic on one filesystem, so a reader never sees half a file); when it raises, the staged files
+    are deleted and no final file is touched, so a failed run leaves nothing behind.
+    """
+    staged: list[tuple[Path, Path]] = []
+
+    def stage(final: Path) -> Path:
+        tmp = final.with_name(f".{final.name}.tmp")
+        staged.append((tmp, final))
+        return tmp
+
+    try:
+        yield stage
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)  # a no-op for those already renamed
 
 
 def _str_list(value, field: str, where: str, errors: list[str], required: bool) -> tuple:

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from conretriever.data import DataError, _open_text, parse_row, task_name
+from conretriever.data import DataError, _open_text, atomic_files, parse_row, task_name
 
 KINDS = ("exact", "normalized", "ngram")
 _PUNCT = re.compile(r"[^\w\s]|_")
@@ -79,7 +78,7 @@ class EvalIndex:
 
     @classmethod
     def build(cls, eval_dirs: list[Path], split: str, n: int) -> EvalIndex:
-        from conretriever.convert import beir_rows
+        from conretriever.sources import beir_rows
 
         index = cls()
         for folder in eval_dirs:
@@ -136,16 +135,13 @@ def decontaminate(settings: DecontamSettings, drop_out: Path | None = None) -> d
     by_side = {"query": 0, "document": 0}
     examples: dict[str, list[dict]] = {k: [] for k in KINDS}
     rows = 0
-    staged: list[tuple[Path, Path]] = []
-    try:
+    with atomic_files() as stage:
         for path in files:
             writer = None
             if drop_out is not None:
                 final = drop_out / path.name if len(files) > 1 else drop_out
                 final.parent.mkdir(parents=True, exist_ok=True)
-                tmp = final.with_name(f".{final.name}.tmp")
-                staged.append((tmp, final))
-                writer = open(tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+                writer = open(stage(final), "w", encoding="utf-8")  # noqa: SIM115 - closed below
             try:
                 with _open_text(path) as handle:
                     for lineno, line in enumerate(handle, 1):
@@ -182,12 +178,6 @@ def decontaminate(settings: DecontamSettings, drop_out: Path | None = None) -> d
             finally:
                 if writer:
                     writer.close()
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, final in staged:
-        os.replace(tmp, final)
     flagged = sum(counts.values())
     return {
         "settings": {

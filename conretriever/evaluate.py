@@ -10,53 +10,51 @@ How e5-mistral was evaluated, and what this module does the same way:
   (``conretriever.tasks.format_document``), so one cached corpus encoding serves every query set.
 * **Search** is exact inner product over unit vectors (``conretriever.search``): the top 1000
   documents per query; for the tasks where MTEB sets ``ignore_identical_ids`` (ArguAna, FEVER,
-  FiQA2018, MSMARCO, QuoraRetrieval) a document whose id equals the query id is then dropped from
-  that query's ranking, as MTEB does.
-* **Metrics** follow MTEB 2.x, which takes them from ``trec_eval`` (via ``pytrec_eval``):
-  rankings are ordered by score, ties by document id descending; gains are the qrels grades;
-  nDCG@k = DCG@k / ideal DCG@k with ``log2(rank + 1)`` discounts; MAP@k and recall@k divide by
-  the number of relevant documents (grade >= 1), not by k; MRR@k is MTEB's own reciprocal rank.
-  Queries without a relevant document are left out. :func:`retrieval_metrics` implements this in
-  numpy (pinned to mteb's own evaluator by a test), so the offline path needs neither mteb nor
-  pytrec_eval: the GPU machines have neither.
+  FiQA2018, MSMARCO, QuoraRetrieval; ``conretriever.beir.IGNORE_IDENTICAL_IDS``) a document whose
+  id equals the query id is then dropped from that query's ranking, as MTEB does.
+* **Metrics** follow MTEB 2.x, which takes them from ``trec_eval``: nDCG@k, MAP@k, recall@k, P@k
+  and MRR@k, averaged over the queries that have a relevant document. ``conretriever.metrics``
+  computes them in numpy (pinned to mteb's own evaluator by a test), so the offline path needs
+  neither mteb nor pytrec_eval: the GPU machines have neither.
 
 Two ways in:
 
-* ``--beir-dir PATH`` (or :func:`evaluate_beir_dir` from Python, e.g. the trainer's before/after
-  check on an in-memory, possibly LoRA-wrapped Embedder): a local BEIR folder (``corpus.jsonl``,
-  ``queries.jsonl``, ``qrels/<split>.tsv``, each optionally ``.gz``) evaluated fully offline. A
-  folder of BEIR folders (CQADupStack's 12 subforums) is one task: the average over them.
-  With ``--engine mteb`` the folder runs as a local ``mteb`` retrieval task instead, and mteb
-  computes the metrics (same numbers, a cross-check).
+* ``--beir-dir PATH`` (or :func:`evaluate_beir_dir` from Python, e.g. on an in-memory, possibly
+  LoRA-wrapped Embedder, as ``benchmarks/quality.py`` does): a local BEIR folder
+  (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``, each optionally ``.gz``; read by
+  ``conretriever.beir``) evaluated fully offline. A folder of BEIR folders (CQADupStack's 12
+  subforums) is one task: the average over them. With ``--engine mteb`` the folder runs as a
+  local ``mteb`` retrieval task instead, and mteb computes the metrics (same numbers, a
+  cross-check).
 * ``--tasks SciFact ArguAna ...`` / presets ``beir15``, ``small``: named MTEB tasks through
-  ``mteb.evaluate`` (mteb downloads the data, so this needs the internet). The model wrapper does
-  its own cached corpus encoding and exact search, so both paths rank identically.
+  ``mteb.evaluate`` (mteb downloads the data, so this needs the internet). The model wrapper
+  (``conretriever.mteb_bridge``) does its own cached corpus encoding and exact search, so both
+  paths rank identically.
 
 Outputs (``--output-dir``): ``<task>.json`` per task, ``summary.md`` (a table with the average)
 and ``settings.json`` (model, fingerprint, instructions, lengths, batch size, seconds per task).
-All JSON is strict (NaN written as null). mteb is imported only inside the functions that use it.
+All JSON is strict (NaN written as null). This module never imports mteb; ``mteb_bridge`` imports
+it only inside the functions that use it.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from conretriever.beir import IGNORE_IDENTICAL_IDS, BeirData, load_beir_dir
+from conretriever.metrics import K_VALUES, MAIN_SCORE, retrieval_metrics
+from conretriever.mteb_bridge import evaluate_with_mteb, local_mteb_task, mteb_tasks
 from conretriever.search import encode_corpus, encode_sharded, exact_search, model_fingerprint
-from conretriever.tasks import BEIR_DIR_TO_TASK, eval_instruction, format_document, query_prefix
-
-# mteb's retrieval cut-offs (AbsTaskRetrieval.k_values); 1000 is also the search depth.
-K_VALUES = (1, 3, 5, 10, 20, 100, 1000)
-MAIN_SCORE = "ndcg_at_10"
+from conretriever.tasks import eval_instruction, query_prefix
 
 # The BEIR-15 set e5-mistral reported (MTEB names) and a quick subset of small corpora.
 BEIR15 = (
@@ -64,10 +62,6 @@ BEIR15 = (
     "NQ QuoraRetrieval SCIDOCS SciFact Touche2020 TRECCOVID"
 ).split()
 PRESETS = {"beir15": BEIR15, "small": ["SciFact", "NFCorpus", "ArguAna", "SCIDOCS", "FiQA2018"]}
-# Tasks whose mteb 2.26 class sets ignore_identical_ids (a test checks this against mteb).
-IGNORE_IDENTICAL_IDS = frozenset({"ArguAna", "FEVER", "FiQA2018", "MSMARCO", "QuoraRetrieval"})
-# Tasks evaluated on another split than "test" (MS MARCO has public dev qrels only).
-DEFAULT_SPLIT = {"MSMARCO": "dev"}
 
 
 @dataclass
@@ -81,167 +75,13 @@ class EvalSettings:
     cache_dir: str | None = None  # corpus embedding cache; None disables it
     top_k: int = max(K_VALUES)
     max_queries: int | None = None  # evaluate only the first N queries (quick checks)
-    split: str | None = None  # None: "test" (or DEFAULT_SPLIT)
+    split: str | None = None  # None: "test" (or beir.DEFAULT_SPLIT)
     show_progress: bool = True
-
-
-@dataclass
-class BeirData:
-    """One BEIR folder in memory. ``qrels``: query id -> {doc id: grade}."""
-
-    name: str
-    corpus_ids: list[str]
-    corpus_texts: list[str]  # title + text, ready to encode as passages
-    queries: dict[str, str]
-    qrels: dict[str, dict[str, int]]
-    split: str = "test"
-    source: str = ""
-    subsets: list[BeirData] = field(default_factory=list)  # CQADupStack-style folder of folders
 
 
 def default_cache_dir() -> Path:
     root = os.environ.get("CONRETRIEVER_CACHE") or Path.home() / ".cache" / "conretriever"
     return Path(root) / "embeddings"
-
-
-def task_name_for_dir(path: str | Path) -> str:
-    """MTEB name for a BEIR folder name (``scifact`` -> ``SciFact``), else the folder name."""
-    name = Path(path).name
-    return BEIR_DIR_TO_TASK.get(name.lower(), name)
-
-
-# ----- reading BEIR folders -----------------------------------------------------------------------
-def _find(folder: Path, relative: str) -> Path:
-    for candidate in (folder / relative, folder / f"{relative}.gz"):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(f"{folder}: missing {relative} (or {relative}.gz)")
-
-
-def _lines(path: Path):
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        yield from enumerate(handle, 1)
-
-
-def _read_jsonl(path: Path, need_title: bool) -> list[tuple[str, str, str]]:
-    """(id, title, text) rows; a bad line is reported as ``file:line`` (``:field``)."""
-    rows = []
-    for lineno, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: invalid JSON: {err}") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object")
-        for key in ("_id", "text"):
-            if key not in obj or obj[key] is None:
-                raise ValueError(f"{path}:{lineno}:{key}: missing required field {key!r}")
-        title = obj.get("title") or "" if need_title else ""
-        rows.append((str(obj["_id"]), str(title), str(obj["text"])))
-    return rows
-
-
-def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
-    """BEIR qrels: ``query-id<TAB>corpus-id<TAB>score`` (header optional); TREC's 4-column
-    ``qid 0 docid grade`` is accepted too."""
-    qrels: dict[str, dict[str, int]] = {}
-    for lineno, line in _lines(path):
-        parts = line.rstrip("\n").split("\t") if "\t" in line else line.split()
-        if not parts or parts == [""]:
-            continue
-        if lineno == 1 and parts[0].lower() in ("query-id", "query_id", "qid"):
-            continue
-        if len(parts) == 4:
-            parts = [parts[0], parts[2], parts[3]]
-        try:
-            if len(parts) != 3:
-                raise ValueError
-            qid, docid, grade = parts[0].strip(), parts[1].strip(), int(float(parts[2]))
-        except ValueError:
-            raise ValueError(
-                f"{path}:{lineno}: malformed qrels line {line.rstrip()!r}; "
-                "expected query-id<TAB>corpus-id<TAB>integer score"
-            ) from None
-        qrels.setdefault(qid, {})[docid] = grade
-    return qrels
-
-
-def load_beir_dir(path: str | Path, split: str | None = None) -> BeirData:
-    """Read a BEIR folder, or a folder whose subfolders are BEIR folders (CQADupStack)."""
-    folder = Path(path)
-    name = task_name_for_dir(folder)
-    split = split or DEFAULT_SPLIT.get(name, "test")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a directory")
-    has_corpus = any((folder / f).exists() for f in ("corpus.jsonl", "corpus.jsonl.gz"))
-    if not has_corpus:
-        subs = sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("corpus.jsonl*")))
-        if not subs:
-            raise FileNotFoundError(f"{folder}: no corpus.jsonl here or in any subfolder")
-        subsets = [load_beir_dir(p, split) for p in subs]
-        return BeirData(name, [], [], {}, {}, split, str(folder), subsets)
-    corpus = _read_jsonl(_find(folder, "corpus.jsonl"), need_title=True)
-    queries = {qid: text for qid, _, text in _read_jsonl(_find(folder, "queries.jsonl"), False)}
-    qrels = _read_qrels(_find(folder, f"qrels/{split}.tsv"))
-    return BeirData(
-        name,
-        [doc_id for doc_id, _, _ in corpus],
-        [format_document(text, title or None) for _, title, text in corpus],
-        queries,
-        qrels,
-        split,
-        str(folder),
-    )
-
-
-# ----- metrics ----------------------------------------------------------------------------------
-def retrieval_metrics(
-    qrels: dict[str, dict[str, int]],
-    run: dict[str, dict[str, float]],
-    k_values: tuple[int, ...] = K_VALUES,
-) -> dict[str, float]:
-    """MTEB/trec_eval retrieval metrics averaged over queries (see the module docstring).
-
-    ``run``: query id -> {doc id: score}. Averages over queries that have a relevant document and
-    a non-empty ranking (trec_eval scores only queries present in both). Keys: ``ndcg_at_k``,
-    ``map_at_k``, ``recall_at_k``, ``precision_at_k``, ``mrr_at_k``, plus ``n_queries``.
-    """
-    sums = {
-        f"{m}_at_{k}": 0.0 for m in ("ndcg", "map", "recall", "precision", "mrr") for k in k_values
-    }
-    n = 0
-    top = max(k_values)
-    for qid, ranking in run.items():
-        grades = qrels.get(qid, {})
-        n_rel = sum(1 for g in grades.values() if g >= 1)
-        if n_rel == 0 or not ranking:
-            continue
-        n += 1
-        # trec_eval order: score descending, then doc id descending.
-        ranked = sorted(ranking.items(), key=lambda item: (item[1], item[0]), reverse=True)[:top]
-        gains = np.array([max(grades.get(doc, 0), 0) for doc, _ in ranked], dtype=np.float64)
-        hits = gains >= 1
-        discounts = 1.0 / np.log2(np.arange(2, len(gains) + 2))
-        ideal = np.sort(np.array([g for g in grades.values() if g > 0], dtype=np.float64))[::-1]
-        ideal_discounts = 1.0 / np.log2(np.arange(2, len(ideal) + 2))
-        hit_ranks = np.flatnonzero(hits)
-        precision_at_hits = np.cumsum(hits)[hit_ranks] / (hit_ranks + 1)
-        for k in k_values:
-            dcg = float((gains[:k] * discounts[:k]).sum())
-            idcg = float((ideal[:k] * ideal_discounts[:k]).sum())
-            n_hits = int(hits[:k].sum())
-            sums[f"ndcg_at_{k}"] += dcg / idcg if idcg > 0 else 0.0
-            sums[f"map_at_{k}"] += float(precision_at_hits[hit_ranks < k].sum()) / n_rel
-            sums[f"recall_at_{k}"] += n_hits / n_rel
-            sums[f"precision_at_{k}"] += n_hits / k
-            first = hit_ranks[0] if len(hit_ranks) else None
-            sums[f"mrr_at_{k}"] += 1.0 / (first + 1) if first is not None and first < k else 0.0
-    metrics = {key: (value / n if n else float("nan")) for key, value in sums.items()}
-    metrics["n_queries"] = n
-    return metrics
 
 
 # ----- the offline path -------------------------------------------------------------------------
@@ -356,173 +196,6 @@ def _evaluate_data(embedder, data: BeirData, settings: EvalSettings) -> dict:
     if data.subsets:
         result["subsets"] = per_part
     return result
-
-
-# ----- the mteb path ----------------------------------------------------------------------------
-def mteb_model(embedder, settings: EvalSettings, name: str = "conretriever/model"):
-    """An mteb model for ``embedder``: an ``AbsEncoder`` (``prompt_type`` tells query from
-    document) that also implements mteb's search protocol (``index``/``search``) with our cached
-    corpus encoding and exact search, so mteb tasks rank exactly as :func:`search_run` does."""
-    from mteb.models.abs_encoder import AbsEncoder
-    from mteb.models.model_meta import ModelMeta, ScoringFunction
-    from mteb.types import PromptType
-
-    def instruction_for(task_metadata) -> str:
-        if settings.instruction is not None:
-            return settings.instruction
-        return eval_instruction(task_metadata.name)
-
-    class ConRetrieverMteb(AbsEncoder):
-        def __init__(self):
-            self.mteb_model_meta = ModelMeta.create_empty(
-                overwrites={
-                    "name": name,
-                    "similarity_fn_name": ScoringFunction.COSINE,
-                    "embed_dim": getattr(embedder, "dim", None),
-                }
-            )
-            self.corpus_ids: list[str] = []
-            self.doc_emb: np.ndarray | None = None
-
-        def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kw):
-            texts = [t for batch in inputs for t in batch["text"]]
-            is_query = prompt_type == PromptType.query
-            return encode_sharded(
-                embedder,
-                texts,
-                role="query" if is_query else "passage",
-                instruction=instruction_for(task_metadata) if is_query else None,
-                batch_size=settings.batch_size,
-                max_length=settings.query_max_length if is_query else settings.doc_max_length,
-                show_progress=settings.show_progress,
-            )
-
-        def index(self, corpus, *, task_metadata, hf_split, hf_subset, **kw) -> None:
-            titles = corpus["title"] if "title" in corpus.column_names else [None] * len(corpus)
-            texts = [
-                format_document(t, title or None)
-                for t, title in zip(corpus["text"], titles, strict=True)
-            ]
-            self.corpus_ids = [str(i) for i in corpus["id"]]
-            self.doc_emb = encode_corpus(
-                embedder,
-                texts,
-                batch_size=settings.batch_size,
-                max_length=settings.doc_max_length,
-                cache_dir=settings.cache_dir,
-                show_progress=settings.show_progress,
-            )
-
-        def search(self, queries, *, task_metadata, hf_split, hf_subset, top_k, **kw):
-            query_emb = encode_sharded(
-                embedder,
-                list(queries["text"]),
-                role="query",
-                instruction=instruction_for(task_metadata),
-                batch_size=settings.batch_size,
-                max_length=settings.query_max_length,
-                show_progress=settings.show_progress,
-            )
-            scores, indices = exact_search(query_emb, self.doc_emb, top_k)
-            return {
-                str(qid): {self.corpus_ids[i]: float(s) for s, i in zip(srow, irow, strict=True)}
-                for qid, srow, irow in zip(queries["id"], scores, indices, strict=True)
-            }
-
-    return ConRetrieverMteb()
-
-
-def local_mteb_task(data: BeirData):
-    """A BEIR folder as an offline ``mteb`` retrieval task (no download, no hub)."""
-    from datasets import Dataset
-    from mteb.abstasks.retrieval import AbsTaskRetrieval
-    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
-    from mteb.abstasks.task_metadata import TaskMetadata
-
-    if data.subsets:
-        raise ValueError(f"{data.source}: use the native engine for a folder of BEIR folders")
-    metadata = TaskMetadata(
-        name=data.name,
-        dataset={"path": data.source, "revision": "local"},
-        description=f"local BEIR folder {data.source}",
-        reference=None,
-        type="Retrieval",
-        category="t2t",
-        modalities=["text"],
-        eval_splits=[data.split],
-        eval_langs=["eng-Latn"],
-        main_score=MAIN_SCORE,
-        date=None,
-        domains=None,
-        task_subtypes=None,
-        license=None,
-        annotations_creators=None,
-        dialect=None,
-        sample_creation=None,
-        bibtex_citation=None,
-    )
-
-    class LocalBeirTask(AbsTaskRetrieval):
-        ignore_identical_ids = data.name in IGNORE_IDENTICAL_IDS
-
-        def load_data(self, **kwargs) -> None:
-            corpus = Dataset.from_dict(
-                {
-                    "id": data.corpus_ids,
-                    "text": data.corpus_texts,
-                    "title": [""] * len(data.corpus_ids),
-                }
-            )
-            qids = list(data.queries)
-            queries = Dataset.from_dict({"id": qids, "text": [data.queries[q] for q in qids]})
-            split = RetrievalSplitData(
-                corpus=corpus, queries=queries, relevant_docs=data.qrels, top_ranked=None
-            )
-            self.dataset = {"default": {data.split: split}}
-            self.data_loaded = True
-
-    LocalBeirTask.metadata = metadata
-    return LocalBeirTask()
-
-
-def evaluate_with_mteb(
-    embedder, tasks: list, settings: EvalSettings, model_name: str
-) -> list[dict]:
-    """Run mteb tasks (named or :func:`local_mteb_task`) -> one result dict per task."""
-    import mteb
-
-    results = []
-    for task in tasks:
-        start = time.perf_counter()
-        model = mteb_model(embedder, settings, model_name)
-        out = mteb.evaluate(
-            model,
-            [task],
-            cache=None,
-            encode_kwargs={"batch_size": settings.batch_size},
-            show_progress_bar=settings.show_progress,
-        )
-        task_result = out.task_results[0]
-        split = next(iter(task_result.scores))
-        scores = dict(task_result.scores[split][0])
-        metrics = {k: v for k, v in scores.items() if isinstance(v, int | float)}
-        metrics["instruction"] = (
-            settings.instruction
-            if settings.instruction is not None
-            else eval_instruction(task.metadata.name)
-        )
-        metrics["seconds"] = round(time.perf_counter() - start, 2)
-        results.append(
-            {
-                "task": task.metadata.name,
-                "source": "mteb",
-                "split": split,
-                "engine": "mteb",
-                "main_score": task.metadata.main_score,
-                "metrics": metrics,
-            }
-        )
-    return results
 
 
 def expand_tasks(names: list[str]) -> list[str]:
@@ -656,10 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     folders = [load_beir_dir(p, args.split) for p in args.beir_dir]
     named = []
     if args.tasks:
-        import mteb
-
         try:
-            named = [mteb.get_task(name) for name in expand_tasks(args.tasks)]
+            named = mteb_tasks(expand_tasks(args.tasks))
         except KeyError as err:
             parser.error(f"--tasks: {err.args[0]}")
     embedder = Embedder.from_pretrained(args.model, dtype=args.dtype, device=device)

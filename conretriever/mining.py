@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -42,7 +41,14 @@ from pathlib import Path
 
 import numpy as np
 
-from conretriever.data import DataError, Example, _open_text, read_task_file, task_name
+from conretriever.data import (
+    DataError,
+    Example,
+    _open_text,
+    atomic_files,
+    read_task_file,
+    task_name,
+)
 from conretriever.decontam import normalize_text
 from conretriever.tasks import TaskRegistry
 
@@ -207,10 +213,9 @@ def mine(settings: MineSettings, embedder=None, registry: TaskRegistry | None = 
     timer = time.perf_counter()
     normalized = [normalize_text(t) for t in corpus]
     bands = dict.fromkeys(NEAR_THRESHOLD_BANDS, 0)
-    tmp = settings.out.with_name(f".{settings.out.name}.tmp")
     settings.out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_files() as stage:
+        with open(stage(settings.out), "w", encoding="utf-8") as handle:
             for i, ex in enumerate(tqdm(examples, desc="mine", disable=not settings.show_progress)):
                 blocked = {normalize_text(p) for p in ex.positives} | {normalize_text(ex.query)}
                 pos_emb = np.stack(
@@ -248,9 +253,6 @@ def mine(settings: MineSettings, embedder=None, registry: TaskRegistry | None = 
                 report.negatives_written += len(chosen)
                 report.rows_short += int(len(chosen) < settings.n_negatives)
                 report.per_row[len(chosen)] = report.per_row.get(len(chosen), 0) + 1
-        os.replace(tmp, settings.out)
-    finally:
-        tmp.unlink(missing_ok=True)
     report.near_cosine_counts = {f">={b}": n for b, n in bands.items()}
     report.per_row = dict(sorted(report.per_row.items()))
     report.seconds["select_and_write"] = round(time.perf_counter() - timer, 2)

@@ -265,3 +265,32 @@ def test_tsv_layout_flag(tmp_path, layout):
     assert read_rows(tmp_path / "o" / "d.jsonl") == [
         {"query": "a", "positive": ["b"], "negative": ["c"]}
     ]
+
+
+def test_no_arguments_converts_the_embedded_example(tmp_path):
+    """`python hf_to_training_data.py` alone converts the shipped hub-layout sample offline; its
+    configs use FlagEmbedding column names and must give back the demo rows they were made from
+    (the last 40 of each training_data/demo file), and the trainer's loader accepts the result."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "hf_to_training_data.py")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "embedded example dataset" in proc.stdout
+    out = tmp_path / "outputs" / "hf_demo_converted"
+    assert sorted(p.name for p in out.iterdir()) == ["demo.jsonl", "synthetic.jsonl"]
+    for task in ("demo", "synthetic"):
+        expected = read_rows(REPO / "training_data" / "demo" / f"{task}.jsonl")[-40:]
+        assert read_rows(out / f"{task}.jsonl") == expected
+    data = load_training_data(out, TaskRegistry.load())
+    assert {t: len(v) for t, v in data.items()} == {"demo": 40, "synthetic": 40}
+
+
+def test_one_of_dataset_and_out_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dataset", "x.jsonl"])
+    assert exit_info.value.code == 2
+    assert "--dataset and --out" in capsys.readouterr().err

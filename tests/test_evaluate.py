@@ -1,6 +1,7 @@
-"""evaluate.py on tiny BEIR folders written here: prompts (instruction on queries only), metrics
-against hand-computed rankings and against mteb's own evaluator, the corpus cache, self-match
-dropping, CQADupStack averaging, named errors, the CLI outputs and scripts/eval_mteb_beir.sh."""
+"""evaluate.py, beir.py, metrics.py and mteb_bridge.py on tiny BEIR folders written here: prompts
+(instruction on queries only), metrics against hand-computed rankings and against mteb's own
+evaluator, the corpus cache, self-match dropping, CQADupStack averaging, named errors, the CLI
+outputs and scripts/eval_mteb_beir.sh."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import torch
 from torch import nn
 
 from conretriever import evaluate as ev
+from conretriever.beir import DEFAULT_SPLIT, IGNORE_IDENTICAL_IDS, load_beir_dir
+from conretriever.metrics import retrieval_metrics
+from conretriever.mteb_bridge import evaluate_with_mteb, local_mteb_task
 from conretriever.tasks import EVAL_INSTRUCTIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,9 +120,9 @@ def test_metrics_equal_hand_computed_ranking(fixed_folder):
 def test_mteb_engine_gives_the_same_numbers(fixed_folder):
     pytest.importorskip("mteb")
     model = FixedEmbedder(VECTORS)
-    data = ev.load_beir_dir(fixed_folder)
+    data = load_beir_dir(fixed_folder)
     settings = ev.EvalSettings(show_progress=False)
-    (result,) = ev.evaluate_with_mteb(model, [ev.local_mteb_task(data)], settings, "fixed")
+    (result,) = evaluate_with_mteb(model, [local_mteb_task(data)], settings, "fixed")
     native = ev.evaluate_beir_dir(model, fixed_folder, show_progress=False)
     for key in ("ndcg_at_10", "ndcg_at_1", "map_at_10", "recall_at_10", "mrr_at_10"):
         assert result["metrics"][key] == pytest.approx(native[key], abs=1e-5), key
@@ -137,7 +141,7 @@ def test_retrieval_metrics_match_mteb_evaluator_on_random_runs():
         run[f"q{q}"] = {d: float(rng.integers(0, 20)) / 4 for d in docs[5:]}  # many ties
     run = {q: r for q, r in run.items() if any(g >= 1 for g in qrels[q].values())}
     k_values = [1, 3, 5, 10, 20, 100]
-    ours = ev.retrieval_metrics(qrels, run, tuple(k_values))
+    ours = retrieval_metrics(qrels, run, tuple(k_values))
     theirs = mteb_metrics.calculate_retrieval_scores(run, qrels, k_values)
     for k in k_values:
         assert ours[f"ndcg_at_{k}"] == pytest.approx(theirs.ndcg[f"NDCG@{k}"], abs=1e-5)
@@ -234,19 +238,19 @@ def test_malformed_inputs_are_named(tmp_path):
     qrels = folder / "qrels" / "test.tsv"
     qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td3\n")
     with pytest.raises(ValueError, match=rf"{qrels}:3: malformed qrels line"):
-        ev.load_beir_dir(folder)
+        load_beir_dir(folder)
     qrels.write_text("q1\td1\tone\n")
     with pytest.raises(ValueError, match=rf"{qrels}:1:"):
-        ev.load_beir_dir(folder)
+        load_beir_dir(folder)
     qrels.write_text("q1\td1\t1\n")
     corpus = folder / "corpus.jsonl"
     corpus.write_text('{"_id": "a", "text": "x"}\n{"_id": "b", "title": "t"}\n')
     with pytest.raises(ValueError, match=rf"{corpus}:2:text: missing"):
-        ev.load_beir_dir(folder)
+        load_beir_dir(folder)
     corpus.write_text('{"_id": "a", "text": "x"}\n')
     (folder / "queries.jsonl").write_text('{"text": "no id"}\n')
     with pytest.raises(ValueError, match=r"queries.jsonl:1:_id: missing"):
-        ev.load_beir_dir(folder)
+        load_beir_dir(folder)
 
 
 def test_presets_resolve_to_mteb_tasks_with_matching_self_match_rule():
@@ -257,8 +261,8 @@ def test_presets_resolve_to_mteb_tasks_with_matching_self_match_rule():
         assert name in EVAL_INSTRUCTIONS
         task = mteb.get_task(name)  # metadata only: no download
         if name != "CQADupstackRetrieval":  # an aggregate of 12 subforum tasks
-            assert task.ignore_identical_ids == (name in ev.IGNORE_IDENTICAL_IDS), name
-            assert task.metadata.eval_splits[0] == ev.DEFAULT_SPLIT.get(name, "test")
+            assert task.ignore_identical_ids == (name in IGNORE_IDENTICAL_IDS), name
+            assert task.metadata.eval_splits[0] == DEFAULT_SPLIT.get(name, "test")
 
 
 def test_strict_json_replaces_nan():

@@ -1,0 +1,214 @@
+"""MTEB bridge: run mteb 2.x retrieval tasks on an Embedder, ranking exactly as the native path.
+
+``conretriever eval --tasks NAME`` (and ``--engine mteb`` on a local folder) hand the scoring to
+``mteb.evaluate``. Three pieces make mteb's numbers comparable with our own
+(``conretriever.evaluate``, metrics from ``conretriever.metrics``):
+
+1. :func:`mteb_model` wraps the Embedder as an mteb ``AbsEncoder`` that also implements mteb's
+   search protocol (``index`` the corpus, then ``search`` queries). Indexing goes through our
+   cached, sharded corpus encoding and searching through our exact inner-product search
+   (``conretriever.search``), so mteb ranks the same documents in the same order as
+   :func:`conretriever.evaluate.search_run`, and the corpus cache serves both paths.
+   Queries get the task's e5 instruction (``conretriever.tasks.eval_instruction``, or
+   ``EvalSettings.instruction``); documents get none.
+2. :func:`local_mteb_task` turns a :class:`~conretriever.beir.BeirData` into an offline mteb
+   retrieval task (no download, no hub), with MTEB's self-match rule for the task
+   (``IGNORE_IDENTICAL_IDS``). Running a local folder both ways is the cross-check that our
+   numpy metrics equal mteb's.
+3. :func:`evaluate_with_mteb` runs the tasks one at a time (mteb's result cache off) and returns
+   the same result dicts as the native path: ``task``, ``split``, ``engine``, ``main_score`` and
+   ``metrics`` (every numeric score mteb reports, plus ``instruction`` and ``seconds``). Named
+   tasks come from :func:`mteb_tasks`.
+
+mteb (and ``datasets``) are imported only inside these functions: the package, the trainer and
+the offline evaluation import without them, and the GPU machines do not have them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from conretriever.beir import IGNORE_IDENTICAL_IDS, BeirData
+from conretriever.metrics import MAIN_SCORE
+from conretriever.search import encode_corpus, encode_sharded, exact_search
+from conretriever.tasks import eval_instruction, format_document
+
+if TYPE_CHECKING:  # evaluate.py imports this module; the settings type is only an annotation
+    from conretriever.evaluate import EvalSettings
+
+
+def mteb_model(embedder, settings: EvalSettings, name: str = "conretriever/model"):
+    """An mteb model for ``embedder``: an ``AbsEncoder`` (``prompt_type`` tells query from
+    document) that also implements mteb's search protocol (``index``/``search``) with our cached
+    corpus encoding and exact search, so mteb tasks rank exactly as :func:`search_run` does."""
+    from mteb.models.abs_encoder import AbsEncoder
+    from mteb.models.model_meta import ModelMeta, ScoringFunction
+    from mteb.types import PromptType
+
+    def instruction_for(task_metadata) -> str:
+        if settings.instruction is not None:
+            return settings.instruction
+        return eval_instruction(task_metadata.name)
+
+    class ConRetrieverMteb(AbsEncoder):
+        def __init__(self):
+            self.mteb_model_meta = ModelMeta.create_empty(
+                overwrites={
+                    "name": name,
+                    "similarity_fn_name": ScoringFunction.COSINE,
+                    "embed_dim": getattr(embedder, "dim", None),
+                }
+            )
+            self.corpus_ids: list[str] = []
+            self.doc_emb: np.ndarray | None = None
+
+        def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kw):
+            texts = [t for batch in inputs for t in batch["text"]]
+            is_query = prompt_type == PromptType.query
+            return encode_sharded(
+                embedder,
+                texts,
+                role="query" if is_query else "passage",
+                instruction=instruction_for(task_metadata) if is_query else None,
+                batch_size=settings.batch_size,
+                max_length=settings.query_max_length if is_query else settings.doc_max_length,
+                show_progress=settings.show_progress,
+            )
+
+        def index(self, corpus, *, task_metadata, hf_split, hf_subset, **kw) -> None:
+            titles = corpus["title"] if "title" in corpus.column_names else [None] * len(corpus)
+            texts = [
+                format_document(t, title or None)
+                for t, title in zip(corpus["text"], titles, strict=True)
+            ]
+            self.corpus_ids = [str(i) for i in corpus["id"]]
+            self.doc_emb = encode_corpus(
+                embedder,
+                texts,
+                batch_size=settings.batch_size,
+                max_length=settings.doc_max_length,
+                cache_dir=settings.cache_dir,
+                show_progress=settings.show_progress,
+            )
+
+        def search(self, queries, *, task_metadata, hf_split, hf_subset, top_k, **kw):
+            query_emb = encode_sharded(
+                embedder,
+                list(queries["text"]),
+                role="query",
+                instruction=instruction_for(task_metadata),
+                batch_size=settings.batch_size,
+                max_length=settings.query_max_length,
+                show_progress=settings.show_progress,
+            )
+            scores, indices = exact_search(query_emb, self.doc_emb, top_k)
+            return {
+                str(qid): {self.corpus_ids[i]: float(s) for s, i in zip(srow, irow, strict=True)}
+                for qid, srow, irow in zip(queries["id"], scores, indices, strict=True)
+            }
+
+    return ConRetrieverMteb()
+
+
+def local_mteb_task(data: BeirData):
+    """A BEIR folder as an offline ``mteb`` retrieval task (no download, no hub)."""
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    if data.subsets:
+        raise ValueError(f"{data.source}: use the native engine for a folder of BEIR folders")
+    metadata = TaskMetadata(
+        name=data.name,
+        dataset={"path": data.source, "revision": "local"},
+        description=f"local BEIR folder {data.source}",
+        reference=None,
+        type="Retrieval",
+        category="t2t",
+        modalities=["text"],
+        eval_splits=[data.split],
+        eval_langs=["eng-Latn"],
+        main_score=MAIN_SCORE,
+        date=None,
+        domains=None,
+        task_subtypes=None,
+        license=None,
+        annotations_creators=None,
+        dialect=None,
+        sample_creation=None,
+        bibtex_citation=None,
+    )
+
+    class LocalBeirTask(AbsTaskRetrieval):
+        ignore_identical_ids = data.name in IGNORE_IDENTICAL_IDS
+
+        def load_data(self, **kwargs) -> None:
+            corpus = Dataset.from_dict(
+                {
+                    "id": data.corpus_ids,
+                    "text": data.corpus_texts,
+                    "title": [""] * len(data.corpus_ids),
+                }
+            )
+            qids = list(data.queries)
+            queries = Dataset.from_dict({"id": qids, "text": [data.queries[q] for q in qids]})
+            split = RetrievalSplitData(
+                corpus=corpus, queries=queries, relevant_docs=data.qrels, top_ranked=None
+            )
+            self.dataset = {"default": {data.split: split}}
+            self.data_loaded = True
+
+    LocalBeirTask.metadata = metadata
+    return LocalBeirTask()
+
+
+def evaluate_with_mteb(
+    embedder, tasks: list, settings: EvalSettings, model_name: str
+) -> list[dict]:
+    """Run mteb tasks (named or :func:`local_mteb_task`) -> one result dict per task."""
+    import mteb
+
+    results = []
+    for task in tasks:
+        start = time.perf_counter()
+        model = mteb_model(embedder, settings, model_name)
+        out = mteb.evaluate(
+            model,
+            [task],
+            cache=None,
+            encode_kwargs={"batch_size": settings.batch_size},
+            show_progress_bar=settings.show_progress,
+        )
+        task_result = out.task_results[0]
+        split = next(iter(task_result.scores))
+        scores = dict(task_result.scores[split][0])
+        metrics = {k: v for k, v in scores.items() if isinstance(v, int | float)}
+        metrics["instruction"] = (
+            settings.instruction
+            if settings.instruction is not None
+            else eval_instruction(task.metadata.name)
+        )
+        metrics["seconds"] = round(time.perf_counter() - start, 2)
+        results.append(
+            {
+                "task": task.metadata.name,
+                "source": "mteb",
+                "split": split,
+                "engine": "mteb",
+                "main_score": task.metadata.main_score,
+                "metrics": metrics,
+            }
+        )
+    return results
+
+
+def mteb_tasks(names: list[str]) -> list:
+    """mteb task objects for MTEB task names; metadata only, the data downloads when a task runs.
+    An unknown name raises ``KeyError`` (the CLI reports it before loading the model)."""
+    import mteb
+
+    return [mteb.get_task(name) for name in names]
