@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "conretriever.synth.generate:convert_main",
         "synthetic examples -> training JSONL",
     ),
+    "serve-llm": (
+        "conretriever.synth.local_llm:main",
+        "OpenAI-compatible chat server for a local model (synthetic data offline)",
+    ),
     "compare": ("conretriever.report:compare_main", "side-by-side table of eval output folders"),
     "convert": ("conretriever.convert:main", "Hugging Face / BEIR datasets -> training JSONL"),
     "mine": ("conretriever.mining:main", "mine hard negatives with any Embedder"),

@@ -112,6 +112,12 @@ class Usage:
         }
 
 
+def is_model_spec(base_url: str) -> bool:
+    """A ``--base-url`` that names a local model (``embedded:gemma-3-270m``, a folder) instead of
+    an ``http(s)://`` endpoint: the client serves it itself (``conretriever.synth.local_llm``)."""
+    return not base_url.startswith(("http://", "https://"))
+
+
 def is_local(base_url: str) -> bool:
     host = urlparse(base_url).hostname or ""
     return host in LOCAL_HOSTS or host.startswith("127.")
@@ -160,11 +166,19 @@ class LLMClient:
         import openai  # lazy: importing the synth package must stay cheap
 
         self.settings = settings
-        self._key = resolve_api_key(settings)
+        base_url = settings.base_url
+        self.local_server = None
+        if is_model_spec(base_url):  # e.g. embedded:gemma-3-270m: serve it here, over HTTP
+            from conretriever.synth.local_llm import start_server
+
+            log.info("starting a local OpenAI-compatible server for %s", base_url)
+            self.local_server = start_server(base_url)
+            base_url = self.local_server.url
+        self._key = resolve_api_key(settings) if self.local_server is None else LOCAL_DUMMY_KEY
         self._openai = openai
         self._client = openai.OpenAI(
             api_key=self._key,
-            base_url=settings.base_url,
+            base_url=base_url,
             timeout=settings.timeout,
             max_retries=0,  # our retry loop is the only one
         )
@@ -277,7 +291,12 @@ class LLMClient:
 def add_client_args(p: argparse.ArgumentParser, defaults: ClientSettings) -> None:
     d = defaults
     g = p.add_argument_group("endpoint (key from $OPENAI_API_KEY, never logged)")
-    g.add_argument("--base-url", default=d.base_url, help="OpenAI-compatible /v1 URL")
+    g.add_argument(
+        "--base-url",
+        default=d.base_url,
+        help="OpenAI-compatible /v1 URL, or a local model spec (e.g. embedded:gemma-3-270m) "
+        "to serve in-process on a loopback port",
+    )
     g.add_argument("--model", default=d.model)
     g.add_argument("--concurrency", type=int, default=d.concurrency)
     g.add_argument("--max-retries", type=int, default=d.max_retries)

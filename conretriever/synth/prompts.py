@@ -182,11 +182,14 @@ def sample_attributes(task: Task, rng: random.Random, languages: dict[str, float
 
 
 def reply_schema(family: str | None) -> dict:
-    """JSON schema of a reply: step 2's three string fields, or step 1's task list (None)."""
+    """JSON schema of a reply: step 2's three string fields, or step 1's task list (None).
+    ``minLength`` / ``minItems`` state what the validators accept (a task is a sentence), which
+    schema-following servers (llama.cpp, our local server) then respect."""
     if family is None:
-        props = {"tasks": {"type": "array", "items": {"type": "string"}}}
+        item = {"type": "string", "minLength": 24}
+        props = {"tasks": {"type": "array", "items": item, "minItems": 2}}
     else:
-        props = {name: {"type": "string"} for name in FIELDS[family]}
+        props = {name: {"type": "string", "minLength": 2} for name in FIELDS[family]}
     return {"type": "object", "properties": props, "required": list(props)}
 
 
