@@ -64,7 +64,7 @@ from encode_throughput import (  # noqa: E402
 
 from conretriever.grad_cache import RandState, grad_cache_step  # noqa: E402
 from conretriever.loss import contrastive_loss  # noqa: E402
-from conretriever.modeling import LoraSettings  # noqa: E402
+from conretriever.modeling import LoraSettings, set_activation_checkpointing  # noqa: E402
 
 QUERY_TOKENS, DOC_TOKENS = 64, 256  # the E5-Mistral training lengths behind REFERENCES.md
 TEMPERATURE = 0.02  # e5-mistral's tau; any value costs the same
@@ -140,17 +140,7 @@ def extrapolate_max_batch(peaks: list[tuple[int, float]], device: torch.device) 
 
 
 def set_checkpointing(embedder, on: bool) -> None:
-    """Activation checkpointing on/off (transformers 5.2x names it ``activation_...``; the GPU
-    machine's 5.17 may only know the old ``gradient_...`` names)."""
-    base = embedder.base_model
-    kwargs = {"use_reentrant": False}  # the form that works with frozen inputs (LoRA)
-    if on and hasattr(base, "activation_checkpointing_enable"):
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif on:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        disable = getattr(base, "activation_checkpointing_disable", None)
-        (disable or base.gradient_checkpointing_disable)()
+    set_activation_checkpointing(embedder.base_model, on)
 
 
 def main(argv: list[str] | None = None) -> int:

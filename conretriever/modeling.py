@@ -215,9 +215,7 @@ class Embedder(nn.Module):
         backbone = AutoModel.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if gradient_checkpointing:
-            backbone.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            set_activation_checkpointing(backbone, True)
         if hasattr(backbone.config, "use_cache"):
             backbone.config.use_cache = False  # no KV cache: we never generate
         if lora is not None:
@@ -486,6 +484,30 @@ def _pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
         input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
     return input_ids, mask
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation (gradient) checkpointing of a transformers model on or off. transformers 5.2x
+    names it ``activation_checkpointing_*`` and deprecates the ``gradient_checkpointing_*``
+    names that earlier 5.x releases (e.g. 5.17 on our GPU machines) only have. Non-reentrant:
+    the form that works when the inputs need no gradient (frozen embeddings under LoRA)."""
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None)
+        (disable or model.gradient_checkpointing_disable)()
+
+
+def is_activation_checkpointing(model: nn.Module) -> bool:
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    name = "is_activation_checkpointing" if flag is not None else "is_gradient_checkpointing"
+    return bool(getattr(model, name))
 
 
 def apply_lora(backbone: nn.Module, lora: LoraSettings | dict) -> nn.Module:

@@ -15,7 +15,7 @@ from conretriever.grad_cache import (
     split_to_count,
 )
 from conretriever.loss import contrastive_loss
-from conretriever.modeling import Embedder, LoraSettings
+from conretriever.modeling import Embedder, LoraSettings, is_activation_checkpointing
 
 QUERIES = [f"query number {i} about {w}" for i, w in enumerate("abcdefgh")]
 DOCS = [f"document {i} talks about {w} at length" for i, w in enumerate("abcdefgh")]
@@ -134,7 +134,7 @@ def test_grad_cache_with_activation_checkpointing_and_dropout(tiny_decoder):
                 if "lora_B" in name:
                     p.normal_(0, 0.1)
         emb.train()
-        assert emb.base_model.is_gradient_checkpointing == checkpointing
+        assert is_activation_checkpointing(emb.base_model) == checkpointing
         torch.manual_seed(1)
         _, grads, _ = _step(emb, chunk_size=2)
         return grads
