@@ -30,7 +30,9 @@ class ModelArgs:
     normalize: bool = True
     dtype: str = "auto"
     """``auto`` = bfloat16 on GPU, float32 on CPU; or ``float32`` / ``bfloat16`` / ``float16``."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: str | None = None
+    """None = transformers' default for the architecture (SDPA where supported, else eager);
+    or ``sdpa`` / ``eager`` / ``flash_attention_2`` / ``flex_attention``."""
     prompt_format: str = "e5"
     """``e5``: ``Instruct: {instruction}\\nQuery: {query}``; ``plain``: ``{instruction}\\n{query}``
     (the seed's); ``prefix``: ``query: ...`` / ``passage: ...``; ``none``: texts as given."""

@@ -178,14 +178,15 @@ class Embedder(nn.Module):
         default_instruction: str | None = None,
         query_max_length: int | None = None,
         doc_max_length: int | None = None,
-        attn_implementation: str | None = "sdpa",
+        attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
     ) -> Embedder:
         """Load a backbone from any model spec (see ``conretriever.models``).
 
         Settings saved by :meth:`save` (``conretriever.json``) or a sentence-transformers pooling
         config are restored; explicit arguments override them. Without either, decoders get
-        ``last`` pooling and encoders ``mean``.
+        ``last`` pooling and encoders ``mean``. ``attn_implementation`` None leaves the choice to
+        transformers (SDPA where the architecture supports it).
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -294,9 +295,12 @@ class Embedder(nn.Module):
 
     def packing_default(self) -> bool:
         """Pack by default where it pays: a decoder on a GPU with the varlen attention kernel."""
-        from conretriever.packing import varlen_kernel_available
+        from conretriever.packing import packable, varlen_kernel_available
 
-        return is_decoder_config(self.base_model.config) and varlen_kernel_available(self.device)
+        config = self.base_model.config
+        return (
+            is_decoder_config(config) and packable(config) and varlen_kernel_available(self.device)
+        )
 
     @torch.no_grad()
     def encode(

@@ -34,6 +34,12 @@ import torch.nn.functional as F
 ATTN_NAME = "conretriever_packed"
 
 
+def packable(config) -> bool:
+    """Decoder configs whose attention the packed path computes exactly: causal, no logit
+    soft-capping (Gemma-2 caps attention logits, which the varlen kernel does not)."""
+    return getattr(config, "attn_logit_softcapping", None) is None
+
+
 def varlen_kernel_available(device: torch.device) -> bool:
     """True where the fast path runs: a CUDA device and a PyTorch with ``varlen_attn``."""
     if torch.device(device).type != "cuda":
@@ -108,6 +114,11 @@ def _packed_attention_forward(
         )
     if attention_mask is not None:
         raise RuntimeError(f"{ATTN_NAME} attention got a padding mask; packed rows have none")
+    if kwargs.get("softcap") is not None or not getattr(module, "is_causal", True):
+        # Gemma-2's logit soft-capping / bidirectional layers: not what the varlen kernel computes
+        raise NotImplementedError(
+            f"{ATTN_NAME} attention supports plain causal attention only; encode with packed=False"
+        )
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     if k.shape[1] != q.shape[1]:  # grouped-query attention: query head h reads kv head h // rep
         rep = q.shape[1] // k.shape[1]

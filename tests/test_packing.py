@@ -157,3 +157,31 @@ def test_varlen_kernel_matches_padded_in_bf16(tmp_path, count_calls):
     print(f"bf16 packed vs padded: max |diff| {diff:.2e}, min cos {cos.min():.6f}")
     assert cos.min() > 0.999
     np.testing.assert_allclose(packed, padded, atol=1e-2, rtol=0)
+
+
+def test_softcapped_attention_is_not_packed(tmp_path):
+    """Gemma-2 soft-caps attention logits, which the varlen kernel does not: never packed by
+    default, and asking for it fails loudly instead of returning wrong vectors."""
+    from conftest import make_tokenizer
+    from transformers import AutoModel, Gemma2Config
+
+    tokenizer = make_tokenizer()
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    assert config.attn_logit_softcapping is not None
+    AutoModel.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    emb = Embedder.from_pretrained(tmp_path, device="cpu")
+    assert not packing.packable(emb.base_model.config) and not emb.packing_default()
+    with pytest.raises(NotImplementedError, match="packed=False"):
+        emb.encode(["a text"], role="passage", packed=True)
