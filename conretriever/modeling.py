@@ -13,30 +13,26 @@ Pooling turns the backbone's per-token hidden states ``H[b, t, :]`` into one vec
 
 Vectors are L2-normalised (``normalize=True``), so a dot product is the cosine similarity.
 
-``save(dir)`` writes a plain HF checkpoint with LoRA merged into the weights (keys carry no
-``base_model.model`` / ``base_layer`` prefixes), the tokenizer, ``conretriever.json`` with the
-pooling and prompt settings, and the sentence-transformers files (``modules.json``, pooling
-config, prompts), so ``SentenceTransformer(dir)`` gives the same vectors as ``Embedder``.
+``save(dir)`` writes a self-contained folder (LoRA merged, plain HF keys, tokenizer,
+``conretriever.json``, sentence-transformers files) that ``from_pretrained`` and
+``SentenceTransformer(dir)`` both load; its layout and the merge live in ``conretriever.export``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from conretriever import export
 from conretriever.models import resolve_model
-from conretriever.tasks import document_prefix, format_document, format_query, query_prefix
-
-SETTINGS_FILE = "conretriever.json"
+from conretriever.tasks import format_document, format_query
 
 
 @dataclass
@@ -192,7 +188,7 @@ class Embedder(nn.Module):
 
         path = resolve_model(spec)
         config = AutoConfig.from_pretrained(path)
-        settings = _saved_settings(path) or EmbedderSettings(
+        settings = export.saved_settings(path) or EmbedderSettings(
             pooling="last" if is_decoder_config(config) else "mean",
             prompt_format="e5" if is_decoder_config(config) else "none",
         )
@@ -386,35 +382,14 @@ class Embedder(nn.Module):
             self.train(was_training)
         return out
 
-    # ----- save ---------------------------------------------------------------------------------
+    # ----- save (see conretriever.export) ------------------------------------------------------
     def merged_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
         """Backbone weights with LoRA folded in (W + B @ A * alpha / r) under plain HF keys.
 
         ``state_dict`` may be given (e.g. a full state dict gathered from FSDP shards, keyed like
         ``self.backbone.state_dict()``); otherwise the live weights are used. Nothing is mutated.
         """
-        sd = dict(self.backbone.state_dict() if state_dict is None else state_dict)
-        peft_config = getattr(self.backbone, "peft_config", None)
-        if peft_config:
-            cfg = peft_config["default"]
-            scale = cfg.lora_alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
-            prefix = "base_model.model."
-            merged = {}
-            for key, value in sd.items():
-                if ".lora_" in key:
-                    continue
-                name = key[len(prefix) :] if key.startswith(prefix) else key
-                if ".base_layer." in name:
-                    layer = key.split(".base_layer.")[0]
-                    a = sd.get(f"{layer}.lora_A.default.weight")
-                    b = sd.get(f"{layer}.lora_B.default.weight")
-                    name = name.replace(".base_layer.", ".")
-                    if a is not None and b is not None and name.endswith(".weight"):
-                        delta = (b.float() @ a.float()) * scale
-                        value = (value.float() + delta.to(value.device)).to(value.dtype)
-                merged[name] = value
-            sd = merged
-        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        return export.merged_state_dict(self.backbone, state_dict)
 
     def save(
         self,
@@ -425,26 +400,9 @@ class Embedder(nn.Module):
         """Write a self-contained model folder (merged weights, tokenizer, settings, ST files).
 
         Written into ``<out_dir>.tmp`` and renamed, so a crash never leaves a folder that loads
-        but holds half the weights.
+        but holds half the weights. ``dtype`` casts the floating-point weights (e.g. bfloat16).
         """
-        out = Path(out_dir)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        sd = self.merged_state_dict(state_dict)
-        if dtype is not None:
-            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        _write_safetensors(sd, tmp)
-        config = self.base_model.config
-        config.architectures = [type(self.base_model).__name__]
-        config.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        (tmp / SETTINGS_FILE).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
-        _write_sentence_transformers_files(tmp, self.settings, self.dim)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return out
+        return export.save_folder(self, out_dir, state_dict, dtype)
 
 
 def _token_budget_batches(
@@ -540,99 +498,6 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
-
-
-def _saved_settings(path: str) -> EmbedderSettings | None:
-    folder = Path(path)
-    if (folder / SETTINGS_FILE).exists():
-        return EmbedderSettings.from_dict(json.loads((folder / SETTINGS_FILE).read_text()))
-    pooling_cfg = folder / "1_Pooling" / "config.json"
-    if pooling_cfg.exists():  # a sentence-transformers folder we did not write
-        cfg = json.loads(pooling_cfg.read_text())
-        mode = (
-            "last"
-            if cfg.get("pooling_mode_lasttoken")
-            else "cls"
-            if cfg.get("pooling_mode_cls_token")
-            else "mean"
-        )
-        normalize = (folder / "2_Normalize").exists() or any(
-            "Normalize" in m.get("type", "")
-            for m in json.loads((folder / "modules.json").read_text())
-        )
-        max_len = 512
-        sbert = folder / "sentence_bert_config.json"
-        if sbert.exists():
-            max_len = int(json.loads(sbert.read_text()).get("max_seq_length", max_len))
-        return EmbedderSettings(
-            pooling=mode,
-            normalize=normalize,
-            prompt_format="none",
-            query_max_length=max_len,
-            doc_max_length=max_len,
-        )
-    return None
-
-
-def _write_safetensors(sd: dict[str, torch.Tensor], folder: Path, max_shard: str = "5GB") -> None:
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard)
-    for filename, keys in split.filename_to_tensors.items():
-        save_file({k: sd[k] for k in keys}, str(folder / filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def _write_sentence_transformers_files(folder: Path, s: EmbedderSettings, dim: int) -> None:
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.models.Pooling",
-        },
-    ]
-    if s.normalize:
-        modules.append(
-            {
-                "idx": 2,
-                "name": "2",
-                "path": "2_Normalize",
-                "type": "sentence_transformers.models.Normalize",
-            }
-        )
-        (folder / "2_Normalize").mkdir(exist_ok=True)
-    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    pooling = {
-        "word_embedding_dimension": dim,
-        "pooling_mode_cls_token": s.pooling == "cls",
-        "pooling_mode_mean_tokens": s.pooling == "mean",
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": s.pooling == "last",
-        "include_prompt": True,
-    }
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
-    # sentence-transformers has one max_seq_length for both roles: use the larger one.
-    sbert = {"max_seq_length": max(s.query_max_length, s.doc_max_length), "do_lower_case": False}
-    (folder / "sentence_bert_config.json").write_text(json.dumps(sbert, indent=2))
-    prompts = {
-        "query": query_prefix(s.default_instruction, s.prompt_format),
-        "document": document_prefix(s.prompt_format),
-    }
-    st_config = {
-        "prompts": prompts,
-        "default_prompt_name": None,
-        "similarity_fn_name": "cosine",
-        "model_type": "SentenceTransformer",
-    }
-    (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
 
 
 def encode_main(argv: list[str] | None = None) -> int:

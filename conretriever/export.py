@@ -1,0 +1,224 @@
+"""A saved model folder: what ``Embedder.save`` writes and ``Embedder.from_pretrained`` reads back.
+
+The folder is a plain Hugging Face checkpoint that also loads in sentence-transformers::
+
+    model.safetensors          backbone weights, LoRA merged in (sharded past 5GB, with
+                               model.safetensors.index.json)
+    config.json                the backbone's HF config (architectures = the bare AutoModel class)
+    tokenizer.json, ...        the tokenizer, with the EOS-appending post-processor installed for
+                               ``last`` pooling, so any loader produces the same ids
+    conretriever.json          EmbedderSettings: pooling, normalize, prompt format, default
+                               instruction, max lengths per role
+    modules.json               sentence-transformers pipeline: Transformer -> Pooling (-> Normalize)
+    1_Pooling/config.json      the pooling mode and embedding dimension
+    2_Normalize/               present when vectors are L2-normalised
+    sentence_bert_config.json  max_seq_length (the larger of the two roles')
+    config_sentence_transformers.json   the query and document prompts
+
+so ``AutoModel.from_pretrained(dir)``, ``SentenceTransformer(dir)`` and ``Embedder.from_pretrained``
+all see the same model and produce the same vectors.
+
+Why the weight keys carry no wrapper prefixes: a PEFT-wrapped backbone's state dict names a
+weight ``base_model.model.layers.0.self_attn.q_proj.base_layer.weight`` and stores the adapter
+beside it as ``...q_proj.lora_A.default.weight`` / ``lora_B``. A loader that knows nothing of
+PEFT (transformers' ``AutoModel``, sentence-transformers) looks for
+``layers.0.self_attn.q_proj.weight``, finds none of its names and, with no more than a warning,
+starts from random weights. So the keys are fixed at save time, never by a later rewrite of the
+files: :func:`merged_state_dict` folds each adapter into its base weight by key arithmetic,
+
+    W' = W + (B @ A) * scale,   scale = alpha / r   (alpha / sqrt(r) with rsLoRA),
+
+in float32, cast back to W's dtype, strips the ``base_model.model.`` and ``.base_layer`` parts of
+the name and drops the ``lora_`` tensors. It works on any state dict keyed like
+``backbone.state_dict()``, including a full one gathered from FSDP shards, and mutates nothing
+(peft's ``merge_and_unload`` would rewrite the live training model).
+
+Reading (:func:`saved_settings`) restores the settings from ``conretriever.json``, or, for a
+sentence-transformers folder we did not write, infers pooling, normalisation and max length from
+its pooling config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from conretriever.tasks import document_prefix, query_prefix
+
+if TYPE_CHECKING:  # modeling imports this module; the names are only needed for annotations
+    from conretriever.modeling import Embedder, EmbedderSettings
+
+SETTINGS_FILE = "conretriever.json"
+
+
+def merged_state_dict(
+    backbone: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict:
+    """Backbone weights with LoRA folded in (W + B @ A * alpha / r) under plain HF keys.
+
+    ``state_dict`` may be given (e.g. a full state dict gathered from FSDP shards, keyed like
+    ``backbone.state_dict()``); otherwise the live weights are used. Nothing is mutated.
+    """
+    sd = dict(backbone.state_dict() if state_dict is None else state_dict)
+    peft_config = getattr(backbone, "peft_config", None)
+    if peft_config:
+        cfg = peft_config["default"]
+        scale = cfg.lora_alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+        prefix = "base_model.model."
+        merged = {}
+        for key, value in sd.items():
+            if ".lora_" in key:
+                continue
+            name = key[len(prefix) :] if key.startswith(prefix) else key
+            if ".base_layer." in name:
+                layer = key.split(".base_layer.")[0]
+                a = sd.get(f"{layer}.lora_A.default.weight")
+                b = sd.get(f"{layer}.lora_B.default.weight")
+                name = name.replace(".base_layer.", ".")
+                if a is not None and b is not None and name.endswith(".weight"):
+                    delta = (b.float() @ a.float()) * scale
+                    value = (value.float() + delta.to(value.device)).to(value.dtype)
+            merged[name] = value
+        sd = merged
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def save_folder(
+    embedder: Embedder,
+    out_dir: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a self-contained model folder (merged weights, tokenizer, settings, ST files).
+
+    Written into ``<out_dir>.tmp`` and renamed, so a crash never leaves a folder that loads
+    but holds half the weights.
+    """
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd = merged_state_dict(embedder.backbone, state_dict)
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    _write_safetensors(sd, tmp)
+    config = embedder.base_model.config
+    config.architectures = [type(embedder.base_model).__name__]
+    config.save_pretrained(tmp)
+    embedder.tokenizer.save_pretrained(tmp)
+    (tmp / SETTINGS_FILE).write_text(json.dumps(asdict(embedder.settings), indent=2) + "\n")
+    _write_sentence_transformers_files(tmp, embedder.settings, embedder.dim)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def saved_settings(path: str) -> EmbedderSettings | None:
+    """The settings stored in a model folder, or None when it has neither ``conretriever.json``
+    nor a sentence-transformers pooling config (then the caller picks defaults)."""
+    from conretriever.modeling import EmbedderSettings  # local: modeling imports this module
+
+    folder = Path(path)
+    if (folder / SETTINGS_FILE).exists():
+        return EmbedderSettings.from_dict(json.loads((folder / SETTINGS_FILE).read_text()))
+    pooling_cfg = folder / "1_Pooling" / "config.json"
+    if pooling_cfg.exists():  # a sentence-transformers folder we did not write
+        cfg = json.loads(pooling_cfg.read_text())
+        mode = (
+            "last"
+            if cfg.get("pooling_mode_lasttoken")
+            else "cls"
+            if cfg.get("pooling_mode_cls_token")
+            else "mean"
+        )
+        normalize = (folder / "2_Normalize").exists() or any(
+            "Normalize" in m.get("type", "")
+            for m in json.loads((folder / "modules.json").read_text())
+        )
+        max_len = 512  # EmbedderSettings' default, for a folder that does not state one
+        sbert = folder / "sentence_bert_config.json"
+        if sbert.exists():
+            max_len = int(json.loads(sbert.read_text()).get("max_seq_length", max_len))
+        return EmbedderSettings(
+            pooling=mode,
+            normalize=normalize,
+            prompt_format="none",
+            query_max_length=max_len,
+            doc_max_length=max_len,
+        )
+    return None
+
+
+def _write_safetensors(sd: dict[str, torch.Tensor], folder: Path, max_shard: str = "5GB") -> None:
+    """``sd`` as ``model.safetensors``, or as shards plus ``model.safetensors.index.json`` when
+    it exceeds ``max_shard`` (5GB: huggingface_hub's default shard size)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(sd, max_shard_size=max_shard)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: sd[k] for k in keys}, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_sentence_transformers_files(folder: Path, s: EmbedderSettings, dim: int) -> None:
+    """``modules.json``, ``1_Pooling/``, ``2_Normalize/``, ``sentence_bert_config.json`` and
+    ``config_sentence_transformers.json`` (prompts), so ``SentenceTransformer(folder)`` pools,
+    normalises and prefixes exactly as ``Embedder`` does."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    if s.normalize:
+        modules.append(
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
+        (folder / "2_Normalize").mkdir(exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {
+        "word_embedding_dimension": dim,
+        "pooling_mode_cls_token": s.pooling == "cls",
+        "pooling_mode_mean_tokens": s.pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": s.pooling == "last",
+        "include_prompt": True,
+    }
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    # sentence-transformers has one max_seq_length for both roles: use the larger one.
+    sbert = {"max_seq_length": max(s.query_max_length, s.doc_max_length), "do_lower_case": False}
+    (folder / "sentence_bert_config.json").write_text(json.dumps(sbert, indent=2))
+    prompts = {
+        "query": query_prefix(s.default_instruction, s.prompt_format),
+        "document": document_prefix(s.prompt_format),
+    }
+    st_config = {
+        "prompts": prompts,
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+        "model_type": "SentenceTransformer",
+    }
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))
