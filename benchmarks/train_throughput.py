@@ -139,10 +139,6 @@ def extrapolate_max_batch(peaks: list[tuple[int, float]], device: torch.device) 
     )
 
 
-def set_checkpointing(embedder, on: bool) -> None:
-    set_activation_checkpointing(embedder.base_model, on)
-
-
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -204,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad(set_to_none=True)
 
     def timed(kind, ckpt, queries, docs, tokens, steps, warmup):
-        set_checkpointing(embedder, ckpt)
+        set_activation_checkpointing(embedder.base_model, ckpt)
         with PeakMemory(device) as mem:
             for _ in range(warmup):
                 step(kind, queries, docs, tokens)
@@ -254,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and best_cfg:
         from torch.profiler import ProfilerActivity, profile
 
-        set_checkpointing(embedder, best_cfg[0])
+        set_activation_checkpointing(embedder.base_model, best_cfg[0])
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
             step("ours", queries, docs, best_cfg[1])
@@ -266,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
     max_batch_lines = []
     if args.find_max_batch and best_cfg:
-        set_checkpointing(embedder, best_cfg[0])
+        set_activation_checkpointing(embedder.base_model, best_cfg[0])
         batch, started = args.batch, time.perf_counter()
         last_s = best[1]
         peaks = [(args.batch, best[3])]  # (batch, peak MiB) for the extrapolation below

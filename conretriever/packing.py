@@ -25,6 +25,7 @@ Inference only: attention dropout is not applied.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,15 +41,19 @@ def packable(config) -> bool:
     return getattr(config, "attn_logit_softcapping", None) is None
 
 
+@functools.cache
+def _varlen_attn():
+    """PyTorch's varlen FlashAttention (>= 2.10), or None; looked up once per process."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
 def varlen_kernel_available(device: torch.device) -> bool:
     """True where the fast path runs: a CUDA device and a PyTorch with ``varlen_attn``."""
-    if torch.device(device).type != "cuda":
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return torch.device(device).type == "cuda" and _varlen_attn() is not None
 
 
 def pack(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -124,13 +129,8 @@ def _packed_attention_forward(
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     window = sliding_window if sliding_window and sliding_window < max_len else None
-    if (
-        q.is_cuda
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and varlen_kernel_available(q.device)
-    ):
-        from torch.nn.attention.varlen import varlen_attn
-
+    varlen_attn = _varlen_attn()
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:
         out = varlen_attn(
             q.contiguous(),
             k.contiguous(),

@@ -53,12 +53,16 @@ def make_tokenizer(bos: bool = True):
     )
 
 
-def make_decoder_dir(path: Path, arch: str = "llama", seed: int = 0, padding_side: str = "right"):
-    from transformers import AutoModel, Gemma3TextConfig, LlamaConfig, MistralConfig
+def save_tiny_decoder(
+    path: Path, config_class, seed: int = 0, padding_side: str = "right", **sizes
+):
+    """A random-init decoder of ``config_class`` with the character tokenizer, saved to ``path``;
+    ``sizes`` override the tiny defaults (hidden 32, 2 layers, 4 heads, 2 kv heads)."""
+    from transformers import AutoModel
 
     tokenizer = make_tokenizer()
     tokenizer.padding_side = padding_side
-    common = dict(
+    kwargs = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -70,16 +74,22 @@ def make_decoder_dir(path: Path, arch: str = "llama", seed: int = 0, padding_sid
         bos_token_id=1,
         eos_token_id=2,
     )
-    config = {
-        "llama": LlamaConfig,
-        "mistral": MistralConfig,
-        "gemma3": lambda **kw: Gemma3TextConfig(head_dim=8, **kw),
-    }[arch](**common)
+    kwargs.update(sizes)
     torch.manual_seed(seed)
-    model = AutoModel.from_config(config, dtype=torch.float32)
-    model.save_pretrained(path)
+    AutoModel.from_config(config_class(**kwargs), dtype=torch.float32).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def make_decoder_dir(path: Path, arch: str = "llama", seed: int = 0, padding_side: str = "right"):
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig
+
+    config_class, sizes = {
+        "llama": (LlamaConfig, {}),
+        "mistral": (MistralConfig, {}),
+        "gemma3": (Gemma3TextConfig, {"head_dim": 8}),
+    }[arch]
+    return save_tiny_decoder(path, config_class, seed, padding_side, **sizes)
 
 
 def make_encoder_dir(path: Path, seed: int = 0):

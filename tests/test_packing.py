@@ -14,7 +14,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import make_decoder_dir
+from conftest import make_decoder_dir, save_tiny_decoder
 
 import conretriever.packing as packing
 from conretriever.modeling import Embedder, _token_budget_batches
@@ -128,24 +128,16 @@ def test_attention_implementation_restored_after_an_error(tiny_decoder):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_varlen_kernel_matches_padded_in_bf16(tmp_path, count_calls):
-    from conftest import make_tokenizer
-    from transformers import AutoModel, MistralConfig
+    from transformers import MistralConfig
 
-    tokenizer = make_tokenizer()
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
+    save_tiny_decoder(
+        tmp_path,
+        MistralConfig,
         hidden_size=512,
         intermediate_size=1024,
         num_hidden_layers=4,
         num_attention_heads=8,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
     )
-    torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
     emb = Embedder.from_pretrained(tmp_path, device="cuda", dtype="bfloat16")
     assert emb.packing_default()  # the fast path is what users get on a GPU
     texts = _texts(64, seed=5)
@@ -162,25 +154,9 @@ def test_varlen_kernel_matches_padded_in_bf16(tmp_path, count_calls):
 def test_softcapped_attention_is_not_packed(tmp_path):
     """Gemma-2 soft-caps attention logits, which the varlen kernel does not: never packed by
     default, and asking for it fails loudly instead of returning wrong vectors."""
-    from conftest import make_tokenizer
-    from transformers import AutoModel, Gemma2Config
+    from transformers import Gemma2Config
 
-    tokenizer = make_tokenizer()
-    config = Gemma2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    assert config.attn_logit_softcapping is not None
-    AutoModel.from_config(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    save_tiny_decoder(tmp_path, Gemma2Config, head_dim=8)
     emb = Embedder.from_pretrained(tmp_path, device="cpu")
     assert not packing.packable(emb.base_model.config) and not emb.packing_default()
     with pytest.raises(NotImplementedError, match="packed=False"):

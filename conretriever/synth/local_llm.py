@@ -94,7 +94,11 @@ class LocalLLM:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            return list(tok.apply_chat_template(messages, add_generation_prompt=True))
+            # Render to text, then tokenize: what apply_chat_template returns when it tokenizes
+            # itself differs between transformers releases (a list or a BatchEncoding). The
+            # template writes its own special tokens (BOS included).
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return tok(text, add_special_tokens=False)["input_ids"]
         if self._turns:
             text = "".join(
                 f"<start_of_turn>{'model' if m['role'] == 'assistant' else 'user'}\n"
