@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from conretriever.modeling import Embedder, EmbedderSettings  # noqa: E402
+from conretriever.precision import resolve_dtype, use_mixed_bf16  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results.md"
 # Median 150 tokens and sigma 0.8 give the length profile behind REFERENCES.md (BEIR corpora:
@@ -112,8 +113,8 @@ def _id_tokenizer(vocab_size: int):
 
 def build_embedder(args, device: torch.device, lora=None) -> Embedder:
     """``--model SPEC`` (real weights) or ``--model-shape`` (random init, built on ``device``).
-    bf16 weights on GPU, fp32 on CPU (as ``Embedder.from_pretrained`` with dtype auto)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype auto: bf16 weights where bf16 is native (GPU, bf16 CPUs), else fp32."""
+    dtype = resolve_dtype("auto", device)
     if args.model:
         return Embedder.from_pretrained(args.model, device=device, dtype=dtype, lora=lora)
     from transformers import AutoModel
@@ -170,13 +171,14 @@ H100_BF16_PEAK = 790e12
 
 
 def matmul_peak(device: torch.device) -> float:
-    """Peak matmul FLOP/s: 790e12 on an H100/H200; otherwise measured, bf16 8192^3 on a GPU,
-    fp32 1024^3 on the CPU (about a second)."""
+    """Peak matmul FLOP/s: 790e12 on an H100/H200; otherwise measured in the auto dtype, 8192^3 on a GPU,
+    1024^3 on the CPU (about a second)."""
     if device.type == "cuda" and any(
         k in torch.cuda.get_device_name(device) for k in ("H100", "H200")
     ):
         return H100_BF16_PEAK
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = resolve_dtype("auto", device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
@@ -273,7 +275,10 @@ def _pad(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, tor
 
 
 def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    """bf16 autocast where bf16 is native (``mixed_precision: auto``), else nothing."""
+    if use_mixed_bf16("auto", device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 @torch.no_grad()

@@ -36,7 +36,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "squad_gemma_cpu.yaml"))
     parser.add_argument("--eval-dir", default=str(REPO.parent / "shared" / "data" / "scifact"))
-    parser.add_argument("--eval-dtype", default="bfloat16", help="encode dtype for both models")
+    parser.add_argument(
+        "--eval-dtype", default="auto", help="encode dtype of both models (auto: bf16 if native)"
+    )
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results.md"))
     args, train_flags = parser.parse_known_args()
     os.chdir(REPO)  # config paths (../shared/data/..., outputs/...) are relative to the repo

@@ -8,6 +8,7 @@ and ``conretriever train`` never imports mteb or openai.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> ("module:function", one-line help)
@@ -39,6 +40,14 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _quiet_library_bars() -> None:
+    """In a log file, the tqdm bars of transformers, the hub and gguf are carriage-return noise;
+    our own progress (``conretriever.progress``) writes plain lines there instead. tqdm and the
+    hub read these variables when they are imported, which happens after this point."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -48,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"conretriever: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if not sys.stderr.isatty():
+        _quiet_library_bars()
     module_name, func_name = COMMANDS[command][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     return int(func(rest) or 0)

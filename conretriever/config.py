@@ -67,7 +67,11 @@ class TrainArgs:
     chunk_size: int = 4
     """GradCache chunk (sequences per forward); bounds activation memory. 0 = no cache."""
     chunk_tokens: int = 0
-    """GradCache chunks of <= this many padded tokens, rows length-sorted; chunk_size caps rows."""
+    """GradCache chunks of <= this many tokens (padded, or real when packed), rows length-sorted;
+    chunk_size caps the rows per chunk."""
+    packed: bool | None = None
+    """Padding-free forwards (texts concatenated, attention kept inside each text): None = on for
+    decoders where it pays (a CPU, or a GPU with PyTorch's varlen attention kernel)."""
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     num_train_epochs: float = 1.0

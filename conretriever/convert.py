@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conretriever.data import MAX_REPORTED_ERRORS, DataError, atomic_files, parse_row
+from conretriever.progress import Progress
 from conretriever.sources import (
     Source,
     beir_rows,
@@ -221,8 +222,6 @@ def convert_source(
     source: Source, settings: ConvertSettings, handle, registry: TaskRegistry
 ) -> TaskReport:
     """Validate and write one task's rows to an open file; raise DataError on bad rows."""
-    from tqdm.auto import tqdm
-
     report = TaskReport(task=source.task, path=str(settings.out / f"{source.task}.jsonl"))
     default_instruction = settings.instruction
     if default_instruction is None and registry.instruction(source.task) is None:
@@ -233,7 +232,7 @@ def convert_source(
     if settings.shuffle_buffer > 0:
         rows = buffer_shuffle(rows, settings.shuffle_buffer, settings.seed)
     errors: list[str] = []
-    bar = tqdm(desc=f"convert {source.task}", unit=" rows", disable=not settings.show_progress)
+    bar = Progress(None, f"convert {source.task}", unit="rows", enabled=settings.show_progress)
     with bar:
         for where, row in rows:
             report.rows_read += 1
@@ -256,7 +255,7 @@ def convert_source(
             report.rows_written += 1
             report.positives += len(ex.positives)
             report.negatives += len(negatives)
-            bar.set_postfix(written=report.rows_written, refresh=False)
+            bar.set_postfix(written=report.rows_written)
             if settings.max_examples is not None and report.rows_written >= settings.max_examples:
                 break
     if errors:

@@ -19,20 +19,29 @@ FSDP2 the gradient reduce-scatter is disabled for all replays but the last, so g
 synchronised once per step, not once per chunk. Each chunk is trimmed to its own longest
 sequence (right padding), which saves compute when lengths vary.
 
-Two ways to cut the batch into chunks:
+Two ways to cut the batch into chunks (each a list of batch rows; :func:`plan_rows`):
 
 * ``chunk_size`` rows per chunk, in the given order (the classic GradCache). A chunk's cost is
   rows x its LONGEST sequence, and with documents in random order that is nearly always the
   length limit, so most of a chunk of short documents is padding.
-* ``chunk_tokens`` (a budget of padded tokens = rows x longest length): queries and documents
-  are each sorted by length, longest first, and a chunk takes rows while ``rows x longest``
-  stays within the budget (and ``chunk_size`` rows, if also given). Chunks are then
-  length-homogeneous (little padding) and hold many short or few long rows, so activation
-  memory stays about ``chunk_tokens`` tokens' worth whatever the lengths. The embeddings are
-  put back in batch order before the loss, so the gradients are the same as with any other
-  chunking (up to float rounding; the RNG replay still pairs each chunk with its own dropout).
-  Under FSDP every rank must run the same number of chunks (each forward all-gathers weights),
-  so a rank with fewer chunks halves its biggest ones until the counts match.
+* ``chunk_tokens`` (a token budget): queries and documents are each sorted by length, longest
+  first, and a chunk takes rows while its cost stays within the budget (and ``chunk_size`` rows,
+  if also given). Chunks are then length-homogeneous and hold many short or few long rows, so
+  activation memory stays about ``chunk_tokens`` tokens' worth whatever the lengths. The
+  embeddings are put back in batch order before the loss, so the gradients are the same as
+  with any other chunking (up to float rounding; the RNG replay still pairs each chunk with its
+  own dropout). Under FSDP every rank must run the same number of chunks (each forward
+  all-gathers weights), so a rank with fewer chunks halves its biggest ones until counts match.
+
+And two ways to run a chunk through the model:
+
+* **padded** (default): the chunk's rows right padded to its longest one; cost = rows x longest.
+* **packed** (``packed=True``, decoders): the chunk's texts concatenated into ONE row with
+  positions restarting per text and attention kept inside each text
+  (``Embedder.forward_packed``, ``conretriever.packing``), so no compute goes to padding and the
+  budget counts real tokens. Each text's embedding is the padded one's up to float rounding, so
+  the gradients are too (tested in float64). The replay's backward also runs inside the packed
+  attention context: activation checkpointing recomputes the attention during backward.
 
 ``chunk_size=0`` and ``chunk_tokens=0`` run the plain step (one forward and backward over the
 whole batch), which is the reference the tests compare against.
@@ -67,93 +76,77 @@ class RandState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def split_chunks(batch: Batch, chunk_size: int) -> list[Batch]:
-    """Chunks of rows, each trimmed to its longest sequence (inputs must be right padded)."""
-    n = batch["input_ids"].shape[0]
-    size = chunk_size if chunk_size > 0 else n
-    chunks = []
-    for start in range(0, n, size):
-        mask = batch["attention_mask"][start : start + size]
-        length = int(mask.sum(dim=1).max())
-        chunks.append(
-            {
-                "input_ids": batch["input_ids"][start : start + size, :length],
-                "attention_mask": mask[:, :length],
-            }
-        )
-    return chunks
+Chunk = dict  # padded: {"input_ids", "attention_mask"} [rows, longest]; packed: {"seqs": ids}
 
 
-def split_chunks_by_tokens(
-    batch: Batch, chunk_tokens: int, max_rows: int = 0
-) -> tuple[list[Batch], torch.Tensor]:
-    """Length-sorted chunks of at most ``chunk_tokens`` padded tokens (rows x longest length)
-    and at most ``max_rows`` rows (0: no limit), each trimmed to its longest sequence.
+def plan_rows(
+    lengths: list[int], chunk_size: int, chunk_tokens: int, packed: bool = False
+) -> list[list[int]]:
+    """Batch rows grouped into chunks (see the module docstring); every row exactly once.
 
-    Returns the chunks and ``order``, the [n] int64 row indices in chunk order: concatenating
-    the chunks' rows gives ``batch`` rows ``order`` (right padding required).
-    """
-    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    ``chunk_tokens > 0``: length-sorted groups within the token budget (padded cost = rows x
+    longest, packed cost = the sum of lengths), at most ``chunk_size`` rows each when that is
+    > 0. Else groups of ``chunk_size`` consecutive rows (all rows in one group when 0)."""
     n = len(lengths)
-    groups = _token_budget_batches(lengths, max_rows if max_rows > 0 else n, chunk_tokens)
-    chunks = []
-    for rows in groups:
-        index = torch.tensor(rows, dtype=torch.long, device=batch["input_ids"].device)
-        length = max(lengths[i] for i in rows)
-        chunks.append(
-            {
-                "input_ids": batch["input_ids"][index, :length],
-                "attention_mask": batch["attention_mask"][index, :length],
-            }
+    if chunk_tokens > 0:
+        return _token_budget_batches(
+            lengths, chunk_size if chunk_size > 0 else n, chunk_tokens, packed
         )
-    return chunks, torch.tensor([i for rows in groups for i in rows], dtype=torch.long)
+    size = chunk_size if chunk_size > 0 else max(n, 1)
+    return [list(range(start, min(start + size, n))) for start in range(0, n, size)]
 
 
-def _trim(chunk: Batch) -> Batch:
-    length = int(chunk["attention_mask"].sum(dim=1).max())
-    return {k: v[:, :length] for k, v in chunk.items()}
+def split_to_count(groups: list[list[int]], count: int) -> list[list[int]]:
+    """Halve the group with the most rows until there are ``count`` groups; rows keep their
+    order, so the concatenation of the groups is unchanged."""
+    groups = [list(g) for g in groups]
+    while len(groups) < count:
+        i = max(range(len(groups)), key=lambda j: len(groups[j]))
+        if len(groups[i]) < 2:
+            raise ValueError(f"cannot cut {len(groups)} one-row chunks into {count}")
+        half = len(groups[i]) // 2
+        groups[i : i + 1] = [groups[i][:half], groups[i][half:]]
+    return groups
 
 
-def split_to_count(chunks: list[Batch], count: int) -> list[Batch]:
-    """Halve the chunk with the most rows until there are ``count`` chunks; rows keep their
-    order (so the ``order`` of :func:`split_chunks_by_tokens` stays valid) and each new chunk is
-    trimmed to its own longest sequence."""
-    chunks = list(chunks)
-    while len(chunks) < count:
-        i = max(range(len(chunks)), key=lambda j: chunks[j]["input_ids"].shape[0])
-        rows = chunks[i]["input_ids"].shape[0]
-        if rows < 2:
-            raise ValueError(f"cannot cut {len(chunks)} one-row chunks into {count}")
-        half = rows // 2
-        chunks[i : i + 1] = [
-            _trim({k: v[:half] for k, v in chunks[i].items()}),
-            _trim({k: v[half:] for k, v in chunks[i].items()}),
-        ]
-    return chunks
+def make_chunk(batch: Batch, rows: list[int], packed: bool) -> Chunk:
+    """The rows of a right-padded batch as one chunk: trimmed to the longest row (padded) or
+    as unpadded id lists (packed)."""
+    index = torch.tensor(rows, dtype=torch.long, device=batch["input_ids"].device)
+    ids, mask = batch["input_ids"][index], batch["attention_mask"][index]
+    lengths = mask.sum(dim=1).tolist()
+    if packed:
+        return {"seqs": [ids[i, :n].tolist() for i, n in enumerate(lengths)]}
+    longest = max(lengths)
+    return {"input_ids": ids[:, :longest], "attention_mask": mask[:, :longest]}
 
 
 def _same_count_on_every_rank(
-    q_chunks: list[Batch], d_chunks: list[Batch], device: torch.device
-) -> tuple[list[Batch], list[Batch]]:
+    q_groups: list[list[int]], d_groups: list[list[int]], device: torch.device
+) -> tuple[list[list[int]], list[list[int]]]:
     """Token-budget chunk counts depend on each rank's lengths, but under FSDP every forward and
     backward all-gathers weights, so every rank must run as many as the others or the step
     hangs. Ranks hold equal row counts, so splitting chunks always gets there."""
     if world_size() == 1:
-        return q_chunks, d_chunks
-    counts = torch.tensor([len(q_chunks), len(d_chunks)], device=device)
+        return q_groups, d_groups
+    counts = torch.tensor([len(q_groups), len(d_groups)], device=device)
     torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
-    return split_to_count(q_chunks, int(counts[0])), split_to_count(d_chunks, int(counts[1]))
+    return split_to_count(q_groups, int(counts[0])), split_to_count(d_groups, int(counts[1]))
 
 
-def _plan(batch: Batch, chunk_size: int, chunk_tokens: int) -> tuple[list[Batch], torch.Tensor]:
-    if chunk_tokens > 0:
-        return split_chunks_by_tokens(batch, chunk_tokens, chunk_size)
-    return split_chunks(batch, chunk_size), torch.arange(batch["input_ids"].shape[0])
-
-
-def _embed(model: nn.Module, chunk: Batch, device: torch.device, autocast) -> torch.Tensor:
+def _embed(model: nn.Module, chunk: Chunk, device: torch.device, autocast) -> torch.Tensor:
     with autocast():
+        if "seqs" in chunk:
+            return model(packed_ids=chunk["seqs"])
         return model(chunk["input_ids"].to(device), chunk["attention_mask"].to(device))
+
+
+def _packed_context(model: nn.Module, packed: bool):
+    if not packed:
+        return contextlib.nullcontext()
+    from conretriever.packing import packed_attention
+
+    return packed_attention(model.base_model)
 
 
 def grad_cache_step(
@@ -165,52 +158,64 @@ def grad_cache_step(
     device: torch.device,
     autocast: Callable = contextlib.nullcontext,
     chunk_tokens: int = 0,
+    packed: bool = False,
 ) -> LossOutput:
     """Accumulate into ``.grad`` the gradient of ``loss_fn(model(queries), model(docs))``.
 
-    ``chunk_size``: rows per chunk, or with ``chunk_tokens > 0`` the most rows per chunk (0: no
-    limit); ``chunk_tokens``: padded tokens per chunk, rows length-sorted (see module doc); both
-    0: the plain step. ``autocast`` is a context factory (e.g. bf16 autocast on GPU). Returns
-    the loss output; the caller clips and steps the optimizer.
+    ``queries``/``docs``: right-padded ``input_ids`` + ``attention_mask``. ``chunk_size``: rows
+    per chunk, or with ``chunk_tokens > 0`` the most rows per chunk (0: no limit);
+    ``chunk_tokens``: tokens per chunk (padded or, with ``packed``, real), rows length-sorted;
+    both 0: the plain step. ``packed``: padding-free chunks (decoders; see the module doc).
+    ``autocast`` is a context factory (e.g. bf16 autocast). Returns the loss output; the caller
+    clips and steps the optimizer.
     """
+    q_lengths = queries["attention_mask"].sum(dim=1).tolist()
+    d_lengths = docs["attention_mask"].sum(dim=1).tolist()
     if chunk_size <= 0 and chunk_tokens <= 0:  # the plain step
         set_gradient_sync(model, True)
-        q = _embed(model, queries, device, autocast)
-        d = _embed(model, docs, device, autocast)
-        out = loss_fn(q, d)
-        out.backward_loss.backward()
-        return out
+        with _packed_context(model, packed):
+            q = _embed(
+                model, make_chunk(queries, list(range(len(q_lengths))), packed), device, autocast
+            )
+            d = _embed(
+                model, make_chunk(docs, list(range(len(d_lengths))), packed), device, autocast
+            )
+            out = loss_fn(q, d)
+            out.backward_loss.backward()
+        return LossOutput(out.loss.detach(), out.backward_loss.detach(), out.accuracy)
 
-    q_chunks, q_order = _plan(queries, chunk_size, chunk_tokens)
-    d_chunks, d_order = _plan(docs, chunk_size, chunk_tokens)
+    q_groups = plan_rows(q_lengths, chunk_size, chunk_tokens, packed)
+    d_groups = plan_rows(d_lengths, chunk_size, chunk_tokens, packed)
     if chunk_tokens > 0:
-        q_chunks, d_chunks = _same_count_on_every_rank(q_chunks, d_chunks, device)
-    chunks = [("q", c) for c in q_chunks] + [("d", c) for c in d_chunks]
+        q_groups, d_groups = _same_count_on_every_rank(q_groups, d_groups, device)
+    chunks = [make_chunk(queries, g, packed) for g in q_groups]
+    chunks += [make_chunk(docs, g, packed) for g in d_groups]
     # 1. embed every chunk without a graph, remembering the RNG state it started from
     states, embs = [], []
     with torch.no_grad():
-        for _, chunk in chunks:
+        for chunk in chunks:
             states.append(RandState(device))
             embs.append(_embed(model, chunk, device, autocast))
     # 2. loss on the detached embeddings; its backward stops at them
-    n_q = sum(1 for kind, _ in chunks if kind == "q")
+    n_q = len(q_groups)
     # The leaves hold rows in chunk order; the loss sees them in batch order (argsort(order) is
     # the inverse permutation), and autograd routes dL/de back to chunk order through the index.
     q_leaf = torch.cat(embs[:n_q]).detach().requires_grad_()
     d_leaf = torch.cat(embs[n_q:]).detach().requires_grad_()
-    q_back = torch.argsort(q_order).to(q_leaf.device)
-    d_back = torch.argsort(d_order).to(d_leaf.device)
+    q_back = torch.argsort(torch.tensor([i for g in q_groups for i in g])).to(q_leaf.device)
+    d_back = torch.argsort(torch.tensor([i for g in d_groups for i in g])).to(d_leaf.device)
     out = loss_fn(q_leaf[q_back], d_leaf[d_back])
     out.backward_loss.backward()
     grads = list(q_leaf.grad.split([e.shape[0] for e in embs[:n_q]]))
     grads += list(d_leaf.grad.split([e.shape[0] for e in embs[n_q:]]))
     # 3. replay each chunk with a graph and push the cached gradient through it
     after = RandState(device)
-    for i, (_, chunk) in enumerate(chunks):
+    for i, chunk in enumerate(chunks):
         set_gradient_sync(model, i == len(chunks) - 1)
         states[i].restore()
-        emb = _embed(model, chunk, device, autocast)
-        torch.dot(emb.flatten(), grads[i].flatten().to(emb.dtype)).backward()
+        with _packed_context(model, packed):
+            emb = _embed(model, chunk, device, autocast)
+            torch.dot(emb.flatten(), grads[i].flatten().to(emb.dtype)).backward()
     after.restore()  # leave the RNG where a single pass would have left it
     return LossOutput(
         loss=out.loss.detach(), backward_loss=out.backward_loss.detach(), accuracy=out.accuracy

@@ -50,6 +50,7 @@ from conretriever.data import (
     task_name,
 )
 from conretriever.decontam import normalize_text
+from conretriever.progress import track
 from conretriever.tasks import TaskRegistry
 
 NEAR_THRESHOLD_BANDS = (0.9, 0.95, 0.98)  # report how many candidates sit above each
@@ -167,8 +168,6 @@ def _query_vectors(embedder, examples, settings, registry, task) -> np.ndarray:
 
 def mine(settings: MineSettings, embedder=None, registry: TaskRegistry | None = None) -> MineReport:
     """Mine negatives for ``settings.data`` and write ``settings.out``; see module docstring."""
-    from tqdm.auto import tqdm
-
     from conretriever.search import encode_corpus, exact_search
 
     timer = time.perf_counter()
@@ -216,7 +215,8 @@ def mine(settings: MineSettings, embedder=None, registry: TaskRegistry | None = 
     settings.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_files() as stage:
         with open(stage(settings.out), "w", encoding="utf-8") as handle:
-            for i, ex in enumerate(tqdm(examples, desc="mine", disable=not settings.show_progress)):
+            rows = track(examples, "mine", enabled=settings.show_progress, unit="rows")
+            for i, ex in enumerate(rows):
                 blocked = {normalize_text(p) for p in ex.positives} | {normalize_text(ex.query)}
                 pos_emb = np.stack(
                     [

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -32,6 +32,8 @@ from torch import nn
 
 from conretriever import export
 from conretriever.models import resolve_model
+from conretriever.precision import resolve_dtype
+from conretriever.progress import Progress
 from conretriever.tasks import format_document, format_query
 
 
@@ -133,16 +135,6 @@ def ensure_eos_appended(tokenizer) -> None:
         raise ValueError(f"{type(tokenizer).__name__}: failed to make the tokenizer append EOS")
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    names["float64"] = torch.float64
-    return names[dtype]
-
-
 class Embedder(nn.Module):
     """Text -> L2-normalised vectors. Build with :meth:`from_pretrained`."""
 
@@ -205,7 +197,7 @@ class Embedder(nn.Module):
                 setattr(settings, key, value)
 
         dev = torch.device(device) if device else _default_device()
-        torch_dtype = _resolve_dtype(dtype, dev)
+        torch_dtype = resolve_dtype(dtype, dev)
         kwargs = {"dtype": torch_dtype}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
@@ -255,8 +247,19 @@ class Embedder(nn.Module):
             return_tensors="pt" if padding else None,
         )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[batch, seq] ids -> [batch, dim] float32 embeddings (unit length if normalize)."""
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        packed_ids: list[list[int]] | None = None,
+    ) -> torch.Tensor:
+        """[batch, seq] ids + mask -> [batch, dim] float32 embeddings (unit length if
+        normalize); or ``packed_ids`` (id lists) -> [n, dim] through one padding-free forward
+        (see :meth:`forward_packed`). Both go through ``__call__``, so module hooks (FSDP2's
+        weight gathering) run either way."""
+        if packed_ids is not None:
+            return self._packed_forward(packed_ids)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         emb = pool(out.last_hidden_state, attention_mask, self.settings.pooling)
         if emb.dtype in (torch.float16, torch.bfloat16):
@@ -269,6 +272,9 @@ class Embedder(nn.Module):
         """Id lists -> [n, dim] float32 embeddings from ONE padding-free forward (decoders only;
         see ``conretriever.packing``): the texts are concatenated, positions restart per text and
         attention stays inside each text, so each vector equals the padded forward's."""
+        return self(packed_ids=seqs)
+
+    def _packed_forward(self, seqs: list[list[int]]) -> torch.Tensor:
         from conretriever.packing import pack, packed_attention, pool_packed
 
         ids, positions, cu, longest = pack(seqs)
@@ -284,19 +290,35 @@ class Embedder(nn.Module):
                 max_length_k=longest,
             )
         emb = pool_packed(out.last_hidden_state[0], cu, self.settings.pooling)
-        emb = emb.float()
+        if emb.dtype in (torch.float16, torch.bfloat16):
+            emb = emb.float()  # as in forward: similarities in (at least) fp32
         if self.settings.normalize:
             emb = nn.functional.normalize(emb, p=2, dim=-1)
         return emb
 
-    def packing_default(self) -> bool:
-        """Pack by default where it pays: a decoder on a GPU with the varlen attention kernel."""
-        from conretriever.packing import packable, varlen_kernel_available
+    def packing_supported(self) -> bool:
+        """Packed forwards compute this model exactly: a decoder with plain causal attention."""
+        from conretriever.packing import packable
 
         config = self.base_model.config
-        return (
-            is_decoder_config(config) and packable(config) and varlen_kernel_available(self.device)
-        )
+        return is_decoder_config(config) and packable(config)
+
+    def packing_default(self) -> bool:
+        """Pack encoding batches by default where it pays: a GPU with the varlen attention
+        kernel. (On a CPU, length-sorted padded batches are as fast: little padding is left.)"""
+        from conretriever.packing import varlen_kernel_available
+
+        return self.packing_supported() and varlen_kernel_available(self.device)
+
+    def packed_training_default(self) -> bool:
+        """Pack training chunks by default where it pays: on a GPU with the varlen kernel, and on
+        a CPU, where removing the padding of randomly ordered documents makes a LoRA step on
+        Gemma-3-270M ~15% faster even through the per-text attention loop."""
+        from conretriever.packing import varlen_kernel_available
+
+        if not self.packing_supported():
+            return False
+        return self.device.type == "cpu" or varlen_kernel_available(self.device)
 
     @torch.no_grad()
     def encode(
@@ -361,24 +383,24 @@ class Embedder(nn.Module):
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
         batches = _token_budget_batches([len(x) for x in ids], batch_size, max_tokens, packed)
         if show_progress is None:
-            show_progress = len(batches) > 4 and sys.stderr.isatty()
+            show_progress = len(batches) > 4
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         was_training = self.training
         self.eval()
+        bar = Progress(len(ids), desc, enabled=show_progress, unit="texts")
         try:
-            from tqdm.auto import tqdm
-
-            for idx in tqdm(batches, desc=desc, disable=not show_progress):
+            for idx in batches:
                 if packed:
                     with _autocast(self.device):
                         emb = self.forward_packed([ids[i] for i in idx])
-                    out[idx] = emb.cpu().numpy()
-                    continue
-                input_ids, mask = _pad_right([ids[i] for i in idx], pad_id)
-                with _autocast(self.device):
-                    emb = self(input_ids.to(self.device), mask.to(self.device))
+                else:
+                    input_ids, mask = _pad_right([ids[i] for i in idx], pad_id)
+                    with _autocast(self.device):
+                        emb = self(input_ids.to(self.device), mask.to(self.device))
                 out[idx] = emb.float().cpu().numpy()
+                bar.update(len(idx))
         finally:
+            bar.close()
             self.train(was_training)
         return out
 
@@ -487,7 +509,12 @@ def apply_lora(backbone: nn.Module, lora: LoraSettings | dict) -> nn.Module:
         target_modules=targets,
         bias="none",
     )
-    return get_peft_model(backbone, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated ``is_gradient_checkpointing``; not our call to fix
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+        )
+        return get_peft_model(backbone, config)
 
 
 def _default_device() -> torch.device:

@@ -1,8 +1,8 @@
 """Side-by-side tables of evaluation runs: ``conretriever compare base=DIR trained=DIR``.
 
 Each DIR is an ``--output-dir`` of ``conretriever eval`` (one ``<task>.json`` per task). The
-table has one row per task, one column per run for each metric, and the change from the first
-run to the last: the "did training help" view the demo prints.
+table has one row per task and run, and each run's nDCG@10 change from the first run: the "did
+training help" view the demo prints (untrained, trained, and a reference model).
 """
 
 from __future__ import annotations
@@ -29,25 +29,28 @@ def load_results(folder: str | Path) -> dict[str, dict]:
 
 
 def compare_table(runs: list[tuple[str, dict[str, dict]]]) -> str:
-    """Markdown: task | <metric> per run ... | delta (last - first) of nDCG@10, scores x100."""
-    names = [n for n, _ in runs]
-    header = ["task"] + [f"{m} {n}" for m, _ in METRICS for n in names]
+    """Markdown, one row per (task, run), scores x100; the last column is each run's nDCG@10
+    change from the first run's (the "did training help" view the demo prints)."""
+    header = ["task", "model"] + [m for m, _ in METRICS]
     if len(runs) > 1:
-        header.append(f"nDCG@10 {names[-1]} - {names[0]}")
+        header.append(f"nDCG@10 vs {runs[0][0]}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     tasks = sorted({t for _, res in runs for t in res})
     for task in tasks:
-        cells = [task]
-        for _, key in METRICS:
-            for _, res in runs:
-                value = res.get(task, {}).get(key)
+        first = runs[0][1].get(task, {}).get("ndcg_at_10")
+        for index, (name, res) in enumerate(runs):
+            metrics = res.get(task, {})
+            cells = [task, name]
+            for _, key in METRICS:
+                value = metrics.get(key)
                 cells.append("-" if value is None else f"{100 * value:.2f}")
-        if len(runs) > 1:
-            first = runs[0][1].get(task, {}).get("ndcg_at_10")
-            last = runs[-1][1].get(task, {}).get("ndcg_at_10")
-            delta = None if first is None or last is None else 100 * (last - first)
-            cells.append("-" if delta is None else f"{delta:+.2f}")
-        lines.append("| " + " | ".join(cells) + " |")
+            if len(runs) > 1:
+                value = metrics.get("ndcg_at_10")
+                if index == 0 or first is None or value is None:
+                    cells.append("")
+                else:
+                    cells.append(f"{100 * (value - first):+.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

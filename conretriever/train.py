@@ -30,11 +30,13 @@ import numpy as np
 import torch
 
 from conretriever import distributed as dist_utils
-from conretriever.config import RunConfig, parse_config
+from conretriever.config import ConfigError, RunConfig, parse_config
 from conretriever.data import EpochSampler, build_items, collate, load_training_data
 from conretriever.grad_cache import grad_cache_step
 from conretriever.loss import contrastive_loss
 from conretriever.modeling import Embedder, LoraSettings
+from conretriever.precision import describe, use_mixed_bf16
+from conretriever.progress import Progress
 from conretriever.tasks import TaskRegistry
 
 log = logging.getLogger("conretriever.train")
@@ -55,6 +57,8 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
 def _param_dtype(cfg: RunConfig, info: dist_utils.DistInfo) -> str:
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
+    # On a CPU the weights stay fp32 (autocast computes in bf16 where that is native, see
+    # conretriever.precision); bf16 weights would also make the optimizer update in bf16.
     # FSDP keeps fp32 shards and computes in bf16 via its policy; one GPU with LoRA can hold the
     # frozen base in bf16 (autocast computes in bf16 anyway); full fine-tuning needs fp32 masters.
     if info.device.type == "cuda" and info.world_size == 1 and cfg.model.use_lora:
@@ -63,8 +67,7 @@ def _param_dtype(cfg: RunConfig, info: dist_utils.DistInfo) -> str:
 
 
 def _use_bf16(cfg: RunConfig, info: dist_utils.DistInfo) -> bool:
-    mp = cfg.train.mixed_precision
-    return mp == "bf16" or (mp == "auto" and info.device.type == "cuda")
+    return use_mixed_bf16(cfg.train.mixed_precision, info.device)
 
 
 def build_model(cfg: RunConfig, info: dist_utils.DistInfo) -> Embedder:
@@ -272,6 +275,12 @@ def train(cfg: RunConfig) -> dict:
 
     model = build_model(cfg, info)
     bf16 = _use_bf16(cfg, info)
+    if info.is_main:
+        log.info(
+            "device %s; this run computes in %s",
+            describe(info.device),
+            "bf16" if bf16 else "float32",
+        )
     sharded = info.world_size > 1
     if sharded:
         dist_utils.shard_model(model, info.device, bf16=bf16)
@@ -302,6 +311,15 @@ def train(cfg: RunConfig) -> dict:
             log.info("--resume: no checkpoint in %s, starting from scratch", out)
     metrics = Metrics(out, info.is_main, t.report_to == "tensorboard", start)
 
+    packed = t.packed if t.packed is not None else model.packed_training_default()
+    if packed and not model.packing_supported():
+        raise ConfigError(
+            f"packed: true needs a decoder with plain causal attention; "
+            f"{type(model.base_model).__name__} is not one (set packed: false)"
+        )
+    if info.is_main:
+        log.info("training forwards: %s", "packed (no padding)" if packed else "padded")
+
     def loss_fn(q, d, ids):
         return contrastive_loss(
             q,
@@ -311,9 +329,7 @@ def train(cfg: RunConfig) -> dict:
             cross_device=t.cross_device_negatives,
         )
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps, initial=start, disable=not info.is_main, desc="train")
+    bar = Progress(total_steps, "train", enabled=info.is_main, initial=start, unit="steps")
     plan_epoch, plan = -1, []
     b = t.per_device_train_batch_size
     last = {}
@@ -345,6 +361,7 @@ def train(cfg: RunConfig) -> dict:
             info.device,
             autocast,
             chunk_tokens=t.chunk_tokens,
+            packed=packed,
         )
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         optimizer.step()

@@ -15,6 +15,8 @@
 #   OUTPUT_DIR  run folder: checkpoints, metrics, final/, eval_*/  (default outputs/<config name>)
 #   EVAL_DATA   BEIR folders and/or MTEB task names or presets   (default eval_data/demo)
 #   EVAL_BASE   1 = also evaluate the untrained model, side by side (default 1; 0 skips)
+#   REFERENCE   a model evaluated the same way as a reference row  (default embedded:minilm;
+#               empty skips)
 #   EVAL_NPROC  processes for evaluation (corpus encoding sharded) (default 1)
 # Extra arguments go to `conretriever train` and override the config (--learning_rate 1e-4 ...).
 set -euo pipefail
@@ -25,6 +27,7 @@ NPROC="${NPROC:-1}"
 OUTPUT_DIR="${OUTPUT_DIR:-outputs/$(basename "$CONFIG" .yaml)}"
 EVAL_DATA="${EVAL_DATA:-eval_data/demo}"
 EVAL_BASE="${EVAL_BASE:-1}"
+REFERENCE="${REFERENCE-embedded:minilm}"
 EVAL_NPROC="${EVAL_NPROC:-1}"
 
 train_args=(train --config "$CONFIG" --output_dir "$OUTPUT_DIR" "$@")
@@ -54,6 +57,13 @@ if [[ "$EVAL_BASE" == "1" ]]; then
   OUTPUT_DIR="$OUTPUT_DIR/eval_base" NPROC="$EVAL_NPROC" EXTRA_ARGS="$lengths" \
     bash scripts/eval_mteb_beir.sh "$base_model" "${eval_targets[@]}"
   runs=("untrained=$OUTPUT_DIR/eval_base" "${runs[@]}")
+fi
+if [[ -n "$REFERENCE" ]]; then
+  # The reference model's own settings (lengths, prompts) apply: it is not our training run.
+  echo "== evaluate the reference model ($REFERENCE) on the same data"
+  OUTPUT_DIR="$OUTPUT_DIR/eval_reference" NPROC="$EVAL_NPROC" EXTRA_ARGS="" \
+    bash scripts/eval_mteb_beir.sh "$REFERENCE" "${eval_targets[@]}"
+  runs+=("$REFERENCE (reference)=$OUTPUT_DIR/eval_reference")
 fi
 echo "== results (x100)"
 python -m conretriever compare "${runs[@]}" --output "$OUTPUT_DIR/comparison.md"

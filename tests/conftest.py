@@ -18,6 +18,9 @@ import torch
 # activated venv would, and never wait on a model hub we cannot reach.
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# "auto" precision depends on the CPU (conretriever.precision); tests must not. float32 on every
+# machine; the precision tests set the detection themselves.
+os.environ["CONRETRIEVER_CPU_BF16"] = "0"
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 if not SHARED_DATA.exists():  # CI clones the repo next to a copy of shared/

@@ -10,8 +10,8 @@ import torch
 from conretriever.grad_cache import (
     RandState,
     grad_cache_step,
-    split_chunks,
-    split_chunks_by_tokens,
+    make_chunk,
+    plan_rows,
     split_to_count,
 )
 from conretriever.loss import contrastive_loss
@@ -74,8 +74,10 @@ def test_grad_cache_equals_full_batch_step(tiny_decoder, lora):
 def test_chunks_are_trimmed_to_their_longest_sequence(tiny_decoder):
     emb = _model(tiny_decoder, lora=False)
     batch = emb.tokenize(["a", "b", "a much longer text here", "c"], 64)
-    chunks = split_chunks(batch, 2)
     lengths = batch["attention_mask"].sum(1).tolist()
+    groups = plan_rows(lengths, chunk_size=2, chunk_tokens=0)
+    assert groups == [[0, 1], [2, 3]]
+    chunks = [make_chunk(batch, g, packed=False) for g in groups]
     assert chunks[0]["input_ids"].shape[1] == max(lengths[:2])
     assert chunks[1]["input_ids"].shape[1] == max(lengths[2:])
 
@@ -154,9 +156,12 @@ def test_token_budget_chunks_equal_full_batch_step(tiny_decoder, lora):
     emb = copy.deepcopy(ref_model)
     q, d = ref_model.tokenize(queries, 64), ref_model.tokenize(docs, 96)
     ids = torch.arange(len(docs))
-    chunks, order = split_chunks_by_tokens(d, chunk_tokens=120, max_rows=5)
+    groups = plan_rows(d["attention_mask"].sum(1).tolist(), chunk_size=5, chunk_tokens=120)
+    chunks = [make_chunk(d, g, packed=False) for g in groups]
+    order = [i for g in groups for i in g]
+    assert sorted(order) == list(range(len(docs)))  # every row exactly once
     assert len({c["input_ids"].shape[0] for c in chunks}) > 1  # uneven chunks
-    assert order.tolist() != sorted(order.tolist())  # rows really were reordered
+    assert order != sorted(order)  # rows really were reordered
     assert all(c["input_ids"].numel() <= 120 or c["input_ids"].shape[0] == 1 for c in chunks)
 
     def grads(model, **chunking):
@@ -179,13 +184,13 @@ def test_token_budget_chunks_equal_full_batch_step(tiny_decoder, lora):
 def test_split_to_count_keeps_rows_and_order(tiny_decoder):
     emb = _model(tiny_decoder, lora=False)
     batch = emb.tokenize(DOCS + NEGS, 48)
-    chunks, order = split_chunks_by_tokens(batch, chunk_tokens=10_000)
-    assert len(chunks) == 1
-    split = split_to_count(chunks, 5)
+    groups = plan_rows(batch["attention_mask"].sum(1).tolist(), 0, chunk_tokens=10_000)
+    assert len(groups) == 1
+    split = split_to_count(groups, 5)
     assert len(split) == 5
-    rows = torch.cat([c["input_ids"][:, :1] for c in split])
-    assert torch.equal(rows, batch["input_ids"][order][:, :1])  # same rows, same order
-    for c in split:  # each piece trimmed to its own longest row
+    assert [i for g in split for i in g] == groups[0]  # same rows, same order
+    for g in split:  # each piece trimmed to its own longest row
+        c = make_chunk(batch, g, packed=False)
         assert int(c["attention_mask"].sum(1).max()) == c["input_ids"].shape[1]
     with pytest.raises(ValueError):
         split_to_count(split, len(DOCS + NEGS) + 1)
@@ -210,9 +215,53 @@ def test_token_budget_chunk_counts_match_across_ranks(tiny_decoder, monkeypatch)
     grad_cache_step(emb, q, d, loss, 0, torch.device("cpu"), chunk_tokens=200)
     hook.remove()
     monkeypatch.undo()
-    plain_chunks = len(split_chunks_by_tokens(q, 200)[0]) + len(split_chunks_by_tokens(d, 200)[0])
+    plain_chunks = sum(
+        len(plan_rows(b["attention_mask"].sum(1).tolist(), 0, chunk_tokens=200)) for b in (q, d)
+    )
     assert len(n_forwards) == 2 * (plain_chunks + 6)  # embed + replay, 3 more chunks per side
     grad_cache_step(ref_model, q, d, loss, 0, torch.device("cpu"))
     for (name, p), (_, r) in zip(emb.named_parameters(), ref_model.named_parameters(), strict=True):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, r.grad, atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize(
+    "chunking",
+    [{"chunk_size": 0}, {"chunk_size": 3}, {"chunk_size": 4, "chunk_tokens": 90}],
+    ids=["plain", "rows", "token-budget"],
+)
+def test_packed_step_equals_padded_step(tiny_decoder, lora, chunking, monkeypatch):
+    """Packed (padding-free) chunks give the padded full-batch step's gradients (float64)."""
+    import conretriever.packing as packing
+
+    queries = [f"q {i} " + "word " * (i % 4 * 3) for i in range(6)]
+    docs = [f"d {i} " + "text " * ((i * 5) % 9) for i in range(12)]
+    ref_model = _model(tiny_decoder, lora)
+    emb = copy.deepcopy(ref_model)
+    q, d = ref_model.tokenize(queries, 64), ref_model.tokenize(docs, 64)
+    ids = torch.arange(len(docs))
+    calls = []
+    original = packing._packed_attention_forward
+    monkeypatch.setattr(
+        packing, "_packed_attention_forward", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+
+    def grads(model, **kwargs):
+        out = grad_cache_step(
+            model,
+            q,
+            d,
+            lambda a, b: contrastive_loss(a, b, 0.05, ids),
+            device=torch.device("cpu"),
+            **kwargs,
+        )
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_out, ref = grads(ref_model, chunk_size=0)
+    assert not calls
+    out, got = grads(emb, packed=True, **chunking)
+    assert calls  # the packed attention really ran
+    torch.testing.assert_close(out.loss, ref_out.loss, atol=1e-9, rtol=1e-9)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-6, msg=name)

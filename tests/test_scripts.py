@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_train_eval_script_on_a_tiny_model(tiny_decoder, tmp_path):
+def test_train_eval_script_on_a_tiny_model(tiny_decoder, tiny_encoder, tmp_path):
     out = tmp_path / "run"
     env = dict(
         os.environ,
@@ -23,6 +23,7 @@ def test_train_eval_script_on_a_tiny_model(tiny_decoder, tmp_path):
         EVAL_DATA=str(REPO / "eval_data" / "demo"),
         CONRETRIEVER_CACHE=str(tmp_path / "cache"),
         OMP_NUM_THREADS="1",
+        REFERENCE=str(tiny_encoder),
     )
     flags = ["--model_name_or_path", str(tiny_decoder), "--max_steps", "2",
              "--mixed_precision", "no", "--report_to", "none"]  # fmt: skip
@@ -36,5 +37,6 @@ def test_train_eval_script_on_a_tiny_model(tiny_decoder, tmp_path):
     trained, base = load_results(out / "eval_trained"), load_results(out / "eval_base")
     assert set(trained) == set(base) == {"demo"}
     table = (out / "comparison.md").read_text()
-    assert "nDCG@10 untrained" in table and "nDCG@10 trained" in table
-    assert "| demo |" in proc.stdout  # the side-by-side table is printed
+    assert "| demo | untrained |" in table and "| demo | trained |" in table
+    assert f"| demo | {tiny_encoder} (reference) |" in table
+    assert "| demo | trained |" in proc.stdout  # the side-by-side table is printed

@@ -24,6 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conretriever.progress import Progress
 from conretriever.synth import prompts
 from conretriever.synth.client import ClientSettings, Completion, FatalError
 from conretriever.synth.store import AppendLog, read_jsonl
@@ -142,9 +143,13 @@ class ResumableRun:
                  self.counts["skipped"], len(todo))  # fmt: skip
         if not todo:
             return
-        every, last = max(1, len(todo) // 20), time.monotonic()
-        with AppendLog(self.records_path) as records, AppendLog(self.rejects_path) as rejects:
-            for n, (_, out, err) in enumerate(run_bounded(todo, worker, concurrency), start=1):
+        bar = Progress(len(todo), f"[{self.stage}] requests", unit="requests")
+        with (
+            bar,
+            AppendLog(self.records_path) as records,
+            AppendLog(self.rejects_path) as rejects,
+        ):
+            for _, out, err in run_bounded(todo, worker, concurrency):
                 if err is not None:
                     if isinstance(err, FatalError):
                         raise err
@@ -164,11 +169,9 @@ class ResumableRun:
                         "reply": redact(done.text[:REPLY_CHARS_KEPT]) if done else None,
                         "finish_reason": done.finish_reason if done else None,
                     })  # fmt: skip
-                if n % every == 0 or n == len(todo) or time.monotonic() - last > 30:
-                    last = time.monotonic()
-                    c = self.counts
-                    log.info("[%s] %d/%d sent: %d kept, %d rejected, %d failed", self.stage, n,
-                             len(todo), c["accepted"], c["rejected"], c["failed"])  # fmt: skip
+                c = self.counts
+                bar.set_postfix(kept=c["accepted"], rejected=c["rejected"], failed=c["failed"])
+                bar.update(1)
 
     def report(self, client, settings: ClientSettings, extra: dict | None = None) -> dict:
         """Log the run's request/token/cost summary and append it to ``usage.jsonl``."""
