@@ -5,11 +5,13 @@
     python hf_to_training_data.py --dataset ../shared/data/scifact --split train \
         --out training_data/scifact
 
-Thin driver: the flags and the work live in ``conretriever/convert.py`` (also reachable as
-``conretriever convert``); reading the sources lives in ``conretriever/sources.py``.
+The same command as ``conretriever convert`` (flags and work in ``conretriever/data/convert.py``;
+reading sources in ``conretriever/data/sources.py``).
 """
 
-from conretriever.convert import main
+import sys
+
+from conretriever.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(["convert", *sys.argv[1:]]))

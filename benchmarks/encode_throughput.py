@@ -9,7 +9,7 @@ One run encodes the SAME documents three ways with the same model and the same f
 3. **ours**: ``Embedder._encode_ids``, the batching half of ``Embedder.encode``: length-sorted
    batches of at most ``--max-tokens`` padded tokens (rows x longest length) each, or, packed
    (``--packed``; the default for decoders on a GPU), padding-free rows of at most
-   ``--max-tokens`` real tokens with varlen attention (``conretriever.packing``).
+   ``--max-tokens`` real tokens with varlen attention (``conretriever.model.packing``).
 
 Documents are BEIR-like: lognormal token lengths, median 150, sigma 0.8 (so ~64% of a
 given-order batch of 64 is padding, as measured for REFERENCES.md), clipped to 16..512, with
@@ -28,8 +28,8 @@ is appended to ``benchmarks/results.md``.
     # the slowest rank's time
     torchrun --nproc_per_node=8 benchmarks/encode_throughput.py --model-shape mistral-7b
 
-Only torch, transformers, peft, numpy and ``conretriever.modeling`` are imported, so it runs on
-the GPU machine (no mteb, datasets or faiss there). ``train_throughput.py`` imports the shared
+Only torch, transformers, peft, numpy and ``conretriever.model.embedder`` are imported, so it runs
+on the GPU machine (no mteb, datasets or faiss there). ``train_throughput.py`` imports the shared
 helpers below (model shapes, lengths, memory meter, machine name, results file).
 """
 
@@ -50,7 +50,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from conretriever.modeling import Embedder, EmbedderSettings  # noqa: E402
+from conretriever.model.embedder import Embedder, EmbedderSettings  # noqa: E402
 from conretriever.precision import resolve_dtype, use_mixed_bf16  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results.md"
@@ -119,7 +119,7 @@ def build_embedder(args, device: torch.device, lora=None) -> Embedder:
         return Embedder.from_pretrained(args.model, device=device, dtype=dtype, lora=lora)
     from transformers import AutoModel
 
-    from conretriever.modeling import apply_lora
+    from conretriever.model.embedder import apply_lora
 
     config = model_config(args.model_shape)
     config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
@@ -129,7 +129,8 @@ def build_embedder(args, device: torch.device, lora=None) -> Embedder:
         backbone = AutoModel.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if lora is not None:
         backbone = apply_lora(backbone, lora)
-    embedder = Embedder(backbone, _id_tokenizer(config.vocab_size), EmbedderSettings())
+    settings = EmbedderSettings.defaults_for(decoder=True)
+    embedder = Embedder(backbone, _id_tokenizer(config.vocab_size), settings)
     return embedder.to(device)
 
 
@@ -171,8 +172,8 @@ H100_BF16_PEAK = 790e12
 
 
 def matmul_peak(device: torch.device) -> float:
-    """Peak matmul FLOP/s: 790e12 on an H100/H200; otherwise measured in the auto dtype, 8192^3 on a GPU,
-    1024^3 on the CPU (about a second)."""
+    """Peak matmul FLOP/s: 790e12 on an H100/H200; otherwise measured in the auto dtype,
+    8192^3 on a GPU, 1024^3 on the CPU (about a second)."""
     if device.type == "cuda" and any(
         k in torch.cuda.get_device_name(device) for k in ("H100", "H200")
     ):
@@ -316,7 +317,7 @@ def padded_tokens(lengths: list[int], batches: list[list[int]]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from conretriever.modeling import _token_budget_batches
+    from conretriever.model.embedder import _token_budget_batches
 
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -23,11 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def evaluate(spec: str, beir_dir: str, qlen: int, dlen: int, dtype: str) -> tuple[dict, float]:
-    from conretriever.evaluate import evaluate_beir_dir
-    from conretriever.modeling import Embedder
+    from conretriever.evaluation.evaluate import evaluate_beir_dir
+    from conretriever.model.embedder import Embedder
 
     tic = time.perf_counter()
-    model = Embedder.from_pretrained(spec, dtype=dtype, query_max_length=qlen, doc_max_length=dlen)
+    lengths = {"query_max_length": qlen, "doc_max_length": dlen}
+    model = Embedder.from_pretrained(spec, lengths, dtype=dtype)
     metrics = evaluate_beir_dir(model, beir_dir, batch_size=32, cache_dir=None)
     return metrics, time.perf_counter() - tic
 
@@ -43,14 +44,14 @@ def main() -> int:
     args, train_flags = parser.parse_known_args()
     os.chdir(REPO)  # config paths (../shared/data/..., outputs/...) are relative to the repo
 
-    from conretriever.config import parse_config
-    from conretriever.train import train
+    from conretriever.training.config import parse_config
+    from conretriever.training.loop import train
 
     cfg = parse_config(["--config", args.config, *train_flags])
     if not Path(args.eval_dir).exists():
         print(f"{args.eval_dir}: evaluation folder not found", file=sys.stderr)
         return 2
-    qlen, dlen = cfg.model.query_max_length, cfg.model.doc_max_length
+    qlen, dlen = cfg.model.embedder.query_max_length, cfg.model.embedder.doc_max_length
     base, base_s = evaluate(cfg.model.model_name_or_path, args.eval_dir, qlen, dlen,
                             args.eval_dtype)  # fmt: skip
     print(f"untrained: nDCG@10 {100 * base['ndcg_at_10']:.2f} ({base_s:.0f} s)", flush=True)

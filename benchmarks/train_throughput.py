@@ -7,11 +7,13 @@ model. Only the chunking differs:
 1. **baseline**: fixed chunks of ``--chunk`` rows, every sequence padded to its full length
    (query 64, document 256 tokens): the seed repository's step, re-implemented here, and the
    setting of REFERENCES.md (H100, Mistral-7B, batch 256, chunk 32, checkpointing: 17.7 s/step);
-2. **fixed, trimmed**: ``grad_cache_step(chunk_size=chunk)``: the same chunks in batch order,
-   each trimmed to its longest sequence (this repository before token budgets);
-3. **ours**: ``grad_cache_step(chunk_tokens=T)``: queries and documents each sorted by length
-   and cut into chunks of at most ``T`` padded tokens, for each ``checkpointing:T`` in ``--ours``.
-   ``T = chunk x 256`` bounds activation memory like the baseline's chunks.
+2. **fixed, trimmed**: the training loop's step (``training.step.train_step``) with
+   ``chunk_size=chunk``: the same chunks in batch order, each trimmed to its longest sequence
+   (this repository before token budgets);
+3. **ours**: ``train_step(chunk_tokens=T)``: queries and documents each sorted by length and cut
+   into chunks of at most ``T`` tokens, for each ``checkpointing:T[:packed]`` in ``--ours``
+   (``packed``: padding-free chunks, T real tokens). ``T = chunk x 256`` bounds activation memory
+   like the baseline's chunks.
 
 A batch is ``--batch`` queries of 64 tokens and ``--batch x (1 + --negatives)`` documents with
 BEIR-like lengths (lognormal, median 150, clipped to 16..256), random token ids. Printed per
@@ -62,9 +64,11 @@ from encode_throughput import (  # noqa: E402
     sync,
 )
 
-from conretriever.grad_cache import RandState, grad_cache_step  # noqa: E402
-from conretriever.loss import contrastive_loss  # noqa: E402
-from conretriever.modeling import LoraSettings, set_activation_checkpointing  # noqa: E402
+from conretriever.model.embedder import set_activation_checkpointing  # noqa: E402
+from conretriever.model.settings import LoraSettings  # noqa: E402
+from conretriever.training.grad_cache import RandState  # noqa: E402
+from conretriever.training.loss import contrastive_loss  # noqa: E402
+from conretriever.training.step import train_step  # noqa: E402
 
 QUERY_TOKENS, DOC_TOKENS = 64, 256  # the E5-Mistral training lengths behind REFERENCES.md
 TEMPERATURE = 0.02  # e5-mistral's tau; any value costs the same
@@ -150,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ours",
         default=None,
-        help="ours: comma list of checkpointing:chunk_tokens, e.g. on:8192,off:4096 "
-        "(default on:T,off:T with T = chunk x 256)",
+        help="ours: comma list of checkpointing:chunk_tokens[:packed], e.g. "
+        "on:8192,off:4096,on:8192:packed (default on:T,off:T with T = chunk x 256)",
     )
     parser.add_argument("--steps", type=int, default=2 if cuda else 1, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1 if cuda else 0, help="untimed steps")
@@ -181,47 +185,59 @@ def main(argv: list[str] | None = None) -> int:
     def amp():
         return autocast(device)
 
-    def step(kind: str, queries, docs, chunk_tokens: int = 0) -> None:
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+    def step(kind: str, queries, docs, chunk_tokens: int = 0, packed: bool = False) -> None:
         if kind == "baseline":
             baseline_step(embedder, queries, docs, loss_fn, args.chunk, device, amp)
-        else:
-            grad_cache_step(
-                embedder,
-                queries,
-                docs,
-                loss_fn,
-                args.chunk if kind == "trimmed" else 0,
-                device,
-                amp,
-                chunk_tokens=chunk_tokens,
-            )
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return
+        # the training loop's own step (conretriever.training.step.train_step)
+        train_step(
+            embedder,
+            {"query": queries, "doc": docs},
+            loss_fn,
+            optimizer,
+            scheduler,
+            params=trainable,
+            max_grad_norm=1.0,
+            chunk_size=args.chunk if kind == "trimmed" else 0,
+            chunk_tokens=chunk_tokens,
+            packed=packed,
+            device=device,
+            autocast=amp,
+        )
 
-    def timed(kind, ckpt, queries, docs, tokens, steps, warmup):
+    def timed(kind, ckpt, queries, docs, tokens, steps, warmup, packed=False):
         set_activation_checkpointing(embedder.base_model, ckpt)
         with PeakMemory(device) as mem:
             for _ in range(warmup):
-                step(kind, queries, docs, tokens)
+                step(kind, queries, docs, tokens, packed)
             sync(device)
             start = time.perf_counter()
             for _ in range(steps):
-                step(kind, queries, docs, tokens)
+                step(kind, queries, docs, tokens, packed)
             sync(device)
             seconds = (time.perf_counter() - start) / steps
         return seconds, mem.mib
 
     full = args.chunk * DOC_TOKENS
     spec = args.ours or f"on:{full},off:{full}"
-    ours = [(s.split(":")[0] == "on", int(s.split(":")[1])) for s in spec.split(",") if s]
-    variants = [
-        (f"baseline: fixed {args.chunk} rows, full-length padding, ckpt on", "baseline", True, 0),
-        (f"fixed {args.chunk} rows, trimmed per chunk, ckpt on", "trimmed", True, 0),
-    ] + [
-        (f"ours: sorted, <= {t} tokens/chunk, ckpt {'on' if c else 'off'}", "ours", c, t)
-        for c, t in ours
+    ours = [
+        (p[0] == "on", int(p[1]), len(p) > 2 and p[2] == "packed")
+        for p in (item.split(":") for item in spec.split(",") if item)
     ]
+    variants = [
+        (f"baseline: fixed {args.chunk} rows, full-length padding, ckpt on", "baseline", True, 0,
+         False),
+        (f"fixed {args.chunk} rows, trimmed per chunk, ckpt on", "trimmed", True, 0, False),
+    ] + [
+        (f"ours: {'packed' if p else 'sorted'}, <= {t} tokens/chunk, ckpt {'on' if c else 'off'}",
+         "ours", c, t, p)
+        for c, t, p in ours
+    ]  # fmt: skip
 
     queries, docs = make_inputs(args.batch, args.negatives, vocab)
     real = int(queries["attention_mask"].sum() + docs["attention_mask"].sum())
@@ -229,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         small_q, small_d = make_inputs(2, 0, vocab, seed=3)
         step("ours", small_q, small_d, 512)
     rows = []
-    for name, kind, ckpt, tokens in variants:
+    for name, kind, ckpt, tokens, packed in variants:
         try:
-            seconds, mib = timed(kind, ckpt, queries, docs, tokens, args.steps, args.warmup)
+            seconds, mib = timed(kind, ckpt, queries, docs, tokens, args.steps, args.warmup, packed)
         except torch.OutOfMemoryError:
             rows.append((name, None, None, None))
             print(f"{name:55s} OOM", flush=True)
@@ -253,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         set_activation_checkpointing(embedder.base_model, best_cfg[0])
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
-            step("ours", queries, docs, best_cfg[1])
+            step("ours", queries, docs, best_cfg[1], best_cfg[2])
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         profile_text = prof.key_averages().table(
             sort_by=sort, row_limit=15, max_name_column_width=40

@@ -1,7 +1,7 @@
 """ConRetriever: turn decoder LLMs into dense retrievers, the E5-Mistral way.
 
-The public entry point is :class:`Embedder` (``conretriever.modeling``). It is imported lazily so
-that ``import conretriever`` stays cheap and has no side effects (no torch import, no logging
+The public entry point is :class:`Embedder` (``conretriever.model.embedder``). It is imported lazily
+so that ``import conretriever`` stays cheap and has no side effects (no torch import, no logging
 configuration) until something is actually used.
 """
 
@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "Embedder":
-        from conretriever.modeling import Embedder
+        from conretriever.model.embedder import Embedder
 
         return Embedder
     raise AttributeError(f"module 'conretriever' has no attribute {name!r}")

@@ -1,43 +1,105 @@
-"""Command line: ``conretriever <command> [flags]``.
+"""Command line: ``conretriever <command> [flags]`` (also ``python -m conretriever``).
 
-Each command lives in the module that owns its work and exposes ``main(argv) -> int``; this file
-only dispatches, importing the target lazily so that ``conretriever synth`` never pays for torch
-and ``conretriever train`` never imports mteb or openai.
+One command layer for every command. A command is a settings dataclass (the options, with their
+defaults and checks) and a ``run(settings) -> int`` function, both named in :data:`COMMANDS`;
+:func:`main` parses the flags (plus an optional ``--config`` YAML) into the dataclass with
+``conretriever.options``, runs it, and handles errors one way:
+
+* the project's own errors (``conretriever.errors.UserError``: bad flags, bad data, a refused
+  output) print ``conretriever <command>: error: <message>`` and exit with status 2, with no
+  traceback (``--debug`` or ``CONRETRIEVER_DEBUG=1`` shows it); under torchrun only rank 0
+  prints;
+* Ctrl-C exits with 130 after one line.
+
+The target modules are imported only when their command runs, so ``conretriever brainstorm``
+never pays for torch and ``conretriever train`` never imports mteb or openai.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
+from dataclasses import dataclass
 
-# command -> ("module:function", one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("conretriever.train:main", "contrastive training (python or torchrun)"),
-    "eval": ("conretriever.evaluate:main", "e5-style BEIR/MTEB retrieval evaluation"),
-    "encode": ("conretriever.modeling:encode_main", "encode a text/JSONL file to a .npy matrix"),
-    "brainstorm": ("conretriever.synth.brainstorm:main", "synthetic data step 1: task ideas"),
-    "generate": ("conretriever.synth.generate:main", "synthetic data step 2: examples"),
-    "convert-synthetic": (
-        "conretriever.synth.generate:convert_main",
-        "synthetic examples -> training JSONL",
+
+@dataclass(frozen=True)
+class Command:
+    settings: str  # "module:Class"
+    run: str  # "module:function"
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(
+        "conretriever.training.config:RunConfig",
+        "conretriever.training.loop:main",
+        "contrastive training of a retriever (python, or torchrun for many processes)",
     ),
-    "serve-llm": (
-        "conretriever.synth.local_llm:main",
+    "eval": Command(
+        "conretriever.evaluation.evaluate:EvalSettings",
+        "conretriever.evaluation.evaluate:run",
+        "e5-style BEIR/MTEB retrieval evaluation",
+    ),
+    "encode": Command(
+        "conretriever.retrieval.encode_file:EncodeSettings",
+        "conretriever.retrieval.encode_file:run",
+        "encode a text/JSONL file to a .npy matrix",
+    ),
+    "mine": Command(
+        "conretriever.data.mining:MineSettings",
+        "conretriever.data.mining:run",
+        "mine hard negatives with any embedder",
+    ),
+    "decontaminate": Command(
+        "conretriever.data.decontam:DecontamSettings",
+        "conretriever.data.decontam:run",
+        "report (and drop) training rows that overlap evaluation data",
+    ),
+    "convert": Command(
+        "conretriever.data.convert:ConvertSettings",
+        "conretriever.data.convert:run",
+        "Hugging Face / BEIR / MS MARCO-style datasets -> training JSONL",
+    ),
+    "compare": Command(
+        "conretriever.evaluation.report:CompareSettings",
+        "conretriever.evaluation.report:run",
+        "side-by-side table of eval output folders",
+    ),
+    "brainstorm": Command(
+        "conretriever.synth.brainstorm:BrainstormCommand",
+        "conretriever.synth.brainstorm:run",
+        "synthetic data step 1: retrieval task ideas from an LLM",
+    ),
+    "generate": Command(
+        "conretriever.synth.generate:GenerateCommand",
+        "conretriever.synth.generate:run",
+        "synthetic data step 2: (query, positive, hard negative) examples",
+    ),
+    "convert-synthetic": Command(
+        "conretriever.synth.generate:ConvertSyntheticCommand",
+        "conretriever.synth.generate:run_convert",
+        "synthetic examples -> training JSONL (generate does it at the end)",
+    ),
+    "serve-llm": Command(
+        "conretriever.synth.local_llm:ServeCommand",
+        "conretriever.synth.local_llm:run",
         "OpenAI-compatible chat server for a local model (synthetic data offline)",
     ),
-    "compare": ("conretriever.report:compare_main", "side-by-side table of eval output folders"),
-    "convert": ("conretriever.convert:main", "Hugging Face / BEIR datasets -> training JSONL"),
-    "mine": ("conretriever.mining:main", "mine hard negatives with any Embedder"),
-    "decontaminate": ("conretriever.mining:decontaminate_main", "training/eval overlap report"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: conretriever <command> [flags]   (conretriever <command> --help)", ""]
     width = max(len(c) for c in COMMANDS)
-    lines += [f"  {cmd.ljust(width)}  {help_}" for cmd, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name.ljust(width)}  {c.help}" for name, c in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def _load(target: str):
+    module_name, attr = target.split(":")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def _quiet_library_bars() -> None:
@@ -48,17 +110,40 @@ def _quiet_library_bars() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("CONRETRIEVER_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        debug = True
+        argv.remove("--debug")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"conretriever: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"conretriever: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     if not sys.stderr.isatty():
         _quiet_library_bars()
-    module_name, func_name = COMMANDS[command][0].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from conretriever.errors import UserError
+    from conretriever.options import parse
+
+    command = COMMANDS[name]
+    try:
+        settings = parse(_load(command.settings), rest, prog=f"conretriever {name}",
+                         description=command.help)  # fmt: skip
+        return int(_load(command.run)(settings) or 0)
+    except UserError as err:
+        if debug:
+            raise
+        if _is_rank0():
+            print(f"conretriever {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"conretriever {name}: interrupted", file=sys.stderr)
+        return 130

@@ -20,3 +20,7 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
     """Bad data; names the file, line and field of every problem found."""
+
+
+class TrainingError(UserError):
+    """A run that cannot go on (a non-finite loss, say); names the step and what was kept."""

@@ -11,8 +11,9 @@ the command line, Python callers, scripts and saved runs all read the same ones.
 * **Sections.** A field whose type is itself a dataclass is a section (``model.lora``): its
   fields are flags too, optionally prefixed (``--lora_r`` sets ``model.lora.r``). Flat names are
   unique across the whole tree (checked when the parser is built), so a flag is never ambiguous.
-* **YAML.** ``--config FILE`` is a mapping of sections and/or flat names at any depth; flags
-  override it. An unknown key is an error naming the file, the key and the closest known one.
+* **YAML.** ``--config FILE`` (``--config_file`` where a setting is called ``config``) is a mapping
+  of sections and/or flat names at any depth; flags override it. An unknown key is an error naming
+  the file, the key and the closest known one.
 * **Checks.** Every value is checked against its field's type (numbers must be finite), its
   ``choices`` (or a ``Literal`` type) and its bounds (``ge``, ``gt``, ``le``); a dataclass may add
   cross-field checks in a ``validate()`` method. Each problem is a :class:`ConfigError` naming the
@@ -63,12 +64,14 @@ def opt(
     prefix: str = "",
     allow_nan: bool = False,
     metavar: str | None = None,
+    required: bool = False,
 ):
     """A dataclass field with command-line extras (see the module docstring).
 
     ``prefix`` applies to a section field: its fields' flags get it (``lora_``). ``aliases``
     are extra flag names (without dashes). ``positional`` makes a list field the command's
-    positional arguments. No default = required."""
+    positional arguments. No default, or ``required=True`` (a default that Python callers may
+    rely on, None say, that the command line must not), makes the option required there."""
     meta = {
         "help": help,
         "choices": tuple(choices) if choices is not None else None,
@@ -80,6 +83,7 @@ def opt(
         "prefix": prefix,
         "allow_nan": allow_nan,
         "metavar": metavar,
+        "required": required,
     }
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
@@ -99,7 +103,8 @@ class Option:
 
     @property
     def required(self) -> bool:
-        return self.field.default is MISSING and self.field.default_factory is MISSING
+        no_default = self.field.default is MISSING and self.field.default_factory is MISSING
+        return no_default or bool(self.meta["required"])
 
     def default(self):
         if self.field.default_factory is not MISSING:
@@ -122,6 +127,7 @@ _DEFAULT_META = {
     "prefix": "",
     "allow_nan": False,
     "metavar": None,
+    "required": False,
 }
 
 
@@ -130,7 +136,9 @@ def _unwrap_optional(tp: object) -> tuple[object, bool]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+        if len(rest) != 1:
+            raise AssertionError(f"option type {tp!r}: only X | None unions are supported")
+        return rest[0], True
     return tp, False
 
 
@@ -233,6 +241,8 @@ def _scalar(value: object, base: object, where: str) -> object:
     if typing.get_origin(base) is typing.Literal:
         allowed = typing.get_args(base)
         kind = type(allowed[0])
+        if kind is str and isinstance(value, bool):  # YAML reads `resume: true` as a bool
+            value = str(value).lower()
         converted = _scalar(value, kind, where)
         if converted not in allowed:
             raise ConfigError(
@@ -242,8 +252,9 @@ def _scalar(value: object, base: object, where: str) -> object:
     raise AssertionError(f"{where}: unsupported option type {base!r}")
 
 
-def convert(value: object, tp: object, where: str) -> object:
-    """``value`` checked and converted to the annotation ``tp`` (see the module docstring)."""
+def convert(value: object, tp: object, where: str, split_commas: bool = False) -> object:
+    """``value`` checked and converted to the annotation ``tp`` (see the module docstring);
+    ``split_commas``: list items may be comma-separated (enumerated lists)."""
     base, optional = _unwrap_optional(tp)
     if value is None or (
         optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS
@@ -254,6 +265,8 @@ def convert(value: object, tp: object, where: str) -> object:
     if typing.get_origin(base) is list:
         (item,) = typing.get_args(base)
         items = value if isinstance(value, list | tuple) else [value]
+        if split_commas:  # "--fields query,positive" == "--fields query positive"
+            items = [p.strip() for v in items for p in str(v).split(",") if p.strip()]
         return [convert(v, item, f"{where}[{i}]") for i, v in enumerate(items)]
     return _scalar(value, base, where)
 
@@ -346,7 +359,7 @@ def build(cls: type, values: dict[str, tuple[object, str]]):
     for o in options(cls):
         if o.name in values:
             raw, where = values[o.name]
-            value = convert(raw, o.type, where)
+            value = convert(raw, o.type, where, split_commas=_choices(o) is not None)
             _check(o, value, where)
         elif o.required:
             raise ConfigError(f"{o.flag} is required")
@@ -412,6 +425,12 @@ def _default_text(o: Option) -> str:
     return f"default: {value}"
 
 
+def _yaml_flag(cls: type) -> str:
+    """``--config FILE`` names the YAML file, unless the command has a setting of that name
+    (``convert --config``: a dataset's config), where it is ``--config_file FILE``."""
+    return "config_file" if "config" in _index(cls) else "config"
+
+
 def build_parser(cls: type, prog: str, description: str = "", config_flag: bool = True):
     """An argparse parser with one flag (and its aliases) per option; no defaults are set on
     it (``SUPPRESS``), so :func:`parse` knows exactly which flags were given."""
@@ -424,7 +443,10 @@ def build_parser(cls: type, prog: str, description: str = "", config_flag: bool 
     )
     if config_flag:
         parser.add_argument(
-            "--config", metavar="FILE", help="YAML file of settings (flags override it)"
+            f"--{_yaml_flag(cls)}",
+            dest="_yaml_file",
+            metavar="FILE",
+            help="YAML file of settings (flags override it)",
         )
     groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
     for o in options(cls):
@@ -447,7 +469,7 @@ def build_parser(cls: type, prog: str, description: str = "", config_flag: bool 
         names = [o.name, *meta["aliases"]]
         flags = []
         for name in names:
-            flags.append(f"--{name}")
+            flags.append(f"-{name}" if len(name) == 1 else f"--{name}")  # -v
             if "_" in name:
                 flags.append(f"--{name.replace('_', '-')}")
         kwargs["dest"] = o.name
@@ -486,7 +508,7 @@ def parse(cls: type, argv: list[str] | None, prog: str, description: str = ""):
         raise ConfigError(f"unknown option {first!r}{hint}; see {prog} --help")
     given = vars(args)
     values: dict[str, tuple[object, str]] = {}
-    config = given.pop("config", None)
+    config = given.pop("_yaml_file", None)
     if config:
         values.update(flatten_mapping(cls, read_yaml(config), str(config)))
     index = _index(cls)

@@ -16,9 +16,9 @@ set -euo pipefail
 
 # Variables (all optional):
 OUTPUT_DIR="${OUTPUT_DIR:-eval_results}"  # <task>.json, summary.md, settings.json land here
-BATCH_SIZE="${BATCH_SIZE:-32}"            # texts per forward pass (per process)
+BATCH_SIZE="${BATCH_SIZE:-}"              # most texts per forward (empty: the CLI's default)
 NPROC="${NPROC:-1}"                       # >1: torchrun, one process per GPU, corpus sharded
-EXTRA_ARGS="${EXTRA_ARGS:-}"              # passed through, e.g. "--max-queries 100 --no-cache"
+EXTRA_ARGS="${EXTRA_ARGS:-}"              # passed through, e.g. "--max_queries 100 --no_cache"
 
 if [[ $# -lt 1 ]]; then
   sed -n '2,12p' "$0" >&2
@@ -34,8 +34,9 @@ for arg in "$@"; do
   if [[ -d "$arg" ]]; then dirs+=("$arg"); else tasks+=("$arg"); fi
 done
 
-args=(--model "$model" --output-dir "$OUTPUT_DIR" --batch-size "$BATCH_SIZE")
-[[ ${#dirs[@]} -gt 0 ]] && args+=(--beir-dir "${dirs[@]}")
+args=(--model "$model" --output_dir "$OUTPUT_DIR")
+[[ -n "$BATCH_SIZE" ]] && args+=(--batch_size "$BATCH_SIZE")
+[[ ${#dirs[@]} -gt 0 ]] && args+=(--beir_dir "${dirs[@]}")
 [[ ${#tasks[@]} -gt 0 ]] && args+=(--tasks "${tasks[@]}")
 # shellcheck disable=SC2206  # EXTRA_ARGS is meant to split into words
 args+=($EXTRA_ARGS)

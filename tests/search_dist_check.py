@@ -21,8 +21,8 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         torch.distributed.init_process_group("gloo")
-    from conretriever.modeling import Embedder
-    from conretriever.search import encode_corpus
+    from conretriever.model.embedder import Embedder
+    from conretriever.retrieval.search import encode_corpus
 
     model = Embedder.from_pretrained(model_dir, device="cpu")
     # 23 texts of varied length: uneven split over 2 ranks (11 + 12, the short one padded),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conretriever.config import parse_config
+from conretriever.training.config import parse_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -19,6 +19,6 @@ def test_shipped_config_loads(path):
 
 def test_e5_recipe_matches_paper():
     cfg = parse_config(["--config", str(CONFIGS[0].parent / "e5_mistral_7b.yaml")])
-    assert cfg.model.lora_r == 16 and cfg.train.temperature == 0.02
+    assert cfg.model.lora.r == 16 and cfg.train.temperature == 0.02
     assert cfg.train.learning_rate == 1e-4 and cfg.train.num_train_epochs == 1.0
     assert cfg.train.per_device_train_batch_size * 8 == 2048

@@ -1,4 +1,5 @@
-"""hf_to_training_data / conretriever.convert on small local files in every supported layout."""
+"""hf_to_training_data / conretriever.data.convert on small local files in every supported
+layout."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conretriever.convert import main
-from conretriever.data import load_training_data, read_task_file
-from conretriever.tasks import TaskRegistry, eval_instruction
+from conretriever.cli import main as cli_main
+from conretriever.data.tasks import TaskRegistry, eval_instruction
+from conretriever.data.training import load_training_data, read_task_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def run(*args) -> int:
-    return main([*map(str, args), "--no-progress"])
+    return cli_main(["convert", *map(str, args), "--no-progress"])
 
 
 def test_e5r_collection_all_configs(tmp_path):
@@ -89,7 +90,7 @@ def test_csv_named_columns_keep_text_types(tmp_path):
         },
         {"query": "what is 2+2", "positive": ["Four."], "negative": ["Five."]},
     ]
-    assert run("--dataset", src, "--out", out, "--query-column", "nope") == 1
+    assert run("--dataset", src, "--out", out, "--query-column", "nope") == 2
 
 
 def test_msmarco_triples_tsv_merges_consecutive_negatives(tmp_path):
@@ -172,7 +173,7 @@ def test_beir_folder(tmp_path):
         },
     ]
     (src / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n2\td9\t1\n")
-    assert run("--dataset", src, "--out", tmp_path / "bad") == 1
+    assert run("--dataset", src, "--out", tmp_path / "bad") == 2
     assert not (tmp_path / "bad" / "scifact.jsonl").exists()
 
 
@@ -193,13 +194,13 @@ def test_malformed_row_named_and_nothing_written(tmp_path, capsys):
     ]
     src = write_jsonl(tmp_path / "bad.jsonl", rows)
     out = tmp_path / "out"
-    assert run("--dataset", src, "--out", out) == 1
+    assert run("--dataset", src, "--out", out) == 2
     err = capsys.readouterr().err
     assert f"{src}:3: field 'query': empty" in err
     assert f"{src}:4: field 'positive': empty" in err
     assert list(out.iterdir()) == []  # no task file, no temporary file
     src.write_text('{"query": "a", "positive": ["b"]}\n{"query": "a" "positive": 1}\n')
-    assert run("--dataset", src, "--out", out) == 1
+    assert run("--dataset", src, "--out", out) == 2
     assert f"{src}:2: malformed JSON" in capsys.readouterr().err
 
 
@@ -208,7 +209,7 @@ def test_failed_config_leaves_no_task_files(tmp_path):
     write_jsonl(src / "good.jsonl", [{"query": "a", "positive": ["b"]}])
     write_jsonl(src / "later.jsonl", [{"query": "a", "positive": None}])
     out = tmp_path / "out"
-    assert run("--dataset", src, "--config", "all", "--out", out) == 1
+    assert run("--dataset", src, "--config", "all", "--out", out) == 2
     assert list(out.iterdir()) == []
 
 
@@ -290,7 +291,6 @@ def test_no_arguments_converts_the_embedded_example(tmp_path):
 
 
 def test_one_of_dataset_and_out_is_an_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--dataset", "x.jsonl"])
-    assert exit_info.value.code == 2
-    assert "--dataset and --out" in capsys.readouterr().err
+    assert cli_main(["convert", "--dataset", "x.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("conretriever convert: error: --dataset and --out") and "Traceback" not in err

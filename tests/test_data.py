@@ -8,15 +8,15 @@ from collections import Counter
 
 import pytest
 
-from conretriever.config import ConfigError, parse_config
-from conretriever.data import (
+from conretriever.data.tasks import TaskRegistry, eval_instruction
+from conretriever.data.training import (
     DataError,
     EpochSampler,
     build_items,
     load_training_data,
     read_task_file,
 )
-from conretriever.tasks import TaskRegistry, eval_instruction
+from conretriever.training.config import ConfigError, parse_config
 
 
 def _write(path, rows):
@@ -95,9 +95,9 @@ def test_config_yaml_then_flags(tmp_path):
     )
     cfg = parse_config(["--config", str(cfg_file), "--temperature", "0.05", "--use_lora", "no"])
     assert cfg.train.learning_rate == 5e-5 and cfg.train.temperature == 0.05
-    assert cfg.model.lora_r == 8 and cfg.model.use_lora is False
+    assert cfg.model.lora.r == 8 and cfg.model.use_lora is False
     cfg_file.write_text("train:\n  learning_rat: 1\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: unknown config key 'train.learning_rat'"):
+    with pytest.raises(ConfigError, match=r"c.yaml: train.learning_rat: unknown key \(did you mean 'learning_rate'\?\)"):
         parse_config(["--config", str(cfg_file)])
     with pytest.raises(ConfigError, match="temperature"):
         parse_config(["--temperature", "0"])
@@ -151,5 +151,6 @@ def test_negative_draw_is_deterministic_and_repeats(tmp_path):
     assert len(set(items[2].negatives)) == 2 and set(items[2].negatives) <= {"n2a", "n2b", "n2c"}
     again = build_items(slots, data, reg, 2, seed=1, epoch=0, batch_index=5)
     assert [i.negatives for i in again] == [i.negatives for i in items]
-    assert items[0].query.startswith("Instruct: Given a question, retrieve Wikipedia passages")
+    assert items[0].query == "q0"  # formatted later, by the model (collate)
+    assert items[0].instruction.startswith("Given a question, retrieve Wikipedia passages")
     assert data["nq"][2].negatives == ("n2a", "n2b", "n2c")  # data never mutated

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import make_decoder_dir
 
-from conretriever.modeling import Embedder, _pad_right, _token_budget_batches
+from conretriever.model.embedder import Embedder, _pad_right, _token_budget_batches
 
 WORDS = "retrieval dense vector query passage model token batch budget sort length".split()
 

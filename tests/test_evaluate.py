@@ -18,11 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from conretriever import evaluate as ev
-from conretriever.beir import DEFAULT_SPLIT, IGNORE_IDENTICAL_IDS, load_beir_dir
-from conretriever.metrics import retrieval_metrics
-from conretriever.mteb_bridge import evaluate_with_mteb, local_mteb_task
-from conretriever.tasks import EVAL_INSTRUCTIONS
+from conretriever.data.beir import DEFAULT_SPLIT, IGNORE_IDENTICAL_IDS, load_beir_dir
+from conretriever.data.tasks import EVAL_INSTRUCTIONS
+from conretriever.evaluation import evaluate as ev
+from conretriever.files import strict_json
+from conretriever.evaluation.metrics import retrieval_metrics
+from conretriever.evaluation.mteb_bridge import evaluate_with_mteb, local_mteb_task
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,7 +122,7 @@ def test_mteb_engine_gives_the_same_numbers(fixed_folder):
     pytest.importorskip("mteb")
     model = FixedEmbedder(VECTORS)
     data = load_beir_dir(fixed_folder)
-    settings = ev.EvalSettings(show_progress=False)
+    settings = ev.EvalSettings(progress=False)
     (result,) = evaluate_with_mteb(model, [local_mteb_task(data)], settings, "fixed")
     native = ev.evaluate_beir_dir(model, fixed_folder, show_progress=False)
     for key in ("ndcg_at_10", "ndcg_at_1", "map_at_10", "recall_at_10", "mrr_at_10"):
@@ -178,7 +179,7 @@ def test_self_matches_dropped_for_arguana_style_tasks(tmp_path):
 
 
 def test_instruction_reaches_queries_and_none_reaches_documents(tiny_decoder, tmp_path):
-    from conretriever.modeling import Embedder
+    from conretriever.model.embedder import Embedder
 
     folder = write_beir(
         tmp_path / "scifact",
@@ -206,7 +207,7 @@ def test_instruction_reaches_queries_and_none_reaches_documents(tiny_decoder, tm
 
 
 def test_encoder_without_prompts_gets_no_instruction(tiny_encoder, tmp_path):
-    from conretriever.modeling import Embedder
+    from conretriever.model.embedder import Embedder
 
     folder = write_beir(tmp_path / "scifact", {"a": ("", "x y")}, {"1": "q z"}, [("1", "a", 1)])
     model = Embedder.from_pretrained(tiny_encoder, device="cpu")
@@ -245,11 +246,11 @@ def test_malformed_inputs_are_named(tmp_path):
     qrels.write_text("q1\td1\t1\n")
     corpus = folder / "corpus.jsonl"
     corpus.write_text('{"_id": "a", "text": "x"}\n{"_id": "b", "title": "t"}\n')
-    with pytest.raises(ValueError, match=rf"{corpus}:2:text: missing"):
+    with pytest.raises(ValueError, match=rf"{corpus}:2: field 'text': missing"):
         load_beir_dir(folder)
     corpus.write_text('{"_id": "a", "text": "x"}\n')
     (folder / "queries.jsonl").write_text('{"text": "no id"}\n')
-    with pytest.raises(ValueError, match=r"queries.jsonl:1:_id: missing"):
+    with pytest.raises(ValueError, match=r"queries.jsonl:1: field '_id': missing"):
         load_beir_dir(folder)
 
 
@@ -266,13 +267,13 @@ def test_presets_resolve_to_mteb_tasks_with_matching_self_match_rule():
 
 
 def test_strict_json_replaces_nan():
-    out = ev._strict({"a": float("nan"), "b": [np.float32(1.5), float("inf")]})
+    out = strict_json({"a": float("nan"), "b": [np.float32(1.5), float("inf")]})
     assert json.dumps(out, allow_nan=False) == '{"a": null, "b": [1.5, null]}'
 
 
 def test_cli_and_script_on_a_saved_model(tiny_decoder, tmp_path):
     """The training script calls scripts/eval_mteb_beir.sh on its output folder."""
-    from conretriever.modeling import Embedder
+    from conretriever.model.embedder import Embedder
 
     model_dir = Embedder.from_pretrained(tiny_decoder, device="cpu").save(tmp_path / "model")
     folder = write_beir(tmp_path / "nfcorpus", DOCS, QUERIES, QRELS)
@@ -313,7 +314,7 @@ def test_minilm_on_a_scifact_subset_matches_an_independent_reference(shared_data
     it takes longer than a test should on 2 shared CPU cores."""
     from eval_minilm_reference import write_subset
 
-    from conretriever.modeling import Embedder
+    from conretriever.model.embedder import Embedder
 
     folder = write_subset(shared_data / "scifact", tmp_path)
     model = Embedder.from_pretrained("embedded:minilm", device="cpu")
@@ -327,7 +328,7 @@ def test_minilm_on_full_scifact_matches_mteb(shared_data):
     """The published MTEB figure for all-MiniLM-L6-v2 on SciFact is nDCG@10 = 64.51 (300 test
     queries, 5,183 documents). Opt-in (``pytest -m full``): 3.5 min on 2 idle CPU cores with
     AVX-512, ~12 min on shared AVX2-only ones, too long for the default run."""
-    from conretriever.modeling import Embedder
+    from conretriever.model.embedder import Embedder
 
     model = Embedder.from_pretrained("embedded:minilm", device="cpu")
     metrics = ev.evaluate_beir_dir(model, shared_data / "scifact", show_progress=False)

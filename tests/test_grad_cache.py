@@ -7,15 +7,15 @@ import copy
 import pytest
 import torch
 
-from conretriever.grad_cache import (
+from conretriever.model.embedder import Embedder, LoraSettings, is_activation_checkpointing
+from conretriever.training.grad_cache import (
     RandState,
     grad_cache_step,
     make_chunk,
     plan_rows,
     split_to_count,
 )
-from conretriever.loss import contrastive_loss
-from conretriever.modeling import Embedder, LoraSettings, is_activation_checkpointing
+from conretriever.training.loss import contrastive_loss
 
 QUERIES = [f"query number {i} about {w}" for i, w in enumerate("abcdefgh")]
 DOCS = [f"document {i} talks about {w} at length" for i, w in enumerate("abcdefgh")]
@@ -199,7 +199,7 @@ def test_split_to_count_keeps_rows_and_order(tiny_decoder):
 def test_token_budget_chunk_counts_match_across_ranks(tiny_decoder, monkeypatch):
     """Pretend another rank needs more chunks (as with other lengths under FSDP): this rank
     splits its chunks to match, and the gradients still equal the full-batch step's."""
-    import conretriever.grad_cache as gc
+    import conretriever.training.grad_cache as gc
 
     ref_model = _model(tiny_decoder, lora=True)
     emb = copy.deepcopy(ref_model)
@@ -233,7 +233,7 @@ def test_token_budget_chunk_counts_match_across_ranks(tiny_decoder, monkeypatch)
 )
 def test_packed_step_equals_padded_step(tiny_decoder, lora, chunking, monkeypatch):
     """Packed (padding-free) chunks give the padded full-batch step's gradients (float64)."""
-    import conretriever.packing as packing
+    import conretriever.model.packing as packing
 
     queries = [f"q {i} " + "word " * (i % 4 * 3) for i in range(6)]
     docs = [f"d {i} " + "text " * ((i * 5) % 9) for i in range(12)]

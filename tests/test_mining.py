@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from conretriever.data import DataError, read_task_file
-from conretriever.decontam import DecontamSettings, decontaminate, normalize_text
-from conretriever.mining import MineSettings, main, mine, parse_window
-from conretriever.tasks import TaskRegistry
+from conretriever.cli import main as cli_main
+from conretriever.data.decontam import DecontamSettings, decontaminate, normalize_text
+from conretriever.data.mining import MineSettings, mine, parse_window
+from conretriever.data.tasks import TaskRegistry
+from conretriever.data.training import DataError, read_task_file
 
 
 class FixedEmbedder(nn.Module):
@@ -86,9 +87,9 @@ def settings_for(data: Path, tmp: Path, **kw) -> MineSettings:
         data=data,
         corpus=str(tmp / "corpus.jsonl"),
         out=tmp / "out.jsonl",
-        window=(5, 20),
+        window="5-20",
         n_negatives=100,
-        show_progress=False,
+        progress=False,
     )
     return MineSettings(**{**base, **kw})
 
@@ -149,9 +150,9 @@ def test_self_corpus_and_row_instruction(tmp_path):
         data=data,
         corpus="self",
         out=tmp_path / "o.jsonl",
-        window=(1, 4),
+        window="1-4",
         n_negatives=2,
-        show_progress=False,
+        progress=False,
     )
     report = mine(settings, embedder=embedder)
     assert report.corpus_docs == 4  # p1, n1, p2, n2
@@ -193,16 +194,20 @@ def test_cli_with_real_embedder_and_cache(tmp_path, tiny_encoder, capsys):
         str(tmp_path / "cache"),
         "--no-progress",
     ]
-    assert main(args) == 0
+    assert cli_main(["mine", *args]) == 0
     out = read_task_file(tmp_path / "mined.jsonl")
     assert [len(ex.negatives) for ex in out] == [3] * 5
     assert all(ex.positives[0] not in ex.negatives for ex in out)
     assert any((tmp_path / "cache").rglob("*.emb.npy"))
     first = (tmp_path / "mined.jsonl").read_text()
-    assert main(args) == 0  # second run reads the cache and mines the same negatives
+    assert cli_main(["mine", *args]) == 2  # an existing output is not replaced by surprise
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "mined.jsonl").read_text() == first
-    assert main([*args[:-1], "--window", "9-3"]) == 2
-    assert "need 1 <= LO <= HI" in capsys.readouterr().err
+    # the second run reads the cache and mines the same negatives
+    assert cli_main(["mine", *args, "--overwrite"]) == 0
+    assert (tmp_path / "mined.jsonl").read_text() == first
+    assert cli_main(["mine", *args[:-1], "--window", "9-3"]) == 2
+    assert "needs 1 <= LO <= HI" in capsys.readouterr().err
 
 
 def test_bad_corpus_row_is_named(setup):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conretriever.modeling import Embedder, LoraSettings, pool
+from conretriever.model.embedder import Embedder, LoraSettings, pool
 
 TEXTS = ["hello world", "a much longer text about retrieval and pooling", "x", "two words"]
 
@@ -25,7 +25,7 @@ def _reference_last_token(embedder: Embedder, text: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_last_token_pooling_matches_reference_under_padding(tiny_decoder, side):
-    emb = Embedder.from_pretrained(tiny_decoder, device="cpu", prompt_format="none")
+    emb = Embedder.from_pretrained(tiny_decoder, {"prompt_format": "none"}, device="cpu")
     emb.tokenizer.padding_side = side
     batch = emb.tokenize(TEXTS, max_length=64)
     # The batch really is padded on the requested side.
@@ -82,9 +82,9 @@ def _randomize_lora(embedder: Embedder, seed: int = 1) -> None:
 def test_save_merges_lora_and_round_trips(tiny_decoder, tmp_path):
     emb = Embedder.from_pretrained(
         tiny_decoder,
+        {"default_instruction": "Given a question, retrieve answers"},
+        LoraSettings(r=4, alpha=8, dropout=0.0),
         device="cpu",
-        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
-        default_instruction="Given a question, retrieve answers",
     )
     _randomize_lora(emb)
     emb.eval()
@@ -110,9 +110,9 @@ def test_sentence_transformers_loads_saved_model(tiny_decoder, tmp_path):
     st = pytest.importorskip("sentence_transformers")
     emb = Embedder.from_pretrained(
         tiny_decoder,
+        {"default_instruction": "Given a claim, retrieve evidence"},
+        {"r": 4, "alpha": 8, "dropout": 0.0},
         device="cpu",
-        lora={"r": 4, "alpha": 8, "dropout": 0.0},
-        default_instruction="Given a claim, retrieve evidence",
     )
     _randomize_lora(emb)
     out = emb.save(tmp_path / "saved")
@@ -135,7 +135,7 @@ def test_encoder_mean_pooling_matches_sentence_transformers(tiny_encoder, tmp_pa
 @pytest.mark.slow
 def test_embedded_minilm_equals_sentence_transformers():
     st = pytest.importorskip("sentence_transformers")
-    from conretriever.models import resolve_model
+    from conretriever.model.specs import resolve_model
 
     texts = ["A man is eating food.", "Photosynthesis converts light into chemical energy.", "ok"]
     ours = Embedder.from_pretrained("embedded:minilm", device="cpu").encode(texts, role="passage")

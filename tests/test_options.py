@@ -56,7 +56,9 @@ def test_flags_both_spellings_and_nested_prefix():
 
 def test_yaml_nested_or_flat_and_flags_win(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model:\n  name: m\n  lora:\n    r: 8\ntrain:\n  batch_size: 5\n  lora_dropout: 0\n")
+    cfg.write_text(
+        "model:\n  name: m\n  lora:\n    r: 8\ntrain:\n  batch_size: 5\n  lora_dropout: 0\n"
+    )
     run = parse(Run, ["--config", str(cfg), "--batch_size", "6"], prog="t")
     assert run.model.lora.r == 8 and run.model.lora.dropout == 0.0 and run.train.batch_size == 6
 
@@ -71,7 +73,7 @@ def test_yaml_nested_or_flat_and_flags_win(tmp_path):
         (["--report_to", "wandb"], "'wandb' is not allowed; use one of none, tensorboard"),
         (["--lora_dropout", "1.5"], "--lora_dropout: must be <= 1, got 1.5"),
         (["--use_lora", "maybe"], "--use_lora: expected true or false"),
-        (["--lerning_rate", "1"], "unknown option '--lerning_rate' (did you mean '--learning_rate'?)"),
+        (["--lerning_rate", "1"], "'--lerning_rate' (did you mean '--learning_rate'?)"),
         (["--lr", "1"], "unknown option '--lr'"),  # no silent abbreviation of --lr_...
         (["--lora_r", "80", "--batch_size", "200"], "lora_r > 64 with batch_size > 100"),
     ],
@@ -91,7 +93,8 @@ def test_required_and_unknown_yaml_key(tmp_path):
         parse(Needs, [], prog="t")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  batch_sise: 4\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: train.batch_sise: unknown key \(did you mean 'batch_size'"):
+    match = r"c.yaml: train.batch_sise: unknown key \(did you mean 'batch_size'"
+    with pytest.raises(ConfigError, match=match):
         parse(Run, ["--config", str(cfg)], prog="t")
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import make_decoder_dir, save_tiny_decoder
 
-import conretriever.packing as packing
-from conretriever.modeling import Embedder, _token_budget_batches
+import conretriever.model.packing as packing
+from conretriever.model.embedder import Embedder, _token_budget_batches
 
 WORDS = "packed rows restart positions attention stays inside every text".split()
 
@@ -58,7 +58,7 @@ def _windowed_gemma(path):
 def test_packed_equals_padded(tmp_path, arch, pooling, count_calls):
     path = tmp_path / arch
     folder = _windowed_gemma(path) if arch == "gemma3-window" else make_decoder_dir(path, arch)
-    emb = Embedder.from_pretrained(folder, device="cpu", dtype="float32", pooling=pooling)
+    emb = Embedder.from_pretrained(folder, {"pooling": pooling}, device="cpu", dtype="float32")
     texts = _texts(25)
     padded = emb.encode(texts, role="passage", packed=False)
     assert not count_calls

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from conretriever import search
-from conretriever.search import encode_corpus, exact_search, model_fingerprint
+from conretriever.retrieval import search
+from conretriever.retrieval.search import encode_corpus, exact_search, model_fingerprint
 
 
 class CountingEmbedder(nn.Module):
@@ -130,7 +130,7 @@ def test_fingerprint_sees_one_changed_value_in_a_large_tensor():
 
 
 def test_fingerprint_of_an_embedder_changes_with_weights_and_settings(tiny_decoder):
-    from conretriever.modeling import Embedder
+    from conretriever.model.embedder import Embedder
 
     model = Embedder.from_pretrained(tiny_decoder, device="cpu")
     base = model_fingerprint(model)

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 from conftest import make_decoder_dir
 
-from conretriever.data import load_training_data
-from conretriever.synth import brainstorm, generate, prompts
+from conretriever.cli import main as cli_main
+from conretriever.data.tasks import TaskRegistry
+from conretriever.data.training import load_training_data
+from conretriever.synth import prompts
 from conretriever.synth.client import ClientSettings, LLMClient, is_model_spec
-from conretriever.synth.local_llm import LocalLLM, reply_schema
+from conretriever.synth.local_llm import LocalLLM, schema_from_response_format
 from conretriever.synth.store import read_jsonl
-from conretriever.tasks import TaskRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "user", "content": "write one example as json"}]
@@ -70,12 +71,12 @@ def test_seed_makes_a_reply_reproducible(tiny_llm):
 
 def test_response_format_forms():
     schema = prompts.reply_schema("sts")
-    assert reply_schema({"type": "json_object", "schema": schema}) == schema  # llama.cpp
+    assert schema_from_response_format({"type": "json_object", "schema": schema}) == schema  # llama.cpp
     openai_form = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
-    assert reply_schema(openai_form) == schema
-    assert reply_schema({"type": "json_object"}) is None  # no schema: free sampling
+    assert schema_from_response_format(openai_form) == schema
+    assert schema_from_response_format({"type": "json_object"}) is None  # no schema: free sampling
     nested = {"type": "object", "properties": {"a": {"type": "object"}}}
-    assert reply_schema({"schema": nested}) is None  # not guidable: free sampling
+    assert schema_from_response_format({"schema": nested}) is None  # not guidable: free sampling
     assert is_model_spec("embedded:gemma-3-270m") and is_model_spec("/models/x")
     assert not is_model_spec("http://127.0.0.1:8000/v1")
 
@@ -109,7 +110,7 @@ def test_pipeline_on_a_local_model_spec(tiny_llm_dir, tmp_path, monkeypatch):
     families = "short-long,sts"
     bs = ["--out-dir", str(out), "--families", families, "--requests-per-family", "1",
           "--tasks-per-request", "2", "--max-tokens", "40"]  # fmt: skip
-    assert brainstorm.main([*bs, *flags]) == 0
+    assert cli_main(["brainstorm", *bs, *flags]) == 0
     # A random model's task ideas may fail the content checks, but each reply is valid JSON.
     replies = read_jsonl(out / "brainstorm.jsonl") + read_jsonl(out / "brainstorm.rejects.jsonl")
     assert len(replies) == 1  # one short-long request (sts tasks are fixed, not brainstormed)
@@ -118,7 +119,7 @@ def test_pipeline_on_a_local_model_spec(tiny_llm_dir, tmp_path, monkeypatch):
     assert "sts" in {t["family"] for t in tasks}
     gen = ["--out-dir", str(out), "--families", families, "--examples-per-task", "1",
            "--max-tokens", "48", "--languages", "English:1"]  # fmt: skip
-    assert generate.main([*gen, *flags]) == 0
+    assert cli_main(["generate", *gen, *flags]) == 0
     examples = read_jsonl(out / "examples.jsonl")
     rejects = (
         read_jsonl(out / "examples.rejects.jsonl")

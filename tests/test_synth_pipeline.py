@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from synth_stub import StubLLM, default_faults, no_faults
 
-from conretriever.synth import brainstorm, generate, prompts
+from conretriever.cli import main as cli_main
+from conretriever.synth import generate, prompts
 from conretriever.synth.store import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,13 +39,13 @@ def test_full_run_every_family_survives_faults(tmp_path, monkeypatch):
     with StubLLM(default_faults, timeout_sleep=0.8) as stub:
         flags = fast_flags(stub.base_url)
         bs_args = ["--out-dir", str(out), "--requests-per-family", "3", "--tasks-per-request", "3"]
-        assert brainstorm.main([*bs_args, *flags]) == 0
+        assert cli_main(["brainstorm", *bs_args, *flags]) == 0
         gen_args = ["--out-dir", str(out), "--examples-per-task", "2", *flags]
-        assert generate.main(gen_args) == 0
+        assert cli_main(["generate", *gen_args]) == 0
         attempts_after_first_run = sum(stub.attempts.values())
         first_training_file = (out / "train" / "synthetic.jsonl").read_bytes()
         # A rerun of the finished command sends nothing and rewrites the same training file.
-        assert generate.main(gen_args) == 0
+        assert cli_main(["generate", *gen_args]) == 0
         assert sum(stub.attempts.values()) == attempts_after_first_run
 
     # Every fault kind was actually injected.
@@ -95,8 +96,8 @@ def test_full_run_every_family_survives_faults(tmp_path, monkeypatch):
     assert usage[-2]["retries"] > 0
 
     # The trainer's reader accepts the file as task "synthetic".
-    data = pytest.importorskip("conretriever.data")
-    from conretriever.tasks import TaskRegistry
+    data = pytest.importorskip("conretriever.data.training")
+    from conretriever.data.tasks import TaskRegistry
 
     examples = data.read_task_file(train, registry=TaskRegistry())
     assert len(examples) == len(rows)
@@ -118,7 +119,7 @@ def test_duplicate_queries_are_dropped_in_conversion(tmp_path):
     ]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert (
-        generate.convert_main(["--examples", str(log), "--train-dir", str(tmp_path / "train")]) == 0
+        cli_main(["convert-synthetic", "--examples", str(log), "--train-dir", str(tmp_path / "train")]) == 0
     )
     written = read_jsonl(tmp_path / "train" / "synthetic.jsonl")
     assert written[0]["positive"] == ["doc 2"]  # id order decides which duplicate is kept
@@ -127,8 +128,8 @@ def test_duplicate_queries_are_dropped_in_conversion(tmp_path):
 def test_missing_key_for_remote_endpoint_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     remote = ["--base-url", "https://api.example.invalid/v1", "--out-dir", str(tmp_path)]
-    assert brainstorm.main(["--families", "sts", *remote]) == 0  # fixed tasks: no LLM, no key
-    assert generate.main(remote) == 1
+    assert cli_main(["brainstorm", "--families", "sts", *remote]) == 0  # fixed tasks: no LLM, no key
+    assert cli_main(["generate", *remote]) == 2
     err = capsys.readouterr().err
     assert "OPENAI_API_KEY is not set" in err and "api.example.invalid" in err
     assert not (tmp_path / "examples.jsonl").exists()
@@ -173,14 +174,14 @@ def test_failed_requests_are_retried_by_a_rerun(tmp_path, monkeypatch):
         return "always500" if int(key[:8], 16) % 3 == 0 else None
 
     with StubLLM(no_faults) as stub:
-        assert brainstorm.main(["--families", "sts,bitext", "--out-dir", str(out)]) == 0
+        assert cli_main(["brainstorm", "--families", "sts,bitext", "--out-dir", str(out)]) == 0
     with StubLLM(outage) as stub:
-        assert generate.main([*args, *fast_flags(stub.base_url)]) == 0
+        assert cli_main(["generate", *args, *fast_flags(stub.base_url)]) == 0
     failed = {r["id"] for r in read_jsonl(out / "examples.rejects.jsonl") if not r["final"]}
     kept_first = {r["id"] for r in read_jsonl(out / "examples.jsonl")}
     assert failed and kept_first and failed.isdisjoint(kept_first)
     with StubLLM(no_faults) as stub:  # the endpoint is back (on another port: ids do not care)
-        assert generate.main([*args, *fast_flags(stub.base_url)]) == 0
+        assert cli_main(["generate", *args, *fast_flags(stub.base_url)]) == 0
         assert sum(stub.attempts.values()) == len(failed)  # only the failed ones were asked
     kept = [r["id"] for r in read_jsonl(out / "examples.jsonl")]
     assert len(kept) == len(set(kept)) and set(kept) == kept_first | failed == planned_ids(out, 3)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from synth_stub import StubLLM, default_faults, no_faults
 
-from conretriever.synth import brainstorm, generate, prompts
+from conretriever.cli import main as cli_main
+from conretriever.synth import generate, prompts
 from conretriever.synth.store import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,11 +37,11 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path, monkeypat
     with StubLLM(no_faults) as stub:  # step 1 is not under test here: every family gets tasks
         bs = ["--out-dir", str(ref), "--requests-per-family", "1", "--tasks-per-request", "2",
               "--base-url", stub.base_url, "--model", "stub"]  # fmt: skip
-        assert brainstorm.main(bs) == 0
+        assert cli_main(["brainstorm", *bs]) == 0
     with StubLLM(default_faults, timeout_sleep=0.8) as stub:
         killed.mkdir()
         shutil.copy(ref / "tasks.jsonl", killed / "tasks.jsonl")
-        assert generate.main(flags(stub.base_url, ref)) == 0  # the uninterrupted reference
+        assert cli_main(["generate", *flags(stub.base_url, ref)]) == 0  # the uninterrupted reference
     tasks = generate.load_tasks(ref / "tasks.jsonl", prompts.FAMILIES)
     total = len(tasks) * PER_TASK
     assert {t.family for t in tasks} == set(prompts.FAMILIES) and total >= 20

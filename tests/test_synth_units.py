@@ -21,7 +21,7 @@ from conretriever.synth.client import (
     retry_after_seconds,
 )
 from conretriever.synth.parsing import ReplyParseError, extract_json
-from conretriever.synth.store import AppendLog, StoreError, normalize_text, read_jsonl
+from conretriever.synth.store import AppendLog, StoreError, dedup_key, read_jsonl
 
 # --- parsing -----------------------------------------------------------------------------------
 
@@ -72,8 +72,8 @@ def test_read_jsonl_names_file_and_line_of_a_corrupt_record(tmp_path):
 
 
 def test_normalize_text_merges_trivial_variants():
-    assert normalize_text("  What is  RAG? ") == normalize_text("what is rag")
-    assert normalize_text("what is rag") != normalize_text("what is a rag")
+    assert dedup_key("  What is  RAG? ") == dedup_key("what is rag")
+    assert dedup_key("what is rag") != dedup_key("what is a rag")
 
 
 # --- prompts -----------------------------------------------------------------------------------

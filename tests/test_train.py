@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conretriever.train import lr_factor
+from conretriever.training.loop import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "training_data" / "demo"

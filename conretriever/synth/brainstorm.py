@@ -21,26 +21,23 @@ failed on the transport are asked again (``--retry-rejects`` also re-asks bad re
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from conretriever.errors import ConfigError
+from conretriever.options import opt
 from conretriever.synth import prompts
 from conretriever.synth.client import (
     ClientSettings,
-    FatalError,
     LLMClient,
     RequestFailed,
-    add_client_args,
-    settings_from_args,
 )
 from conretriever.synth.parsing import ReplyParseError, extract_json
-from conretriever.synth.run import Outcome, ResumableRun, configure_logging, parse_families
+from conretriever.synth.run import Outcome, ResumableRun, configure_logging
 from conretriever.synth.store import (
-    normalize_text,
+    dedup_key,
     read_jsonl,
     request_seed,
     text_hash,
@@ -136,7 +133,7 @@ def derive_tasks(s: BrainstormSettings) -> list[dict]:
     rows, seen = [], set()
     for rec in records:
         for text in rec["tasks"]:
-            key = (rec["family"], normalize_text(text))
+            key = (rec["family"], dedup_key(text))
             if key not in seen:
                 seen.add(key)
                 rows.append({"family": rec["family"], "task": text, "key": text_hash(text)})
@@ -163,53 +160,57 @@ def derive_tasks(s: BrainstormSettings) -> list[dict]:
     return rows
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = BrainstormSettings(out_dir=Path("synthetic_out"))
-    p = argparse.ArgumentParser(prog="conretriever brainstorm", description=__doc__.split("\n")[0])
-    p.add_argument("--out-dir", type=Path, default=d.out_dir)
-    p.add_argument("--families", default="all", help=f"comma list of {', '.join(prompts.FAMILIES)}")
-    p.add_argument("--requests-per-family", type=int, default=d.requests_per_family)
-    p.add_argument("--tasks-per-request", type=int, default=d.tasks_per_request)
-    p.add_argument("--examples-shown", type=int, default=d.examples_shown)
-    p.add_argument("--max-tasks-per-family", type=int, default=d.max_tasks_per_family)
-    p.add_argument("--bitext-pairs", default="", help='e.g. "English-French,German-English"')
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--retry-rejects", action="store_true", help="re-ask requests with bad replies")
-    p.add_argument("-v", "--verbose", action="store_true")
-    add_client_args(p, ClientSettings(max_tokens=1024))  # 20 one-sentence tasks: ~600 tokens
-    return p
+@dataclass
+class BrainstormCommand:
+    """``conretriever brainstorm`` flags."""
 
+    out_dir: Path = opt(Path("synthetic_out"), help="requests log, rejects, usage, tasks.jsonl")
+    families: list[str] = opt(
+        default_factory=lambda: ["all"],
+        choices=("all", *prompts.FAMILIES),
+        help="task families (comma or space separated)",
+    )
+    requests_per_family: int = opt(4, ge=1, help="brainstorm requests per family")
+    tasks_per_request: int = opt(20, ge=1, help="the paper asks for about 20 per request")
+    examples_shown: int = opt(3, ge=1, help="seed tasks shown per request, drawn afresh")
+    max_tasks_per_family: int = opt(0, ge=0, help="keep at most N distinct tasks (0: all)")
+    bitext_pairs: list[str] = opt(
+        default_factory=list, help="SRC-TGT language pairs (none: seed_tasks/bitext.json's)"
+    )
+    seed: int = opt(0)
+    retry_rejects: bool = opt(False, help="re-ask requests whose replies were rejected")
+    verbose: bool = opt(False, aliases=("v",), help="log every retry")
+    # 20 one-sentence tasks: ~600 tokens
+    client: ClientSettings = opt(default_factory=lambda: ClientSettings(max_tokens=1024))
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    try:
-        pairs = tuple(tuple(p.split("-", 1)) for p in args.bitext_pairs.split(",") if p.strip())
+    def settings(self) -> BrainstormSettings:
+        pairs = tuple(tuple(p.split("-", 1)) for p in self.bitext_pairs)
         if any(len(p) != 2 or not all(p) for p in pairs):
-            raise ValueError(f"--bitext-pairs {args.bitext_pairs!r}: expected SRC-TGT,SRC-TGT")
-        s = BrainstormSettings(
-            out_dir=args.out_dir,
-            families=parse_families(args.families),
-            requests_per_family=args.requests_per_family,
-            tasks_per_request=args.tasks_per_request,
-            examples_shown=args.examples_shown,
-            max_tasks_per_family=args.max_tasks_per_family,
+            raise ConfigError(f"--bitext_pairs {self.bitext_pairs}: expected SRC-TGT items")
+        families = prompts.FAMILIES if "all" in self.families else tuple(self.families)
+        return BrainstormSettings(
+            out_dir=self.out_dir,
+            families=families,
+            requests_per_family=self.requests_per_family,
+            tasks_per_request=self.tasks_per_request,
+            examples_shown=self.examples_shown,
+            max_tasks_per_family=self.max_tasks_per_family,
             bitext_pairs=pairs,
-            seed=args.seed,
-            retry_rejects=args.retry_rejects,
+            seed=self.seed,
+            retry_rejects=self.retry_rejects,
         )
-        if min(s.requests_per_family, s.tasks_per_request, s.examples_shown) < 1:
-            raise ValueError("--requests-per-family, --tasks-per-request, --examples-shown >= 1")
-        cs = settings_from_args(args)
-        jobs = plan_requests(s, cs.temperature)
-        # No client (and no key check) when nothing needs the LLM, e.g. only sts/bitext.
-        client = LLMClient(cs) if jobs else None
-        run = ResumableRun(s.out_dir, "brainstorm", retry_rejects=s.retry_rejects)
-        redact = client.redact if client else str
-        run.execute(jobs, lambda job: answer(client, job), cs.concurrency, redact)
-        n = write_jsonl_atomic(s.out_dir / "tasks.jsonl", derive_tasks(s))
-        run.report(client, cs, extra={"tasks": n})
-    except (FatalError, ValueError, OSError) as exc:
-        print(f"conretriever brainstorm: error: {exc}", file=sys.stderr)
-        return 1
+
+
+def run(command: BrainstormCommand) -> int:
+    """``conretriever brainstorm``: step 1 of the synthetic data, resumable."""
+    configure_logging(command.verbose)
+    s, cs = command.settings(), command.client
+    jobs = plan_requests(s, cs.temperature)
+    # No client (and no key check) when nothing needs the LLM, e.g. only sts/bitext.
+    client = LLMClient(cs) if jobs else None
+    resumable = ResumableRun(s.out_dir, "brainstorm", retry_rejects=s.retry_rejects)
+    redact = client.redact if client else str
+    resumable.execute(jobs, lambda job: answer(client, job), cs.concurrency, redact)
+    n = write_jsonl_atomic(s.out_dir / "tasks.jsonl", derive_tasks(s))
+    resumable.report(client, cs, extra={"tasks": n})
     return 0

@@ -19,7 +19,6 @@ logged, and is scrubbed from any error text that the caller might store.
 
 from __future__ import annotations
 
-import argparse
 import email.utils
 import logging
 import os
@@ -28,7 +27,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 from urllib.parse import urlparse
+
+from conretriever.errors import UserError
+from conretriever.options import opt
 
 log = logging.getLogger(__name__)
 
@@ -46,28 +49,39 @@ class RequestFailed(Exception):
     """One request could not be answered; ``str(exc)`` is the reject reason (key-free)."""
 
 
-class FatalError(Exception):
+class FatalError(UserError):
     """Every request would fail the same way (bad key, unknown model): stop the run."""
 
 
 @dataclass
 class ClientSettings:
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = "gpt-4o-mini"
-    concurrency: int = 4  # parallel requests; raise for hosted APIs with high rate limits
-    max_retries: int = 6  # retries after the first attempt; 6 doublings of 1 s reach ~1 min
-    backoff_base: float = 1.0  # seconds; d for the first retry
-    backoff_max: float = 60.0  # seconds; cap on d
-    timeout: float = 120.0  # seconds per attempt; a 500-word document takes ~30 s on a slow server
-    # auto: ask for JSON mode, fall back when rejected | on: always | off: never |
-    # schema: like auto, plus the reply's JSON schema in the llama.cpp/Anyscale form
-    # {"type": "json_object", "schema": ...}, which makes small local models emit our keys.
-    json_mode: str = "auto"
-    temperature: float = 1.0
-    max_tokens: int = 2048  # two 500-word documents plus a query fit in ~1,600 tokens
-    price_per_1k_input: float = 0.0  # USD per 1,000 prompt tokens, for the cost estimate
-    price_per_1k_output: float = 0.0  # USD per 1,000 completion tokens
-    api_key_env: str = "OPENAI_API_KEY"
+    """The endpoint and how to talk to it (key from ``$OPENAI_API_KEY``, never logged)."""
+
+    base_url: str = opt(
+        "http://127.0.0.1:8000/v1",
+        help="OpenAI-compatible /v1 URL, or a local model spec (embedded:gemma-3-270m) to serve "
+        "in-process on a loopback port",
+    )
+    model: str = opt("gpt-4o-mini", help="the model name the endpoint serves")
+    concurrency: int = opt(4, ge=1, help="parallel requests (raise for hosted APIs)")
+    max_retries: int = opt(
+        6, ge=0, help="retries after the first attempt; 6 doublings of 1 s reach ~1 min"
+    )
+    backoff_base: float = opt(1.0, gt=0, help="seconds before the first retry")
+    backoff_max: float = opt(60.0, gt=0, help="cap on the wait between retries, seconds")
+    timeout: float = opt(
+        120.0, gt=0, help="seconds per attempt (a 500-word document: ~30 s on a slow server)"
+    )
+    json_mode: Literal["auto", "on", "off", "schema"] = opt(
+        "auto",
+        help="auto: ask for JSON mode, fall back when rejected; schema: also send the reply's "
+        "JSON schema (llama.cpp form), which makes small local models emit our keys",
+    )
+    temperature: float = opt(1.0, ge=0)
+    max_tokens: int = opt(2048, ge=1, help="two 500-word documents plus a query: ~1,600 tokens")
+    price_per_1k_input: float = opt(0.0, ge=0, help="USD per 1,000 prompt tokens (cost report)")
+    price_per_1k_output: float = opt(0.0, ge=0, help="USD per 1,000 completion tokens")
+    api_key_env: str = opt("OPENAI_API_KEY", help="environment variable holding the API key")
 
 
 @dataclass
@@ -286,50 +300,3 @@ class LLMClient:
             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
             attempts=attempt + 1,
         )
-
-
-def add_client_args(p: argparse.ArgumentParser, defaults: ClientSettings) -> None:
-    d = defaults
-    g = p.add_argument_group("endpoint (key from $OPENAI_API_KEY, never logged)")
-    g.add_argument(
-        "--base-url",
-        default=d.base_url,
-        help="OpenAI-compatible /v1 URL, or a local model spec (e.g. embedded:gemma-3-270m) "
-        "to serve in-process on a loopback port",
-    )
-    g.add_argument("--model", default=d.model)
-    g.add_argument("--concurrency", type=int, default=d.concurrency)
-    g.add_argument("--max-retries", type=int, default=d.max_retries)
-    g.add_argument("--backoff-base", type=float, default=d.backoff_base, help="seconds")
-    g.add_argument("--backoff-max", type=float, default=d.backoff_max, help="seconds")
-    g.add_argument("--timeout", type=float, default=d.timeout, help="seconds per attempt")
-    g.add_argument(
-        "--json-mode",
-        choices=("auto", "on", "off", "schema"),
-        default=d.json_mode,
-        help="schema: also send the reply's JSON schema (llama.cpp server form)",
-    )
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    g.add_argument("--price-per-1k-input", type=float, default=d.price_per_1k_input, help="USD")
-    g.add_argument("--price-per-1k-output", type=float, default=d.price_per_1k_output, help="USD")
-
-
-def settings_from_args(args: argparse.Namespace) -> ClientSettings:
-    s = ClientSettings(
-        base_url=args.base_url,
-        model=args.model,
-        concurrency=args.concurrency,
-        max_retries=args.max_retries,
-        backoff_base=args.backoff_base,
-        backoff_max=args.backoff_max,
-        timeout=args.timeout,
-        json_mode=args.json_mode,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        price_per_1k_input=args.price_per_1k_input,
-        price_per_1k_output=args.price_per_1k_output,
-    )
-    if s.concurrency < 1 or s.max_retries < 0 or s.timeout <= 0:
-        raise ValueError("--concurrency >= 1, --max-retries >= 0 and --timeout > 0 are required")
-    return s

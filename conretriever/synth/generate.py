@@ -24,27 +24,24 @@ folder as a task; the file stem ``synthetic`` is the task name.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from conretriever.errors import ConfigError
+from conretriever.options import opt
 from conretriever.synth import prompts
 from conretriever.synth.client import (
     ClientSettings,
-    FatalError,
     LLMClient,
     RequestFailed,
-    add_client_args,
-    settings_from_args,
 )
 from conretriever.synth.parsing import ReplyParseError, extract_json
-from conretriever.synth.run import Outcome, ResumableRun, configure_logging, parse_families
+from conretriever.synth.run import Outcome, ResumableRun, configure_logging
 from conretriever.synth.store import (
     StoreError,
-    normalize_text,
+    dedup_key,
     read_jsonl,
     request_seed,
     text_hash,
@@ -111,7 +108,7 @@ def validate_example(family: str, reply: object) -> dict[str, str]:
             got = "missing" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
             raise ReplyParseError(f"field {name!r}: expected a non-empty string, got {got}")
         out[name] = value.strip()
-    query, pos, neg = (normalize_text(out[n]) for n in fields)
+    query, pos, neg = (dedup_key(out[n]) for n in fields)
     if pos == neg:
         raise ReplyParseError(f"fields {fields[1]!r} and {fields[2]!r} are identical")
     if query == pos and family not in ("long-short",):
@@ -153,7 +150,7 @@ def to_training_rows(records: list[dict]) -> tuple[list[dict], int]:
     rows, seen, dups = [], set(), 0
     for rec in records:
         q, pos, neg = (rec["example"][f] for f in prompts.FIELDS[rec["family"]])
-        key = normalize_text(q)
+        key = dedup_key(q)
         if key in seen:
             dups += 1
             continue
@@ -162,7 +159,7 @@ def to_training_rows(records: list[dict]) -> tuple[list[dict], int]:
     return rows, dups
 
 
-def convert(examples_path: Path, train_dir: Path) -> dict:
+def write_training_file(examples_path: Path, train_dir: Path) -> dict:
     records = read_jsonl(examples_path)
     for rec in records:
         family, example = rec.get("family"), rec.get("example")
@@ -192,73 +189,72 @@ def parse_languages(spec: str) -> dict[str, float] | None:
     return table
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = GenerateSettings(out_dir=Path("synthetic_out"))
-    p = argparse.ArgumentParser(prog="conretriever generate", description=__doc__.split("\n")[0])
-    p.add_argument("--out-dir", type=Path, default=d.out_dir, help="logs and tasks.jsonl live here")
-    p.add_argument("--tasks", type=Path, default=None, help="default: OUT_DIR/tasks.jsonl")
-    p.add_argument("--train-dir", type=Path, default=None, help="default: OUT_DIR/train")
-    p.add_argument("--families", default="all")
-    p.add_argument("--examples-per-task", type=int, default=d.examples_per_task)
-    p.add_argument("--languages", default="", help='e.g. "English:50,French:5" (default table)')
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--retry-rejects", action="store_true", help="re-ask requests with bad replies")
-    p.add_argument("--no-convert", action="store_true", help="skip writing synthetic.jsonl")
-    p.add_argument("-v", "--verbose", action="store_true")
-    add_client_args(p, ClientSettings())
-    return p
+@dataclass
+class GenerateCommand:
+    """``conretriever generate`` flags."""
+
+    out_dir: Path = opt(Path("synthetic_out"), help="logs and tasks.jsonl live here")
+    tasks: Path | None = opt(None, help="task file (none: OUT_DIR/tasks.jsonl)")
+    train_dir: Path | None = opt(None, help="gets synthetic.jsonl (none: OUT_DIR/train)")
+    families: list[str] = opt(
+        default_factory=lambda: ["all"],
+        choices=("all", *prompts.FAMILIES),
+        help="task families (comma or space separated)",
+    )
+    examples_per_task: int = opt(1, ge=1, help="requests (examples) per task")
+    languages: str = opt("", help='e.g. "English:50,French:5" (none: the default table)')
+    seed: int = opt(0)
+    retry_rejects: bool = opt(False, help="re-ask requests whose replies were rejected")
+    convert: bool = opt(True, help="write the training file synthetic.jsonl at the end")
+    verbose: bool = opt(False, aliases=("v",), help="log every retry")
+    client: ClientSettings = opt(default_factory=ClientSettings)
+
+    def settings(self) -> GenerateSettings:
+        try:
+            languages = parse_languages(self.languages)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return GenerateSettings(
+            out_dir=self.out_dir,
+            tasks_file=self.tasks,
+            train_dir=self.train_dir,
+            families=prompts.FAMILIES if "all" in self.families else tuple(self.families),
+            examples_per_task=self.examples_per_task,
+            languages=languages,
+            seed=self.seed,
+            retry_rejects=self.retry_rejects,
+        )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging(args.verbose)
-    try:
-        s = GenerateSettings(
-            out_dir=args.out_dir,
-            tasks_file=args.tasks,
-            train_dir=args.train_dir,
-            families=parse_families(args.families),
-            examples_per_task=args.examples_per_task,
-            languages=parse_languages(args.languages),
-            seed=args.seed,
-            retry_rejects=args.retry_rejects,
-        )
-        if s.examples_per_task < 1:
-            raise ValueError(f"--examples-per-task must be >= 1, got {s.examples_per_task}")
-        cs = settings_from_args(args)
-        tasks = load_tasks(s.tasks_file or s.out_dir / "tasks.jsonl", s.families)
-        jobs = plan_requests(tasks, s)
-        client = LLMClient(cs)
-        run = ResumableRun(s.out_dir, "examples", retry_rejects=s.retry_rejects)
-        run.execute(jobs, lambda job: answer(client, job), cs.concurrency, client.redact)
-        stats = (
-            {} if args.no_convert else convert(run.records_path, s.train_dir or s.out_dir / "train")
-        )
-        run.report(
-            client, cs, extra={"tasks": len(tasks), **{f"train_{k}": v for k, v in stats.items()}}
-        )
-    except (FatalError, ValueError, OSError) as exc:
-        print(f"conretriever generate: error: {exc}", file=sys.stderr)
-        return 1
+def run(command: GenerateCommand) -> int:
+    """``conretriever generate``: step 2 of the synthetic data, resumable."""
+    configure_logging(command.verbose)
+    s, cs = command.settings(), command.client
+    tasks = load_tasks(s.tasks_file or s.out_dir / "tasks.jsonl", s.families)
+    jobs = plan_requests(tasks, s)
+    client = LLMClient(cs)
+    resumable = ResumableRun(s.out_dir, "examples", retry_rejects=s.retry_rejects)
+    resumable.execute(jobs, lambda job: answer(client, job), cs.concurrency, client.redact)
+    train_dir = s.train_dir or s.out_dir / "train"
+    stats = write_training_file(resumable.records_path, train_dir) if command.convert else {}
+    extra = {"tasks": len(tasks), **{f"train_{k}": v for k, v in stats.items()}}
+    resumable.report(client, cs, extra=extra)
     return 0
 
 
-def convert_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="conretriever convert-synthetic",
-        description="examples.jsonl from `conretriever generate` -> training JSONL synthetic.jsonl",
-    )
-    p.add_argument("--out-dir", type=Path, default=Path("synthetic_out"))
-    p.add_argument("--examples", type=Path, default=None, help="default: OUT_DIR/examples.jsonl")
-    p.add_argument("--train-dir", type=Path, default=None, help="default: OUT_DIR/train")
-    args = p.parse_args(argv)
+@dataclass
+class ConvertSyntheticCommand:
+    """``conretriever convert-synthetic`` flags: examples.jsonl -> the training file."""
+
+    out_dir: Path = opt(Path("synthetic_out"), help="where examples.jsonl lives")
+    examples: Path | None = opt(None, help="none: OUT_DIR/examples.jsonl")
+    train_dir: Path | None = opt(None, help="gets synthetic.jsonl (none: OUT_DIR/train)")
+
+
+def run_convert(command: ConvertSyntheticCommand) -> int:
     configure_logging(False)
-    try:
-        examples = args.examples or args.out_dir / "examples.jsonl"
-        if not examples.exists():
-            raise StoreError(f"{examples}: not found; run `conretriever generate` first")
-        convert(examples, args.train_dir or args.out_dir / "train")
-    except (ValueError, OSError) as exc:
-        print(f"conretriever convert-synthetic: error: {exc}", file=sys.stderr)
-        return 1
+    examples = command.examples or command.out_dir / "examples.jsonl"
+    if not examples.exists():
+        raise StoreError(f"{examples}: not found; run `conretriever generate` first")
+    write_training_file(examples, command.train_dir or command.out_dir / "train")
     return 0

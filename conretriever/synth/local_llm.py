@@ -25,7 +25,6 @@ for training data you care about.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import threading
@@ -34,6 +33,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
+
+from conretriever.options import opt
 
 TOP_P = 0.95
 REPETITION_PENALTY = 1.2
@@ -47,7 +48,7 @@ class Reply:
     completion_tokens: int
 
 
-def reply_schema(response_format: dict | None) -> dict | None:
+def schema_from_response_format(response_format: dict | None) -> dict | None:
     """The JSON schema in an OpenAI or llama.cpp ``response_format``, if it is one we can guide:
     an object whose properties are strings or lists of strings."""
     if not isinstance(response_format, dict):
@@ -72,7 +73,7 @@ class LocalLLM:
     def __init__(self, spec: str, device: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from conretriever.models import resolve_model
+        from conretriever.model.specs import resolve_model
 
         path = resolve_model(spec)
         self.name = spec
@@ -307,7 +308,7 @@ class _Handler(BaseHTTPRequestHandler):
             max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 256)
             temperature = float(body.get("temperature", 1.0))
             seed = body.get("seed")
-            schema = reply_schema(body.get("response_format"))
+            schema = schema_from_response_format(body.get("response_format"))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self._error(400, f"bad request: {exc}")
             return
@@ -345,15 +346,19 @@ def start_server(spec: str, host: str = "127.0.0.1", port: int = 0) -> LocalLLMS
     return server
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class ServeCommand:
+    """``conretriever serve-llm`` flags."""
+
+    model: str = opt("embedded:gemma-3-270m", help="any model spec")
+    host: str = opt("127.0.0.1", help="address to listen on (loopback: this machine only)")
+    port: int = opt(8000, ge=0, le=65535, help="port (0: a free one)")
+
+
+def run(command: ServeCommand) -> int:
     """``conretriever serve-llm``: serve a local model until interrupted."""
-    p = argparse.ArgumentParser(prog="conretriever serve-llm", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="embedded:gemma-3-270m", help="any model spec")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    args = p.parse_args(argv)
-    server = LocalLLMServer(LocalLLM(args.model), args.host, args.port)
-    print(f"serving {args.model} at {server.url} (Ctrl-C stops)", flush=True)
+    server = LocalLLMServer(LocalLLM(command.model), command.host, command.port)
+    print(f"serving {command.model} at {server.url} (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conretriever.progress import Progress
-from conretriever.synth import prompts
 from conretriever.synth.client import ClientSettings, Completion, FatalError
 from conretriever.synth.store import AppendLog, read_jsonl
 
@@ -44,16 +43,6 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
     for name in ("httpx", "httpx2", "httpcore", "openai"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-def parse_families(spec: str) -> tuple[str, ...]:
-    if spec.strip() in ("", "all"):
-        return prompts.FAMILIES
-    names = tuple(f.strip() for f in spec.split(",") if f.strip())
-    unknown = [f for f in names if f not in prompts.FAMILIES]
-    if unknown:
-        raise ValueError(f"--families: unknown {unknown}; choose from {prompts.FAMILIES}")
-    return names
 
 
 def run_bounded(

@@ -28,12 +28,14 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
+from conretriever.errors import DataError
 
-class StoreError(ValueError):
+
+class StoreError(DataError):
     """A log or input file is malformed; the message names file and line."""
 
 
-def normalize_text(text: str) -> str:
+def dedup_key(text: str) -> str:
     """Duplicate-detection key: NFKC, case-folded, whitespace collapsed, edge punctuation cut."""
     text = unicodedata.normalize("NFKC", text).casefold()
     text = re.sub(r"\s+", " ", text).strip()
@@ -42,7 +44,7 @@ def normalize_text(text: str) -> str:
 
 def text_hash(text: str, n: int = 12) -> str:
     """Short stable hash of normalised text (ids must not change across runs or machines)."""
-    return hashlib.sha1(normalize_text(text).encode("utf-8")).hexdigest()[:n]
+    return hashlib.sha1(dedup_key(text).encode("utf-8")).hexdigest()[:n]
 
 
 def request_seed(request_id: str) -> int:

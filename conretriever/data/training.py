@@ -27,23 +27,21 @@ asked repeat theirs (a row with none borrows positives of other rows of its task
 
 from __future__ import annotations
 
-import gzip
+import difflib
 import json
+import logging
 import math
-import os
 import random
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from conretriever.tasks import TaskRegistry, format_document, format_query
+from conretriever.data.tasks import TaskRegistry
+from conretriever.errors import DataError
+from conretriever.files import open_text
 
 MAX_REPORTED_ERRORS = 20
-
-
-class DataError(ValueError):
-    """Bad training data; the message names file, line and field of every problem found."""
+log = logging.getLogger("conretriever.data")
 
 
 @dataclass(frozen=True)
@@ -64,37 +62,6 @@ def task_name(path: Path) -> str:
     return path.stem
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-@contextmanager
-def atomic_files() -> Iterator[Callable[[Path], Path]]:
-    """Task files that appear together and whole, or not at all (convert, mine, decontaminate).
-
-    ``stage(final)`` returns the hidden sibling ``.<name>.tmp`` to write instead of ``final``.
-    When the block ends cleanly every staged file is renamed onto its final name (``os.replace``:
-    atomic on one filesystem, so a reader never sees half a file); when it raises, the staged files
-    are deleted and no final file is touched, so a failed run leaves nothing behind.
-    """
-    staged: list[tuple[Path, Path]] = []
-
-    def stage(final: Path) -> Path:
-        tmp = final.with_name(f".{final.name}.tmp")
-        staged.append((tmp, final))
-        return tmp
-
-    try:
-        yield stage
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)  # a no-op for those already renamed
-
-
 def _str_list(value, field: str, where: str, errors: list[str], required: bool) -> tuple:
     if value is None:
         if required:
@@ -110,12 +77,34 @@ def _str_list(value, field: str, where: str, errors: list[str], required: bool) 
     return tuple(items)
 
 
-def parse_row(row: object, where: str, task: str, errors: list[str]) -> Example | None:
-    """Validate one decoded JSON row; append problems to ``errors``."""
+ROW_KEYS = ("query", "positive", "negative", "instruction")
+
+
+def extra_keys(row: dict) -> list[str]:
+    return [k for k in row if k not in ROW_KEYS]
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, ROW_KEYS, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (
+        f"field {key!r}: unknown key{hint}; rows take {', '.join(ROW_KEYS)} "
+        "(--allow_extra_fields true ignores other keys on purpose)"
+    )
+
+
+def parse_row(
+    row: object, where: str, task: str, errors: list[str], allow_extra: bool = False
+) -> Example | None:
+    """Validate one decoded JSON row; append problems to ``errors``. A key the trainer does not
+    know (``negatives`` for ``negative``...) is a problem unless ``allow_extra``: silently
+    ignoring it would train without what the user meant to give."""
     if not isinstance(row, dict):
         errors.append(f"{where}: expected a JSON object, got {type(row).__name__}")
         return None
     n_before = len(errors)
+    if not allow_extra:
+        errors += [f"{where}: {_unknown_key_message(k)}" for k in extra_keys(row)]
     query = row.get("query")
     if query is None:
         errors.append(f"{where}: field 'query': missing")
@@ -141,17 +130,22 @@ def parse_row(row: object, where: str, task: str, errors: list[str]) -> Example 
 
 
 def read_task_file(
-    path: str | Path, task: str | None = None, registry: TaskRegistry | None = None
+    path: str | Path,
+    task: str | None = None,
+    registry: TaskRegistry | None = None,
+    allow_extra: bool = False,
 ) -> list[Example]:
     """Read and validate one task file. With a registry, rows of a task the registry does not
-    know must carry an ``instruction``. Raises :class:`DataError` listing every problem."""
+    know must carry an ``instruction``. Raises :class:`DataError` listing every problem; with
+    ``allow_extra``, unknown keys are ignored and their count logged."""
     path = Path(path)
     task = task or task_name(path)
     examples: list[Example] = []
     errors: list[str] = []
     needs_instruction = registry is not None and registry.instruction(task) is None
+    extra_rows, extra_names = 0, set()
     try:
-        with _open_text(path) as handle:
+        with open_text(path) as handle:
             for lineno, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
@@ -161,7 +155,10 @@ def read_task_file(
                 except json.JSONDecodeError as err:
                     errors.append(f"{where}: malformed JSON ({err.msg} at column {err.colno})")
                     continue
-                ex = parse_row(row, where, task, errors)
+                ex = parse_row(row, where, task, errors, allow_extra)
+                if allow_extra and isinstance(row, dict) and extra_keys(row):
+                    extra_rows += 1
+                    extra_names.update(extra_keys(row))
                 if ex is not None and needs_instruction and ex.instruction is None:
                     errors.append(
                         f"{where}: field 'instruction': missing, and task {task!r} has no "
@@ -175,14 +172,26 @@ def read_task_file(
     except (OSError, EOFError, UnicodeDecodeError) as err:
         errors.append(f"{path}: cannot read: {err}")
     if errors:
-        more = " (stopped after the first 20)" if len(errors) >= MAX_REPORTED_ERRORS else ""
-        raise DataError(f"{len(errors)} problem(s) in training data{more}:\n" + "\n".join(errors))
+        raise DataError(problems_message(errors, "training data"))
     if not examples:
         raise DataError(f"{path}: no examples")
+    if extra_rows:
+        log.warning("%s: %d row(s) carry keys the trainer ignores (%s): --allow_extra_fields",
+                    path, extra_rows, ", ".join(sorted(extra_names)))  # fmt: skip
     return examples
 
 
-def load_training_data(source: str | Path, registry: TaskRegistry) -> dict[str, list[Example]]:
+def problems_message(errors: list[str], what: str) -> str:
+    """One problem: its own line. Several: a count, then one line each (at most 20)."""
+    if len(errors) == 1:
+        return errors[0]
+    more = " (stopped after the first 20)" if len(errors) >= MAX_REPORTED_ERRORS else ""
+    return f"{len(errors)} problems in {what}{more}:\n" + "\n".join(errors)
+
+
+def load_training_data(
+    source: str | Path, registry: TaskRegistry, allow_extra: bool = False
+) -> dict[str, list[Example]]:
     """A folder of task files (or one file) -> {task: examples}, all validated."""
     source = Path(source)
     if source.is_file():
@@ -201,7 +210,7 @@ def load_training_data(source: str | Path, registry: TaskRegistry) -> dict[str, 
             problems.append(f"{path}: task {task!r} appears twice (.jsonl and .jsonl.gz?)")
             continue
         try:
-            data[task] = read_task_file(path, task, registry)
+            data[task] = read_task_file(path, task, registry, allow_extra)
         except DataError as err:
             problems.append(str(err))
     if problems:
@@ -274,7 +283,10 @@ class EpochSampler:
 
 @dataclass
 class TrainItem:
-    query: str  # formatted, instruction included
+    """One slot of a batch, as text: the model formats and tokenizes it (:func:`collate`)."""
+
+    query: str
+    instruction: str | None  # the row's own, else its task's registry instruction
     positive: str
     negatives: list[str]
 
@@ -309,22 +321,15 @@ def build_items(
     epoch: int,
     batch_index: int,
     slot_offset: int = 0,
-    prompt_format: str = "e5",
 ) -> list[TrainItem]:
-    """Formatted training items for some slots of one global batch (a rank's slice)."""
+    """Training items for some slots of one global batch (a rank's slice)."""
     items = []
     for k, (task, row) in enumerate(slots):
         ex = data[task][row]
         rng = random.Random(f"{seed}:{epoch}:{batch_index}:{slot_offset + k}")
         positive, negatives = draw_item(ex, n_negative, rng, data[task])
         instruction = ex.instruction or registry.instruction(task)
-        items.append(
-            TrainItem(
-                query=format_query(ex.query, instruction, prompt_format),
-                positive=format_document(positive, None, prompt_format),
-                negatives=[format_document(n, None, prompt_format) for n in negatives],
-            )
-        )
+        items.append(TrainItem(ex.query, instruction, positive, negatives))
     return items
 
 
@@ -338,20 +343,20 @@ def text_ids(texts: Sequence[str]) -> list[int]:
     ]
 
 
-def collate(
-    items: Sequence[TrainItem],
-    tokenize: Callable[[list[str], int], dict],
-    query_max_length: int,
-    doc_max_length: int,
-) -> dict:
-    """Tokenize a rank's items. Documents are laid out as ``[positives (B), negatives of query 0,
-    negatives of query 1, ...]``, so query i's positive is document i."""
+def collate(items: Sequence[TrainItem], model) -> dict:
+    """Format and tokenize a rank's items the way ``model`` (an Embedder) encodes text: its
+    prompt format, its lengths, its tokenizer, so training sees exactly what encoding will.
+    Documents are laid out as ``[positives (B), negatives of query 0, negatives of query 1,
+    ...]``, so query i's positive is document i."""
     import torch
 
-    queries = [it.query for it in items]
-    docs = [it.positive for it in items] + [n for it in items for n in it.negatives]
-    q = tokenize(queries, query_max_length)
-    d = tokenize(docs, doc_max_length)
+    settings = model.settings
+    queries = [model.format([it.query], "query", it.instruction)[0] for it in items]
+    docs = model.format(
+        [it.positive for it in items] + [n for it in items for n in it.negatives], "passage"
+    )
+    q = model.tokenize(queries, settings.query_max_length)
+    d = model.tokenize(docs, settings.doc_max_length)
     return {
         "query": {"input_ids": q["input_ids"], "attention_mask": q["attention_mask"]},
         "doc": {"input_ids": d["input_ids"], "attention_mask": d["attention_mask"]},

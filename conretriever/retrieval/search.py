@@ -26,7 +26,7 @@ the missing texts and the pieces are gathered in the original order on every ran
 returns the same matrix; only rank 0 writes the cache. faiss is imported lazily: the training path
 never needs it.
 
-API (stable; ``conretriever.mining`` builds on it)::
+API (stable; ``conretriever.data.mining`` builds on it)::
 
     model_fingerprint(embedder) -> str
     encode_corpus(embedder, texts, *, batch_size=256, max_length=None, cache_dir=None,
@@ -61,7 +61,7 @@ _SCORE_BLOCK = 1 << 26
 def model_fingerprint(embedder) -> str:
     """A 16-hex-digit name for what decides the vectors: weights, settings, tokenizer, device.
 
-    ``embedder`` is an :class:`~conretriever.modeling.Embedder` or any ``nn.Module`` with an
+    ``embedder`` is an :class:`~conretriever.model.embedder.Embedder` or any ``nn.Module`` with an
     ``encode`` method. Under FSDP, sharded (DTensor) weights are gathered, so every rank must call
     this (``encode_corpus`` does).
     """

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from conretriever.distributed import all_gather_no_grad, all_gather_with_grad, world_size
+from conretriever.training.distributed import all_gather_no_grad, all_gather_with_grad, world_size
 
 
 @dataclass

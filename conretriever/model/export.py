@@ -51,10 +51,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from conretriever.tasks import document_prefix, query_prefix
+from conretriever.model.prompts import document_prefix, query_prefix
+from conretriever.model.settings import DEFAULT_MAX_LENGTH, EmbedderSettings
 
-if TYPE_CHECKING:  # modeling imports this module; the names are only needed for annotations
-    from conretriever.modeling import Embedder, EmbedderSettings
+if TYPE_CHECKING:  # embedder imports this module; the class is only needed for annotations
+    from conretriever.model.embedder import Embedder
 
 SETTINGS_FILE = "conretriever.json"
 
@@ -125,8 +126,6 @@ def save_folder(
 def saved_settings(path: str) -> EmbedderSettings | None:
     """The settings stored in a model folder, or None when it has neither ``conretriever.json``
     nor a sentence-transformers pooling config (then the caller picks defaults)."""
-    from conretriever.modeling import EmbedderSettings  # local: modeling imports this module
-
     folder = Path(path)
     if (folder / SETTINGS_FILE).exists():
         return EmbedderSettings.from_dict(json.loads((folder / SETTINGS_FILE).read_text()))
@@ -144,7 +143,7 @@ def saved_settings(path: str) -> EmbedderSettings | None:
             "Normalize" in m.get("type", "")
             for m in json.loads((folder / "modules.json").read_text())
         )
-        max_len = 512  # EmbedderSettings' default, for a folder that does not state one
+        max_len = DEFAULT_MAX_LENGTH  # for a folder that does not state one
         sbert = folder / "sentence_bert_config.json"
         if sbert.exists():
             max_len = int(json.loads(sbert.read_text()).get("max_seq_length", max_len))

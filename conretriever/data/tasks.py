@@ -184,9 +184,6 @@ class TaskRegistry:
             )
         return reg
 
-    def get(self, name: str) -> TaskSpec | None:
-        return self.tasks.get(name)
-
     def weight(self, name: str) -> float:
         spec = self.tasks.get(name)
         return spec.weight if spec else 1.0
@@ -194,35 +191,3 @@ class TaskRegistry:
     def instruction(self, name: str) -> str | None:
         spec = self.tasks.get(name)
         return spec.instruction if spec else None
-
-
-# --- how instructions reach text ---------------------------------------------------------------
-
-PROMPT_FORMATS = ("e5", "plain", "prefix", "none")
-
-
-def query_prefix(instruction: str | None, prompt_format: str = "e5") -> str:
-    """The text put before a query. ``e5`` is the official e5-mistral format."""
-    if prompt_format == "e5":
-        return f"Instruct: {instruction}\nQuery: " if instruction else ""
-    if prompt_format == "plain":
-        return f"{instruction}\n" if instruction else ""
-    if prompt_format == "prefix":
-        return "query: "
-    if prompt_format == "none":
-        return ""
-    raise ValueError(f"unknown prompt_format {prompt_format!r}; use one of {PROMPT_FORMATS}")
-
-
-def document_prefix(prompt_format: str = "e5") -> str:
-    return "passage: " if prompt_format == "prefix" else ""
-
-
-def format_query(query: str, instruction: str | None, prompt_format: str = "e5") -> str:
-    return query_prefix(instruction, prompt_format) + query
-
-
-def format_document(text: str, title: str | None = None, prompt_format: str = "e5") -> str:
-    """Documents get no instruction; a title is joined to the text with a space (as e5 did)."""
-    body = f"{title} {text}".strip() if title else text
-    return document_prefix(prompt_format) + body

@@ -1,11 +1,11 @@
 """Dataset conversion: Hugging Face / BEIR / MS MARCO-style data -> training task JSONL.
 
 The trainer reads one ``<task>.jsonl`` per task, each line ``{"query", "positive": [..],
-"negative": [..], "instruction"?}`` (see ``conretriever.data``). This module turns the layouts
-people actually have into that file. ``conretriever.sources`` finds the inputs (hub dataset, local
-file, collection folder, BEIR folder) and streams their records; here each record becomes a row
-in the training schema, which is validated and written as it arrives, so nothing is held in
-memory whole:
+"negative": [..], "instruction"?}`` (see ``conretriever.data.training``). This module turns the
+layouts people actually have into that file. ``conretriever.data.sources`` finds the inputs (hub
+dataset, local file, collection folder, BEIR folder) and streams their records; here each record
+becomes a row in the training schema, which is validated and written as it arrives, so nothing is
+held in memory whole:
 
 * ``columns`` (the E5-R collection ``BeastyZ/E5-R``, FlagEmbedding, sentence-transformers and
   Tevatron files): one row per query with query / positive / negative (/ instruction) columns.
@@ -16,7 +16,7 @@ memory whole:
   ``triples.train.small.tsv``). MS MARCO repeats a query once per negative, so consecutive lines
   with the same query and positive are merged into one row with all their negatives.
 * ``beir``: a folder with ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``, read by
-  ``sources.beir_rows``: positives are the documents with score > 0 (title and text joined by a
+  ``beir.judged_queries``: positives are the documents with grade >= 1 (title and text joined by a
   space); negatives are left empty for ``conretriever mine``.
 
 A local folder that is not BEIR is a collection: each sub-folder (or file stem) is a config, the
@@ -30,28 +30,30 @@ a failed run leaves no half-written task file behind.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import random
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from conretriever.data import MAX_REPORTED_ERRORS, DataError, atomic_files, parse_row
-from conretriever.progress import Progress
-from conretriever.sources import (
+from conretriever.data.beir import document_text, judged_queries
+from conretriever.data.sources import (
     Source,
-    beir_rows,
     buffer_shuffle,
     first_line,
     iter_file,
     iter_hub,
     resolve_sources,
 )
-from conretriever.tasks import BEIR_DIR_TO_TASK, TaskRegistry, eval_instruction
-
-LAYOUTS = ("auto", "columns", "triples", "beir")
+from conretriever.data.tasks import BEIR_DIR_TO_TASK, TaskRegistry, eval_instruction
+from conretriever.data.training import MAX_REPORTED_ERRORS, parse_row
+from conretriever.errors import ConfigError, DataError
+from conretriever.files import atomic_files, refuse_existing
+from conretriever.options import opt
+from conretriever.progress import Progress
 
 # First alias present in a row wins; the order puts the most specific names first.
 QUERY_ALIASES = ("query", "question", "anchor", "claim")
@@ -62,24 +64,38 @@ INSTRUCTION_ALIASES = ("instruction", "prompt")
 
 @dataclass
 class ConvertSettings:
-    """What to convert and how; one field per command-line flag."""
+    """``conretriever convert`` / ``hf_to_training_data.py`` flags. With neither ``--dataset``
+    nor ``--out`` (no arguments at all), the embedded example dataset is converted."""
 
-    dataset: str  # hub name, local file, local collection folder or BEIR folder
-    out: Path  # output folder; each task becomes <out>/<task>.jsonl
-    config: str | None = None  # a config (hub) / sub-folder or file stem (local); "all" = each
-    split: str = "train"  # hub split; BEIR qrels file; file-name prefix inside a local config
-    layout: str = "auto"  # see LAYOUTS and the module docstring
-    task: str | None = None  # output task name (default: config, else dataset folder/file stem)
-    query_column: str | None = None
-    positive_column: str | None = None
-    negative_column: str | None = None
-    instruction_column: str | None = None
-    instruction: str | None = None  # put on rows that carry none (e.g. a task the registry lacks)
-    max_examples: int | None = None  # output rows per task (after shuffling, if any)
-    max_negatives: int | None = None  # keep a seeded random subset of each row's negatives
-    shuffle_buffer: int = 0  # >0: approximate streaming shuffle with a buffer of this many rows
-    seed: int = 42  # for the shuffle and the negative subsets
-    show_progress: bool = True
+    dataset: str | None = opt(
+        None, help="hub name, local file, local collection folder or BEIR folder"
+    )
+    out: Path | None = opt(None, help="output folder; each task becomes <out>/<task>.jsonl")
+    overwrite: bool = opt(False, help="replace task files that already exist in --out")
+    config: str | None = opt(
+        None, help="a config (hub) / sub-folder or file stem (local); all: every one"
+    )
+    split: str = opt("train", help="hub split; BEIR: qrels/<split>.tsv; local file-name prefix")
+    layout: Literal["auto", "columns", "triples", "beir"] = opt(
+        "auto", help="how rows are laid out (see the module docstring)"
+    )
+    task: str | None = opt(None, help="output task name (none: config, else folder/file stem)")
+    query_column: str | None = opt(None, help="none: the first of the usual aliases present")
+    positive_column: str | None = opt(None)
+    negative_column: str | None = opt(None)
+    instruction_column: str | None = opt(None)
+    instruction: str | None = opt(None, help="put on rows that carry none")
+    max_examples: int | None = opt(None, ge=1, help="output rows per task (after shuffling)")
+    max_negatives: int | None = opt(None, ge=0, help="a seeded random subset of each row's")
+    shuffle_buffer: int = opt(0, ge=0, help="> 0: streaming shuffle with a buffer of N rows")
+    seed: int = opt(42, help="for the shuffle and the negative subsets")
+    progress: bool = opt(True)
+
+    def validate(self) -> None:
+        if (self.dataset is None) != (self.out is None):
+            raise ConfigError(
+                "--dataset and --out are both needed (or no arguments: the embedded example)"
+            )
 
 
 @dataclass
@@ -104,7 +120,7 @@ def _texts(value):
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict) and "text" in value:
-        return [f"{value.get('title') or ''} {value['text'] or ''}".strip()]
+        return [document_text(value.get("title"), value["text"])]
     if isinstance(value, list):
         out = []
         for item in value:
@@ -207,7 +223,7 @@ def _layout_of(source: Source, settings: ConvertSettings) -> str:
 def source_rows(source: Source, settings: ConvertSettings) -> Iterator[tuple[str, dict]]:
     layout = _layout_of(source, settings)
     if layout == "beir":
-        return beir_rows(source.beir_dir, settings.split)
+        return judged_queries(source.beir_dir, settings.split)
     if source.hub is not None:
         records = iter_hub(source.hub[0], source.hub[1], settings.split)
     else:
@@ -232,7 +248,7 @@ def convert_source(
     if settings.shuffle_buffer > 0:
         rows = buffer_shuffle(rows, settings.shuffle_buffer, settings.seed)
     errors: list[str] = []
-    bar = Progress(None, f"convert {source.task}", unit="rows", enabled=settings.show_progress)
+    bar = Progress(None, f"convert {source.task}", unit="rows", enabled=settings.progress)
     with bar:
         for where, row in rows:
             report.rows_read += 1
@@ -273,6 +289,7 @@ def convert(settings: ConvertSettings, registry: TaskRegistry | None = None) -> 
     names = [s.task for s in sources]
     if len(set(names)) != len(names):
         raise DataError(f"two sources map to the same task name: {names}")
+    refuse_existing([settings.out / f"{n}.jsonl" for n in names], settings.overwrite, "task file")
     settings.out.mkdir(parents=True, exist_ok=True)
     reports = []
     with atomic_files() as stage:
@@ -292,70 +309,16 @@ SAMPLE_DATASET = Path(__file__).resolve().parent / "sample_data" / "hf_demo"
 SAMPLE_OUT = Path("outputs") / "hf_demo_converted"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="hf_to_training_data.py",
-        description="Hugging Face / BEIR / MS MARCO-style retrieval data -> training JSONL.",
-    )
-    p.add_argument(
-        "--dataset",
-        help="hub name, local file, or local folder (default, with no arguments at all: the "
-        f"embedded example {SAMPLE_DATASET.name!r} in the hub layout)",
-    )
-    p.add_argument(
-        "--out", type=Path, help=f"output folder (training_data/NAME; default {SAMPLE_OUT})"
-    )
-    p.add_argument("--config", help="config / sub-folder to convert; 'all' for every one")
-    p.add_argument("--split", default="train", help="split (BEIR: qrels/<split>.tsv)")
-    p.add_argument("--layout", default="auto", choices=LAYOUTS)
-    p.add_argument("--task", help="output task name (file <out>/<task>.jsonl)")
-    p.add_argument("--query-column")
-    p.add_argument("--positive-column")
-    p.add_argument("--negative-column")
-    p.add_argument("--instruction-column")
-    p.add_argument("--instruction", help="instruction for rows without one")
-    p.add_argument("--max-examples", type=int)
-    p.add_argument("--max-negatives", type=int)
-    p.add_argument("--shuffle-buffer", type=int, default=0)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:  # the embedded default: offline, seconds on a CPU
-        argv = ["--dataset", str(SAMPLE_DATASET), "--config", "all", "--out", str(SAMPLE_OUT)]
+def run(settings: ConvertSettings) -> int:
+    """``conretriever convert``: every task file written together, or none."""
+    if settings.dataset is None:  # the embedded default: offline, seconds on a CPU
         print(f"no arguments: converting the embedded example dataset {SAMPLE_DATASET}")
-        print(f"  (python hf_to_training_data.py {' '.join(argv)}; --help for every option)")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.dataset or not args.out:
-        parser.error("--dataset and --out are both needed (or no arguments: the embedded example)")
-    settings = ConvertSettings(
-        dataset=args.dataset,
-        out=args.out,
-        config=args.config,
-        split=args.split,
-        layout=args.layout,
-        task=args.task,
-        query_column=args.query_column,
-        positive_column=args.positive_column,
-        negative_column=args.negative_column,
-        instruction_column=args.instruction_column,
-        instruction=args.instruction,
-        max_examples=args.max_examples,
-        max_negatives=args.max_negatives,
-        shuffle_buffer=args.shuffle_buffer,
-        seed=args.seed,
-        show_progress=not args.no_progress,
-    )
+        print(f"  (--dataset {SAMPLE_DATASET} --config all --out {SAMPLE_OUT}; --help for more)")
+        settings = dataclasses.replace(
+            settings, dataset=str(SAMPLE_DATASET), config="all", out=SAMPLE_OUT, overwrite=True
+        )
     registry = TaskRegistry.load()
-    try:
-        reports = convert(settings, registry)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    reports = convert(settings, registry)
     for r in reports:
         print(
             f"{r.path}: {r.rows_written} rows (read {r.rows_read}), {r.positives} positives, "

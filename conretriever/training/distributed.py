@@ -1,68 +1,21 @@
-"""Process groups, FSDP2 sharding, and collectives that keep autograd.
+"""FSDP2 sharding, and collectives that keep autograd.
 
-Launch with ``torchrun --nproc_per_node N -m conretriever train ...`` for N processes, or plain
-``python -m conretriever train`` for one. With more than one process every decoder layer is
-sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters, gradients and optimizer
-state are split across ranks and gathered one layer at a time. The layer class is read from the
-model (``_no_split_modules``, which every HF decoder declares), so users never name it. On GPU,
-compute runs in bf16 (``MixedPrecisionPolicy``) while gradients are reduced in fp32; on CPU
-(gloo) everything stays fp32, which is what lets CI test real sharded training.
+The process group itself is set up by ``conretriever.runtime`` (one set-up for every command).
+With more than one process every decoder layer is sharded with FSDP2
+(``torch.distributed.fsdp.fully_shard``): parameters, gradients and optimizer state are split across
+ranks and gathered one layer at a time. The layer class is read from the model
+(``_no_split_modules``, which every HF decoder declares), so users never name it. On GPU, compute
+runs in bf16 (``MixedPrecisionPolicy``) while gradients are reduced in fp32; on CPU (gloo)
+everything stays fp32, which is what lets CI test real sharded training.
 """
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> DistInfo:
-    """Join the torchrun process group if launched by torchrun; else a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def cleanup() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+from conretriever.runtime import rank, world_size
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:

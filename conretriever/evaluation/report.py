@@ -7,9 +7,12 @@ training help" view the demo prints (untrained, trained, and a reference model).
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
+from conretriever.errors import DataError
+from conretriever.options import opt
 
 METRICS = (("nDCG@10", "ndcg_at_10"), ("R@10", "recall_at_10"), ("MRR@10", "mrr_at_10"))
 
@@ -24,7 +27,7 @@ def load_results(folder: str | Path) -> dict[str, dict]:
         if isinstance(record, dict) and "metrics" in record:
             out[record.get("task", path.stem)] = record["metrics"]
     if not out:
-        raise FileNotFoundError(f"{folder}: no evaluation results (<task>.json) found")
+        raise DataError(f"{folder}: no evaluation results (<task>.json) found")
     return out
 
 
@@ -54,19 +57,27 @@ def compare_table(runs: list[tuple[str, dict[str, dict]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="conretriever compare", description=__doc__.split("\n")[0]
+@dataclass
+class CompareSettings:
+    """``conretriever compare NAME=DIR ...``."""
+
+    runs: list[str] = opt(
+        default_factory=list,
+        positional=True,
+        required=True,
+        metavar="NAME=DIR",
+        help="conretriever eval output folders, optionally named (DIR alone: its folder name)",
     )
-    parser.add_argument("runs", nargs="+", help="NAME=DIR (or DIR) of conretriever eval outputs")
-    parser.add_argument("--output", help="also write the table to this markdown file")
-    args = parser.parse_args(argv)
+    output: Path | None = opt(None, help="also write the table to this markdown file")
+
+
+def run(settings: CompareSettings) -> int:
     runs = []
-    for item in args.runs:
+    for item in settings.runs:
         name, _, folder = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
         runs.append((name, load_results(folder)))
     table = compare_table(runs)
     print(table)
-    if args.output:
-        Path(args.output).write_text(table)
+    if settings.output:
+        settings.output.write_text(table)
     return 0

@@ -15,51 +15,26 @@ Vectors are L2-normalised (``normalize=True``), so a dot product is the cosine s
 
 ``save(dir)`` writes a self-contained folder (LoRA merged, plain HF keys, tokenizer,
 ``conretriever.json``, sentence-transformers files) that ``from_pretrained`` and
-``SentenceTransformer(dir)`` both load; its layout and the merge live in ``conretriever.export``.
+``SentenceTransformer(dir)`` both load; its layout and the merge live in
+``conretriever.model.export``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from conretriever import export
-from conretriever.models import resolve_model
+from conretriever.model import export
+from conretriever.model.prompts import format_passage, format_query
+from conretriever.model.settings import EmbedderSettings, LoraSettings
+from conretriever.model.specs import resolve_model
 from conretriever.precision import resolve_dtype
 from conretriever.progress import Progress
-from conretriever.tasks import format_document, format_query
-
-
-@dataclass
-class EmbedderSettings:
-    """What, besides the weights, decides a vector. Saved as ``conretriever.json``."""
-
-    pooling: str = "last"  # last | mean | cls
-    normalize: bool = True
-    prompt_format: str = "e5"  # see conretriever.tasks.query_prefix
-    default_instruction: str | None = None  # used by encode(role="query") when none is given
-    query_max_length: int = 512  # tokens, including instruction and EOS
-    doc_max_length: int = 512
-
-    @classmethod
-    def from_dict(cls, data: dict) -> EmbedderSettings:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-@dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.1
-    target_modules: str | list[str] = "all-linear"
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -156,49 +131,40 @@ class Embedder(nn.Module):
     def from_pretrained(
         cls,
         spec: str | os.PathLike,
-        *,
-        pooling: str | None = None,
-        normalize: bool | None = None,
+        settings: EmbedderSettings | dict | None = None,
         lora: LoraSettings | dict | None = None,
+        *,
         dtype: str | torch.dtype | None = "auto",
         device: str | torch.device | None = None,
-        prompt_format: str | None = None,
-        default_instruction: str | None = None,
-        query_max_length: int | None = None,
-        doc_max_length: int | None = None,
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
     ) -> Embedder:
-        """Load a backbone from any model spec (see ``conretriever.models``).
+        """Load a backbone from any model spec (see ``conretriever.model.specs``).
 
-        Settings saved by :meth:`save` (``conretriever.json``) or a sentence-transformers pooling
-        config are restored; explicit arguments override them. Without either, decoders get
-        ``last`` pooling and encoders ``mean``. ``attn_implementation`` None leaves the choice to
-        transformers (SDPA where the architecture supports it).
+        ``settings``: the fields that are set override the model's own (its ``conretriever.json``,
+        a sentence-transformers pooling config, else :meth:`EmbedderSettings.defaults_for` the
+        architecture). ``lora``: wrap the backbone in a new LoRA adapter. The load options:
+        ``dtype`` (``auto``: bf16 where native, see ``conretriever.precision``), ``device``,
+        ``attn_implementation`` (None: transformers' choice, SDPA where supported) and
+        ``gradient_checkpointing``.
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+        if isinstance(settings, dict):
+            settings = EmbedderSettings(**settings)
+        if isinstance(lora, dict):
+            lora = LoraSettings(**lora)
         path = resolve_model(spec)
         config = AutoConfig.from_pretrained(path)
-        settings = export.saved_settings(path) or EmbedderSettings(
-            pooling="last" if is_decoder_config(config) else "mean",
-            prompt_format="e5" if is_decoder_config(config) else "none",
-        )
-        overrides = {
-            "pooling": pooling,
-            "normalize": normalize,
-            "prompt_format": prompt_format,
-            "default_instruction": default_instruction,
-            "query_max_length": query_max_length,
-            "doc_max_length": doc_max_length,
-        }
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(settings, key, value)
+        base = export.saved_settings(path)
+        if base is None:
+            base = EmbedderSettings.defaults_for(decoder=is_decoder_config(config))
+        else:  # a saved file may leave fields out: fill them as for a new model
+            base = base.over(EmbedderSettings.defaults_for(decoder=is_decoder_config(config)))
+        effective = settings.over(base) if settings is not None else base
 
         dev = torch.device(device) if device else _default_device()
-        torch_dtype = resolve_dtype(dtype, dev)
-        kwargs = {"dtype": torch_dtype}
+        kwargs = {"dtype": resolve_dtype(dtype, dev)}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         backbone = AutoModel.from_pretrained(path, **kwargs)
@@ -209,7 +175,7 @@ class Embedder(nn.Module):
             backbone.config.use_cache = False  # no KV cache: we never generate
         if lora is not None:
             backbone = apply_lora(backbone, lora)
-        model = cls(backbone, tokenizer, settings)
+        model = cls(backbone, tokenizer, effective)
         return model.to(dev)
 
     @property
@@ -233,7 +199,7 @@ class Embedder(nn.Module):
             inst = instruction if instruction is not None else self.settings.default_instruction
             return [format_query(t, inst, fmt) for t in texts]
         if role in ("passage", "document"):
-            return [format_document(t, None, fmt) for t in texts]
+            return [format_passage(t, fmt) for t in texts]
         raise ValueError(f"role must be 'query' or 'passage', got {role!r}")
 
     def tokenize(self, texts: list[str], max_length: int, padding: bool = True):
@@ -270,12 +236,13 @@ class Embedder(nn.Module):
 
     def forward_packed(self, seqs: list[list[int]]) -> torch.Tensor:
         """Id lists -> [n, dim] float32 embeddings from ONE padding-free forward (decoders only;
-        see ``conretriever.packing``): the texts are concatenated, positions restart per text and
+        see ``conretriever.model.packing``): the texts are concatenated, positions restart per text
+        and
         attention stays inside each text, so each vector equals the padded forward's."""
         return self(packed_ids=seqs)
 
     def _packed_forward(self, seqs: list[list[int]]) -> torch.Tensor:
-        from conretriever.packing import pack, packed_attention, pool_packed
+        from conretriever.model.packing import pack, packed_attention, pool_packed
 
         ids, positions, cu, longest = pack(seqs)
         dev = self.device
@@ -298,7 +265,7 @@ class Embedder(nn.Module):
 
     def packing_supported(self) -> bool:
         """Packed forwards compute this model exactly: a decoder with plain causal attention."""
-        from conretriever.packing import packable
+        from conretriever.model.packing import packable
 
         config = self.base_model.config
         return is_decoder_config(config) and packable(config)
@@ -306,7 +273,7 @@ class Embedder(nn.Module):
     def packing_default(self) -> bool:
         """Pack encoding batches by default where it pays: a GPU with the varlen attention
         kernel. (On a CPU, length-sorted padded batches are as fast: little padding is left.)"""
-        from conretriever.packing import varlen_kernel_available
+        from conretriever.model.packing import varlen_kernel_available
 
         return self.packing_supported() and varlen_kernel_available(self.device)
 
@@ -314,7 +281,7 @@ class Embedder(nn.Module):
         """Pack training chunks by default where it pays: on a GPU with the varlen kernel, and on
         a CPU, where removing the padding of randomly ordered documents makes a LoRA step on
         Gemma-3-270M ~15% faster even through the per-text attention loop."""
-        from conretriever.packing import varlen_kernel_available
+        from conretriever.model.packing import varlen_kernel_available
 
         if not self.packing_supported():
             return False
@@ -347,7 +314,7 @@ class Embedder(nn.Module):
         ``packed`` (default: on for decoders on a GPU with PyTorch's varlen attention kernel)
         removes the padding altogether: a batch is ONE row of concatenated texts holding at most
         ``max_tokens`` real tokens, with attention kept inside each text (see
-        ``conretriever.packing``). Same vectors, up to float rounding.
+        ``conretriever.model.packing``). Same vectors, up to float rounding.
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -404,15 +371,8 @@ class Embedder(nn.Module):
             self.train(was_training)
         return out
 
-    # ----- save (see conretriever.export) ------------------------------------------------------
-    def merged_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
-        """Backbone weights with LoRA folded in (W + B @ A * alpha / r) under plain HF keys.
-
-        ``state_dict`` may be given (e.g. a full state dict gathered from FSDP shards, keyed like
-        ``self.backbone.state_dict()``); otherwise the live weights are used. Nothing is mutated.
-        """
-        return export.merged_state_dict(self.backbone, state_dict)
-
+    # ----- save (see conretriever.model.export)
+    # ------------------------------------------------------
     def save(
         self,
         out_dir: str | os.PathLike,
@@ -494,19 +454,14 @@ def is_activation_checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, name))
 
 
-def apply_lora(backbone: nn.Module, lora: LoraSettings | dict) -> nn.Module:
+def apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    if isinstance(lora, dict):
-        lora = LoraSettings(**lora)
-    targets = lora.target_modules
-    if isinstance(targets, str) and targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=targets,
+        target_modules=lora.modules(),
         bias="none",
     )
     with warnings.catch_warnings():
@@ -525,45 +480,3 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
-
-
-def encode_main(argv: list[str] | None = None) -> int:
-    """``conretriever encode --model SPEC --input FILE --output X.npy [--role query]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="conretriever encode", description=encode_main.__doc__)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--input", required=True, help="text file (one per line) or JSONL")
-    parser.add_argument("--field", default="text", help="JSONL field to encode")
-    parser.add_argument("--output", required=True, help=".npy file to write")
-    parser.add_argument("--role", choices=["query", "passage"], default="passage")
-    parser.add_argument("--instruction", default=None)
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--max_length", type=int, default=None)
-    args = parser.parse_args(argv)
-    texts = []
-    with open(args.input, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            if args.input.endswith(".jsonl"):
-                try:
-                    texts.append(str(json.loads(line)[args.field]))
-                except (json.JSONDecodeError, KeyError) as err:
-                    raise SystemExit(
-                        f"{args.input}:{lineno}: field {args.field!r}: {err}"
-                    ) from None
-            else:
-                texts.append(line.rstrip("\n"))
-    model = Embedder.from_pretrained(args.model)
-    vectors = model.encode(
-        texts,
-        role=args.role,
-        instruction=args.instruction,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        show_progress=True,
-    )
-    np.save(args.output, vectors)
-    print(f"wrote {vectors.shape} to {args.output}")
-    return 0

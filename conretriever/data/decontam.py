@@ -22,15 +22,16 @@ counts per rule, per training field and per evaluation side (query or document),
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from conretriever.data import DataError, _open_text, atomic_files, parse_row, task_name
+from conretriever.data.training import parse_row, task_name
+from conretriever.errors import ConfigError, DataError
+from conretriever.files import atomic_files, open_text, refuse_existing
+from conretriever.options import opt
 
 KINDS = ("exact", "normalized", "ngram")
 _PUNCT = re.compile(r"[^\w\s]|_")
@@ -48,14 +49,37 @@ def ngram_hashes(normalized: str, n: int) -> set[int]:
 
 @dataclass
 class DecontamSettings:
-    eval_dirs: list[Path]
-    data: list[Path]  # training files or folders of task files
-    eval_split: str = "test"
-    fields: tuple[str, ...] = ("query", "positive")
-    ngram: int = 13
-    min_shared_ngrams: int = 1  # GPT-3: a single shared 13-gram
-    min_ngram_fraction: float = 0.0  # and at least this share of the text's n-grams
-    n_examples: int = 5  # per rule, in the report
+    """``conretriever decontaminate`` flags (and the Python API's settings)."""
+
+    eval_dirs: list[Path] = opt(
+        default_factory=list, aliases=("eval_dir",), help="evaluation BEIR folders"
+    )
+    data: list[Path] = opt(default_factory=list, help="training files or folders of task files")
+    eval_split: str = opt("test", help="qrels split whose queries are evaluation data")
+    fields: list[str] = opt(
+        default_factory=lambda: ["query", "positive"],
+        choices=("query", "positive", "negative"),
+        help="training row fields compared",
+    )
+    ngram: int = opt(13, ge=1, help="word n-gram length (13: the GPT-3 rule)")
+    min_shared_ngrams: int = opt(1, ge=1, help="shared n-grams that flag a row")
+    min_ngram_fraction: float = opt(
+        0.0, ge=0, le=1, help="and at least this share of the text's n-grams"
+    )
+    n_examples: int = opt(5, ge=0, help="examples per rule in the report")
+    report: Path | None = opt(None, help="write the JSON report here")
+    drop: bool = opt(False, help="write the training data without flagged rows to --out")
+    out: Path | None = opt(None, help="with --drop: output file (a folder if several)")
+    overwrite: bool = opt(False, help="replace an existing --out / --report")
+    allow_extra_fields: bool = opt(False, help="accept rows with unknown keys (ignored)")
+
+    def validate(self) -> None:
+        if not self.eval_dirs:
+            raise ConfigError("--eval_dirs is required (the evaluation BEIR folders)")
+        if not self.data:
+            raise ConfigError("--data is required (training files or folders)")
+        if self.drop and self.out is None:
+            raise ConfigError("--drop needs --out")
 
 
 @dataclass
@@ -78,12 +102,12 @@ class EvalIndex:
 
     @classmethod
     def build(cls, eval_dirs: list[Path], split: str, n: int) -> EvalIndex:
-        from conretriever.sources import beir_rows
+        from conretriever.data.beir import judged_queries
 
         index = cls()
         for folder in eval_dirs:
             docs_seen: set[str] = set()
-            for where, row in beir_rows(Path(folder), split):
+            for where, row in judged_queries(Path(folder), split):
                 index.add(row["query"], "query", f"{folder.name} query ({where})", n)
                 index.n_queries += 1
                 for doc in row["positive"]:
@@ -143,14 +167,16 @@ def decontaminate(settings: DecontamSettings, drop_out: Path | None = None) -> d
                 final.parent.mkdir(parents=True, exist_ok=True)
                 writer = open(stage(final), "w", encoding="utf-8")  # noqa: SIM115 - closed below
             try:
-                with _open_text(path) as handle:
+                with open_text(path) as handle:
                     for lineno, line in enumerate(handle, 1):
                         if not line.strip():
                             continue
                         where = f"{path}:{lineno}"
                         errors: list[str] = []
                         try:
-                            ex = parse_row(json.loads(line), where, task_name(path), errors)
+                            row = json.loads(line)
+                            ex = parse_row(row, where, task_name(path), errors,
+                                           settings.allow_extra_fields)  # fmt: skip
                         except json.JSONDecodeError as err:
                             raise DataError(f"{where}: malformed JSON ({err.msg})") from None
                         if ex is None:
@@ -231,49 +257,13 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="conretriever decontaminate",
-        description="Report (and optionally drop) training rows that overlap evaluation data.",
-    )
-    p.add_argument("--data", nargs="+", type=Path, required=True, help="training files/folders")
-    p.add_argument("--eval-dir", nargs="+", type=Path, required=True, help="BEIR folders")
-    p.add_argument("--eval-split", default="test")
-    p.add_argument("--fields", default="query,positive", help="of query,positive,negative")
-    p.add_argument("--ngram", type=int, default=13)
-    p.add_argument("--min-shared-ngrams", type=int, default=1)
-    p.add_argument("--min-ngram-fraction", type=float, default=0.0)
-    p.add_argument("--report", type=Path, help="write the JSON report here")
-    p.add_argument("--drop", action="store_true", help="write the data without flagged rows")
-    p.add_argument("--out", type=Path, help="with --drop: output file (folder if several)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.drop and args.out is None:
-        print("error: --drop needs --out", file=sys.stderr)
-        return 2
-    fields_ = tuple(f.strip() for f in args.fields.split(",") if f.strip())
-    if not fields_ or set(fields_) - {"query", "positive", "negative"}:
-        print(f"error: --fields {args.fields!r}: use query, positive, negative", file=sys.stderr)
-        return 2
-    settings = DecontamSettings(
-        eval_dirs=args.eval_dir,
-        data=args.data,
-        eval_split=args.eval_split,
-        fields=fields_,
-        ngram=args.ngram,
-        min_shared_ngrams=args.min_shared_ngrams,
-        min_ngram_fraction=args.min_ngram_fraction,
-    )
-    try:
-        report = decontaminate(settings, args.out if args.drop else None)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+def run(settings: DecontamSettings) -> int:
+    """``conretriever decontaminate``."""
+    outputs = [p for p in (settings.report, settings.out if settings.drop else None) if p]
+    refuse_existing(outputs, settings.overwrite)
+    report = decontaminate(settings, settings.out if settings.drop else None)
+    if settings.report:
+        settings.report.parent.mkdir(parents=True, exist_ok=True)
+        settings.report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(summary(report))
     return 0

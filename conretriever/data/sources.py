@@ -1,6 +1,6 @@
 """Sources: where conversion rows come from (local files, the hub, BEIR folders), as a stream.
 
-``conretriever.convert`` turns rows into training task files; this module finds and reads them.
+``conretriever.data.convert`` turns rows into training task files; this module finds and reads them.
 Every reader yields ``(where, record)`` pairs: ``where`` is ``file:row``, or on the hub
 ``name[config/split]:row``, with ``row`` the 1-based record number in that file (for JSONL
 without blank lines, the line number), so a problem found downstream names its input row.
@@ -14,7 +14,8 @@ Nothing is held in memory whole:
 * a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``) yields one row per
   judged query, in ``queries.jsonl`` order. Positives are the documents with score > 0 (title and
   text joined by a space); negatives are left empty for ``conretriever mine``. Only the documents
-  named in the qrels are kept in memory (``conretriever.decontam`` reads evaluation sets this way);
+  named in the qrels are kept in memory (``conretriever.data.decontam`` reads evaluation sets this
+  way);
 * ``buffer_shuffle`` is the approximate streaming shuffle that runs before ``--max-examples``.
 
 ``resolve_sources`` maps ``--dataset`` / ``--config`` to one ``Source`` per output task: a file or
@@ -35,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from conretriever.data import MAX_REPORTED_ERRORS, DataError
+from conretriever.data.beir import is_beir_dir
+from conretriever.errors import DataError
 
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".tsv")
 
@@ -159,66 +161,7 @@ def buffer_shuffle(
     yield from buffer
 
 
-def beir_rows(folder: Path, split: str) -> Iterator[tuple[str, dict]]:
-    """Rows of a BEIR folder: queries in ``queries.jsonl`` order, positives from the qrels."""
-    qrels_path = folder / "qrels" / f"{split}.tsv"
-    for need in (folder / "corpus.jsonl", folder / "queries.jsonl", qrels_path):
-        if not need.exists():
-            raise DataError(
-                f"{need}: missing (a BEIR folder needs corpus.jsonl, queries.jsonl, "
-                f"qrels/{split}.tsv)"
-            )
-    relevant: dict[str, list[tuple[str, str]]] = {}  # query id -> [(doc id, qrels where)]
-    errors: list[str] = []
-    for where, rec in iter_file(qrels_path, "columns"):
-        qid, did, score = rec.get("query-id"), rec.get("corpus-id"), rec.get("score")
-        if not qid or not did:
-            errors.append(f"{where}: field 'query-id'/'corpus-id': missing")
-            continue
-        try:
-            positive = float(score) > 0
-        except (TypeError, ValueError):
-            errors.append(f"{where}: field 'score': expected a number, got {score!r}")
-            continue
-        if positive:
-            relevant.setdefault(qid, []).append((did, where))
-    needed = {did for pairs in relevant.values() for did, _ in pairs}
-    docs: dict[str, str] = {}
-    for _, rec in iter_file(folder / "corpus.jsonl", "columns"):
-        did = str(rec.get("_id"))
-        if did in needed:
-            docs[did] = f"{rec.get('title') or ''} {rec.get('text') or ''}".strip()
-    for pairs in relevant.values():
-        errors += [
-            f"{w}: field 'corpus-id': {d!r} not in corpus.jsonl" for d, w in pairs if d not in docs
-        ]
-    if errors:
-        raise DataError("\n".join(errors[:MAX_REPORTED_ERRORS]))
-    seen: set[str] = set()
-    for where, rec in iter_file(folder / "queries.jsonl", "columns"):
-        qid = str(rec.get("_id"))
-        if qid in relevant and qid not in seen:
-            seen.add(qid)
-            yield (
-                where,
-                {
-                    "query": rec.get("text"),
-                    "positive": [docs[d] for d, _ in relevant[qid]],
-                    "negative": [],
-                },
-            )
-    missing = [q for q in relevant if q not in seen]
-    if missing:
-        raise DataError(
-            f"{qrels_path}: {len(missing)} query id(s) not in queries.jsonl, e.g. {missing[:5]}"
-        )
-
-
 # --- locating sources ---------------------------------------------------------------------------
-
-
-def _is_beir(path: Path) -> bool:
-    return path.is_dir() and (path / "corpus.jsonl").exists() and (path / "queries.jsonl").exists()
 
 
 def _data_files(folder: Path, split: str) -> list[Path]:
@@ -253,7 +196,7 @@ def resolve_sources(settings: SourceSpec) -> list[Source]:
         if path.is_file():
             task = settings.task or path.name.split(".")[0]
             return [Source(task, str(path), files=[path])]
-        if settings.layout == "beir" or (settings.layout == "auto" and _is_beir(path)):
+        if settings.layout == "beir" or (settings.layout == "auto" and is_beir_dir(path)):
             return [Source(settings.task or path.name, str(path), beir_dir=path)]
         if config is None:
             files = _data_files(path, settings.split)
@@ -267,7 +210,7 @@ def resolve_sources(settings: SourceSpec) -> list[Source]:
             if name not in configs:
                 raise DataError(f"{path}: no config {name!r}; configs: {sorted(configs)}")
             target = configs[name]
-            if _is_beir(target):
+            if is_beir_dir(target):
                 sources.append(Source(name, str(target), beir_dir=target))
                 continue
             files = [target] if target.is_file() else _data_files(target, settings.split)

@@ -2,16 +2,16 @@
 
 ``conretriever eval --tasks NAME`` (and ``--engine mteb`` on a local folder) hand the scoring to
 ``mteb.evaluate``. Three pieces make mteb's numbers comparable with our own
-(``conretriever.evaluate``, metrics from ``conretriever.metrics``):
+(``conretriever.evaluation.evaluate``, metrics from ``conretriever.evaluation.metrics``):
 
 1. :func:`mteb_model` wraps the Embedder as an mteb ``AbsEncoder`` that also implements mteb's
    search protocol (``index`` the corpus, then ``search`` queries). Indexing goes through our
    cached, sharded corpus encoding and searching through our exact inner-product search
-   (``conretriever.search``), so mteb ranks the same documents in the same order as
-   :func:`conretriever.evaluate.search_run`, and the corpus cache serves both paths.
-   Queries get the task's e5 instruction (``conretriever.tasks.eval_instruction``, or
+   (``conretriever.retrieval.search``), so mteb ranks the same documents in the same order as
+   :func:`conretriever.evaluation.evaluate.search_run`, and the corpus cache serves both paths.
+   Queries get the task's e5 instruction (``conretriever.data.tasks.eval_instruction``, or
    ``EvalSettings.instruction``); documents get none.
-2. :func:`local_mteb_task` turns a :class:`~conretriever.beir.BeirData` into an offline mteb
+2. :func:`local_mteb_task` turns a :class:`~conretriever.data.beir.BeirData` into an offline mteb
    retrieval task (no download, no hub), with MTEB's self-match rule for the task
    (``IGNORE_IDENTICAL_IDS``). Running a local folder both ways is the cross-check that our
    numpy metrics equal mteb's.
@@ -27,17 +27,27 @@ the offline evaluation import without them, and the GPU machines do not have the
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from conretriever.beir import IGNORE_IDENTICAL_IDS, BeirData
-from conretriever.metrics import MAIN_SCORE
-from conretriever.search import encode_corpus, encode_sharded, exact_search
-from conretriever.tasks import eval_instruction, format_document
+from conretriever.data.beir import IGNORE_IDENTICAL_IDS, BeirData, document_text
+from conretriever.data.tasks import eval_instruction
+from conretriever.evaluation.metrics import MAIN_SCORE
+from conretriever.retrieval.search import encode_corpus, encode_sharded, exact_search
 
-if TYPE_CHECKING:  # evaluate.py imports this module; the settings type is only an annotation
-    from conretriever.evaluate import EvalSettings
+
+class EvalSettings(Protocol):
+    """What the bridge reads of ``conretriever.evaluation.evaluate.EvalSettings``."""
+
+    batch_size: int
+    query_max_length: int | None
+    doc_max_length: int | None
+    instruction: str | None
+    progress: bool
+
+    def resolved_cache_dir(self) -> Path | None: ...
 
 
 def mteb_model(embedder, settings: EvalSettings, name: str = "conretriever/model"):
@@ -75,13 +85,13 @@ def mteb_model(embedder, settings: EvalSettings, name: str = "conretriever/model
                 instruction=instruction_for(task_metadata) if is_query else None,
                 batch_size=settings.batch_size,
                 max_length=settings.query_max_length if is_query else settings.doc_max_length,
-                show_progress=settings.show_progress,
+                show_progress=settings.progress,
             )
 
         def index(self, corpus, *, task_metadata, hf_split, hf_subset, **kw) -> None:
             titles = corpus["title"] if "title" in corpus.column_names else [None] * len(corpus)
             texts = [
-                format_document(t, title or None)
+                document_text(title, t)
                 for t, title in zip(corpus["text"], titles, strict=True)
             ]
             self.corpus_ids = [str(i) for i in corpus["id"]]
@@ -90,8 +100,8 @@ def mteb_model(embedder, settings: EvalSettings, name: str = "conretriever/model
                 texts,
                 batch_size=settings.batch_size,
                 max_length=settings.doc_max_length,
-                cache_dir=settings.cache_dir,
-                show_progress=settings.show_progress,
+                cache_dir=settings.resolved_cache_dir(),
+                show_progress=settings.progress,
             )
 
         def search(self, queries, *, task_metadata, hf_split, hf_subset, top_k, **kw):
@@ -102,7 +112,7 @@ def mteb_model(embedder, settings: EvalSettings, name: str = "conretriever/model
                 instruction=instruction_for(task_metadata),
                 batch_size=settings.batch_size,
                 max_length=settings.query_max_length,
-                show_progress=settings.show_progress,
+                show_progress=settings.progress,
             )
             scores, indices = exact_search(query_emb, self.doc_emb, top_k)
             return {
@@ -181,7 +191,7 @@ def evaluate_with_mteb(
             [task],
             cache=None,
             encode_kwargs={"batch_size": settings.batch_size},
-            show_progress_bar=settings.show_progress,
+            show_progress_bar=settings.progress,
         )
         task_result = out.task_results[0]
         split = next(iter(task_result.scores))

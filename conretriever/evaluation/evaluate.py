@@ -2,34 +2,35 @@
 
 How e5-mistral was evaluated, and what this module does the same way:
 
-* **Queries** get the task's official instruction (``conretriever.tasks.eval_instruction``) in the
-  model's prompt format (``Instruct: {instruction}\\nQuery: {query}`` for e5); ``--instruction``
+* **Queries** get the task's official instruction (``conretriever.data.tasks.eval_instruction``) in
+  the model's prompt format (``Instruct: {instruction}\\nQuery: {query}`` for e5); ``--instruction``
   overrides it. Models saved with ``prompt_format="none"`` (sentence-transformers encoders such
   as ``embedded:minilm``) get no instruction text at all (``Embedder.format`` decides that).
 * **Documents** get no instruction: title and text joined with a space
-  (``conretriever.tasks.format_document``), so one cached corpus encoding serves every query set.
-* **Search** is exact inner product over unit vectors (``conretriever.search``): the top 1000
-  documents per query; for the tasks where MTEB sets ``ignore_identical_ids`` (ArguAna, FEVER,
-  FiQA2018, MSMARCO, QuoraRetrieval; ``conretriever.beir.IGNORE_IDENTICAL_IDS``) a document whose
-  id equals the query id is then dropped from that query's ranking, as MTEB does.
+  (``conretriever.data.tasks.format_document``), so one cached corpus encoding serves every query
+  set.
+* **Search** is exact inner product over unit vectors (``conretriever.retrieval.search``): the top
+  1000 documents per query; for the tasks where MTEB sets ``ignore_identical_ids`` (ArguAna, FEVER,
+  FiQA2018, MSMARCO, QuoraRetrieval; ``conretriever.data.beir.IGNORE_IDENTICAL_IDS``) a document
+  whose id equals the query id is then dropped from that query's ranking, as MTEB does.
 * **Metrics** follow MTEB 2.x, which takes them from ``trec_eval``: nDCG@k, MAP@k, recall@k, P@k
-  and MRR@k, averaged over the queries that have a relevant document. ``conretriever.metrics``
-  computes them in numpy (pinned to mteb's own evaluator by a test), so the offline path needs
-  neither mteb nor pytrec_eval: the GPU machines have neither.
+  and MRR@k, averaged over the queries that have a relevant document.
+  ``conretriever.evaluation.metrics`` computes them in numpy (pinned to mteb's own evaluator by a
+  test), so the offline path needs neither mteb nor pytrec_eval: the GPU machines have neither.
 
 Two ways in:
 
 * ``--beir-dir PATH`` (or :func:`evaluate_beir_dir` from Python, e.g. on an in-memory, possibly
   LoRA-wrapped Embedder, as ``benchmarks/quality.py`` does): a local BEIR folder
   (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``, each optionally ``.gz``; read by
-  ``conretriever.beir``) evaluated fully offline. A folder of BEIR folders (CQADupStack's 12
+  ``conretriever.data.beir``) evaluated fully offline. A folder of BEIR folders (CQADupStack's 12
   subforums) is one task: the average over them. With ``--engine mteb`` the folder runs as a
   local ``mteb`` retrieval task instead, and mteb computes the metrics (same numbers, a
   cross-check).
 * ``--tasks SciFact ArguAna ...`` / presets ``beir15``, ``small``: named MTEB tasks through
   ``mteb.evaluate`` (mteb downloads the data, so this needs the internet). The model wrapper
-  (``conretriever.mteb_bridge``) does its own cached corpus encoding and exact search, so both
-  paths rank identically.
+  (``conretriever.evaluation.mteb_bridge``) does its own cached corpus encoding and exact search, so
+  both paths rank identically.
 
 Outputs (``--output-dir``): ``<task>.json`` per task, ``summary.md`` (a table with the average)
 and ``settings.json`` (model, fingerprint, instructions, lengths, batch size, seconds per task).
@@ -39,22 +40,31 @@ it only inside the functions that use it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from conretriever.beir import IGNORE_IDENTICAL_IDS, BeirData, load_beir_dir
-from conretriever.metrics import K_VALUES, MAIN_SCORE, retrieval_metrics
-from conretriever.mteb_bridge import evaluate_with_mteb, local_mteb_task, mteb_tasks
-from conretriever.search import encode_corpus, encode_sharded, exact_search, model_fingerprint
-from conretriever.tasks import eval_instruction, query_prefix
+from conretriever import runtime
+from conretriever.data.beir import IGNORE_IDENTICAL_IDS, BeirData, load_beir_dir
+from conretriever.data.tasks import eval_instruction
+from conretriever.errors import ConfigError
+from conretriever.evaluation.metrics import K_VALUES, MAIN_SCORE, retrieval_metrics
+from conretriever.evaluation.mteb_bridge import evaluate_with_mteb, local_mteb_task, mteb_tasks
+from conretriever.files import refuse_existing, write_json
+from conretriever.model.prompts import query_prefix
+from conretriever.options import opt, to_dict
+from conretriever.retrieval.search import (
+    encode_corpus,
+    encode_sharded,
+    exact_search,
+    model_fingerprint,
+)
 
 # The BEIR-15 set e5-mistral reported (MTEB names) and a quick subset of small corpora.
 BEIR15 = (
@@ -66,17 +76,39 @@ PRESETS = {"beir15": BEIR15, "small": ["SciFact", "NFCorpus", "ArguAna", "SCIDOC
 
 @dataclass
 class EvalSettings:
-    """Knobs of one evaluation run; saved in ``settings.json``."""
+    """One evaluation run: ``conretriever eval`` flags, or :func:`evaluate_beir_dir` arguments.
+    Saved in ``settings.json`` beside the results."""
 
-    batch_size: int = 256
-    query_max_length: int | None = None  # None: the embedder's own setting
-    doc_max_length: int | None = None
-    instruction: str | None = None  # None: the task's e5-mistral instruction
-    cache_dir: str | None = None  # corpus embedding cache; None disables it
-    top_k: int = max(K_VALUES)
-    max_queries: int | None = None  # evaluate only the first N queries (quick checks)
-    split: str | None = None  # None: "test" (or beir.DEFAULT_SPLIT)
-    show_progress: bool = True
+    model: str | None = opt(None, required=True, help="model dir, HF id or embedded:<name>")
+    tasks: list[str] = opt(default_factory=list, help="MTEB task names or presets beir15, small")
+    beir_dir: list[str] = opt(default_factory=list, help="local BEIR folders (offline)")
+    output_dir: str = opt("eval_results", help="<task>.json, summary.md and settings.json")
+    overwrite: bool = opt(False, help="replace results already in output_dir")
+    batch_size: int = opt(256, ge=1, help="most texts per forward (the token budget binds first)")
+    query_max_length: int | None = opt(None, ge=1, help="none: the model's own setting")
+    doc_max_length: int | None = opt(None, ge=1, help="none: the model's own setting")
+    instruction: str | None = opt(None, help="one instruction for every task (none: e5's)")
+    cache: bool = opt(True, help="read and write the corpus embedding cache")
+    cache_dir: str | None = opt(None, help="none: $CONRETRIEVER_CACHE/embeddings")
+    top_k: int = opt(max(K_VALUES), ge=1, help="documents retrieved per query")
+    max_queries: int | None = opt(None, ge=1, help="only the first N judged queries")
+    split: str | None = opt(None, help="qrels split of local folders (none: test, MS MARCO dev)")
+    engine: Literal["native", "mteb"] = opt(
+        "native", help="local folders: our metrics (native) or a local mteb task (cross-check)"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", help="encoding dtype (auto: bf16 where the device computes it natively)"
+    )
+    progress: bool = opt(True, help="progress bar / lines while encoding")
+
+    def validate(self) -> None:
+        if self.model is not None and not self.tasks and not self.beir_dir:
+            raise ConfigError("give --tasks and/or --beir_dir")
+
+    def resolved_cache_dir(self) -> Path | None:
+        if not self.cache:
+            return None
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
 
 
 def default_cache_dir() -> Path:
@@ -102,8 +134,8 @@ def search_run(
         data.corpus_texts,
         batch_size=settings.batch_size,
         max_length=settings.doc_max_length,
-        cache_dir=settings.cache_dir,
-        show_progress=settings.show_progress,
+        cache_dir=settings.resolved_cache_dir(),
+        show_progress=settings.progress,
     )
     query_emb = encode_sharded(
         embedder,
@@ -112,7 +144,7 @@ def search_run(
         instruction=instruction,
         batch_size=settings.batch_size,
         max_length=settings.query_max_length,
-        show_progress=settings.show_progress,
+        show_progress=settings.progress,
     )
     scores, indices = exact_search(query_emb, doc_emb, settings.top_k)
     drop_self = data.name in IGNORE_IDENTICAL_IDS
@@ -141,19 +173,21 @@ def evaluate_beir_dir(
 ) -> dict:
     """Evaluate an in-memory Embedder (training mode and LoRA fine: ``encode`` switches to eval
     and back) on a BEIR folder. Returns the metrics dict (``ndcg_at_10``, ...) plus
-    ``instruction``, ``seconds``; with ``output_dir``, also writes ``<task>.json``."""
+    ``instruction``, ``seconds``; with ``output_dir``, also writes ``<task>.json``. No cache
+    unless ``cache_dir`` is given."""
     settings = EvalSettings(
         batch_size=batch_size,
+        cache=cache_dir is not None,
         cache_dir=None if cache_dir is None else str(cache_dir),
         instruction=instruction,
         max_queries=max_queries,
         split=split,
-        show_progress=show_progress,
+        progress=show_progress,
     )
     data = beir_dir if isinstance(beir_dir, BeirData) else load_beir_dir(beir_dir, split)
     result = _evaluate_data(embedder, data, settings)
-    if output_dir is not None and _is_rank0():
-        _write_json(Path(output_dir) / f"{data.name}.json", result)
+    if output_dir is not None and runtime.is_main():
+        write_json(Path(output_dir) / f"{data.name}.json", result)
     return result["metrics"]
 
 
@@ -209,26 +243,6 @@ def expand_tasks(names: list[str]) -> list[str]:
 
 
 # ----- outputs ----------------------------------------------------------------------------------
-def _strict(obj):
-    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _strict(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_strict(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 SUMMARY_COLUMNS = (
     ("nDCG@10", "ndcg_at_10"),
     ("MAP@10", "map_at_10"),
@@ -259,124 +273,67 @@ def summary_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _is_rank0() -> bool:
-    import torch
+def run(settings: EvalSettings) -> int:
+    """``conretriever eval``: every folder and task read and checked first, then evaluated."""
+    from conretriever.model.embedder import Embedder
 
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-# ----- command line -----------------------------------------------------------------------------
-def _init_distributed():
-    """Join the torchrun process group (one device per rank); None without torchrun."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``conretriever eval --model SPEC (--tasks NAME... | --beir-dir PATH...)``."""
-    parser = argparse.ArgumentParser(prog="conretriever eval", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="model dir, HF id or embedded:<name>")
-    parser.add_argument("--tasks", nargs="*", default=[], help="MTEB names or beir15 / small")
-    parser.add_argument("--beir-dir", nargs="*", default=[], help="local BEIR folders")
-    parser.add_argument("--output-dir", default="eval_results")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--query-max-length", type=int, default=None)
-    parser.add_argument("--doc-max-length", type=int, default=None)
-    parser.add_argument("--instruction", default=None, help="one instruction for every task")
-    parser.add_argument("--cache-dir", default=None, help="default $CONRETRIEVER_CACHE/embeddings")
-    parser.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
-    parser.add_argument("--max-queries", type=int, default=None)
-    parser.add_argument("--split", default=None, help="qrels split of local folders (test)")
-    parser.add_argument(
-        "--engine",
-        choices=["native", "mteb"],
-        default="native",
-        help="local folders: our metrics (native) or a local mteb task",
-    )
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU) | float32 | bfloat16")
-    args = parser.parse_args(argv)
-    if not args.tasks and not args.beir_dir:
-        parser.error("give --tasks and/or --beir-dir")
-
-    from conretriever.modeling import Embedder
-
-    device = _init_distributed()
-    rank0 = _is_rank0()
-    settings = EvalSettings(
-        batch_size=args.batch_size,
-        query_max_length=args.query_max_length,
-        doc_max_length=args.doc_max_length,
-        instruction=args.instruction,
-        cache_dir=None if args.no_cache else str(args.cache_dir or default_cache_dir()),
-        max_queries=args.max_queries,
-        split=args.split,
-        show_progress=rank0,
-    )
+    info = runtime.init_distributed()
+    out = Path(settings.output_dir)
     # Read every folder and look up every task first: a malformed file or a misspelt task name
     # fails in seconds, not after an hour of encoding.
-    folders = [load_beir_dir(p, args.split) for p in args.beir_dir]
+    folders = [load_beir_dir(p, settings.split) for p in settings.beir_dir]
     named = []
-    if args.tasks:
+    if settings.tasks:
         try:
-            named = mteb_tasks(expand_tasks(args.tasks))
+            named = mteb_tasks(expand_tasks(settings.tasks))
         except KeyError as err:
-            parser.error(f"--tasks: {err.args[0]}")
-    embedder = Embedder.from_pretrained(args.model, dtype=args.dtype, device=device)
+            raise ConfigError(f"--tasks: {err.args[0]}") from None
+    names = [d.name for d in folders] + [t.metadata.name for t in named]
+    planned = [out / f"{name}.json" for name in names]
+    refuse_existing(planned, settings.overwrite, "evaluation result")
+    embedder = Embedder.from_pretrained(settings.model, dtype=settings.dtype, device=info.device)
     results = []
     for data in folders:
-        if args.engine == "mteb" and not data.subsets:
-            found = evaluate_with_mteb(embedder, [local_mteb_task(data)], settings, args.model)
+        if settings.engine == "mteb" and not data.subsets:
+            found = evaluate_with_mteb(embedder, [local_mteb_task(data)], settings, settings.model)
             results.append({**found[0], "source": data.source})
         else:
             results.append(_evaluate_data(embedder, data, settings))
-        if rank0:
+        if info.is_main:
             print(f"{data.name}: nDCG@10 = {100 * results[-1]['metrics'][MAIN_SCORE]:.2f}")
     failed = []
     for task in named:  # one at a time: a task that cannot download does not stop the others
         try:
-            results += evaluate_with_mteb(embedder, [task], settings, args.model)
+            results += evaluate_with_mteb(embedder, [task], settings, settings.model)
         except (ConnectionError, OSError) as err:
             failed.append(task.metadata.name)
             print(
                 f"conretriever eval: {task.metadata.name}: cannot load its data ({err}); "
-                "offline? evaluate a local copy with --beir-dir",
+                "offline? evaluate a local copy with --beir_dir",
                 file=sys.stderr,
             )
-
-    if rank0:
-        out = Path(args.output_dir)
-        for r in results:
-            _write_json(out / f"{r['task']}.json", r)
-        record = {
-            "model": args.model,
-            "model_fingerprint": model_fingerprint(embedder),
-            "embedder_settings": asdict(embedder.settings),
-            "eval_settings": asdict(settings),
-            "instructions": {r["task"]: r["metrics"]["instruction"] for r in results},
-            "query_prefixes": {
-                r["task"]: query_prefix(
-                    r["metrics"]["instruction"], embedder.settings.prompt_format
-                )
-                for r in results
-            },
-            "seconds_per_task": {r["task"]: r["metrics"]["seconds"] for r in results},
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-            "argv": sys.argv if argv is None else list(argv),
-        }
-        _write_json(out / "settings.json", record)
-        table = summary_table(results)
-        (out / "summary.md").write_text(f"# Retrieval evaluation: `{args.model}`\n\n{table}")
-        print(table)
+    if info.is_main:
+        _write_outputs(out, settings, embedder, results)
     return 1 if failed else 0
+
+
+def _write_outputs(out: Path, settings: EvalSettings, embedder, results: list[dict]) -> None:
+    for r in results:
+        write_json(out / f"{r['task']}.json", r)
+    fmt = embedder.settings.prompt_format
+    record = {
+        "model": settings.model,
+        "model_fingerprint": model_fingerprint(embedder),
+        "embedder_settings": asdict(embedder.settings),
+        "eval_settings": to_dict(settings),
+        "instructions": {r["task"]: r["metrics"]["instruction"] for r in results},
+        "query_prefixes": {
+            r["task"]: query_prefix(r["metrics"]["instruction"], fmt) for r in results
+        },
+        "seconds_per_task": {r["task"]: r["metrics"]["seconds"] for r in results},
+        "world_size": runtime.world_size(),
+    }
+    write_json(out / "settings.json", record)
+    table = summary_table(results)
+    (out / "summary.md").write_text(f"# Retrieval evaluation: `{settings.model}`\n\n{table}")
+    print(table)

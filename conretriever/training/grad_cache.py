@@ -38,8 +38,8 @@ And two ways to run a chunk through the model:
 * **padded** (default): the chunk's rows right padded to its longest one; cost = rows x longest.
 * **packed** (``packed=True``, decoders): the chunk's texts concatenated into ONE row with
   positions restarting per text and attention kept inside each text
-  (``Embedder.forward_packed``, ``conretriever.packing``), so no compute goes to padding and the
-  budget counts real tokens. Each text's embedding is the padded one's up to float rounding, so
+  (``Embedder.forward_packed``, ``conretriever.model.packing``), so no compute goes to padding and
+  the budget counts real tokens. Each text's embedding is the padded one's up to float rounding, so
   the gradients are too (tested in float64). The replay's backward also runs inside the packed
   attention context: activation checkpointing recomputes the attention during backward.
 
@@ -55,9 +55,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from conretriever.distributed import set_gradient_sync, world_size
-from conretriever.loss import LossOutput
-from conretriever.modeling import _token_budget_batches
+from conretriever.model.embedder import _token_budget_batches
+from conretriever.training.distributed import set_gradient_sync, world_size
+from conretriever.training.loss import LossOutput
 
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask (right padded)
 
@@ -144,7 +144,7 @@ def _embed(model: nn.Module, chunk: Chunk, device: torch.device, autocast) -> to
 def _packed_context(model: nn.Module, packed: bool):
     if not packed:
         return contextlib.nullcontext()
-    from conretriever.packing import packed_attention
+    from conretriever.model.packing import packed_attention
 
     return packed_attention(model.base_model)
 

@@ -1,0 +1,89 @@
+"""``conretriever encode``: a text file (one text per line) or a JSONL field -> a ``.npy`` matrix.
+
+Rows of the output follow the input's non-blank lines; vectors are float32, L2-normalised when
+the model normalises. Under ``torchrun`` the texts are split over the ranks
+(``retrieval.search.encode_sharded``) and rank 0 writes the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from conretriever import runtime
+from conretriever.errors import DataError
+from conretriever.files import open_text, refuse_existing
+from conretriever.options import opt
+
+
+@dataclass
+class EncodeSettings:
+    model: str | None = opt(None, required=True, help="model spec (dir, hub id, embedded:...)")
+    input: Path | None = opt(None, required=True, help="text file (one per line) or .jsonl")
+    output: Path | None = opt(None, required=True, help=".npy file to write")
+    overwrite: bool = opt(False, help="replace an existing --output")
+    field: str = opt("text", help="the JSONL field to encode")
+    role: Literal["query", "passage"] = opt("passage", help="queries get the instruction")
+    instruction: str | None = opt(None, help="query instruction (none: the model's default)")
+    batch_size: int = opt(256, ge=1, help="most texts per forward (the token budget binds first)")
+    max_length: int | None = opt(None, ge=1, help="tokens per text (none: the model's)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", help="auto: bf16 where the device computes it natively"
+    )
+
+
+def read_texts(path: Path, field: str) -> list[str]:
+    """Non-blank lines of a text file, or ``field`` of each JSONL row (``.jsonl[.gz]``)."""
+    jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
+    texts = []
+    try:
+        with open_text(path) as handle:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                if not jsonl:
+                    texts.append(line.rstrip("\n"))
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                    raise DataError(f"{path}:{lineno}: field {field!r}: missing or not a string")
+                texts.append(row[field])
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read: {err}") from None
+    if not texts:
+        raise DataError(f"{path}: no texts")
+    return texts
+
+
+def run(settings: EncodeSettings) -> int:
+    from conretriever.model.embedder import Embedder
+    from conretriever.retrieval.search import encode_sharded
+
+    info = runtime.init_distributed()
+    refuse_existing([settings.output], settings.overwrite)
+    texts = read_texts(settings.input, settings.field)
+    model = Embedder.from_pretrained(settings.model, dtype=settings.dtype, device=info.device)
+    vectors = encode_sharded(
+        model,
+        texts,
+        role=settings.role,
+        instruction=settings.instruction,
+        batch_size=settings.batch_size,
+        max_length=settings.max_length,
+        show_progress=True,
+    )
+    if info.is_main:
+        settings.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = settings.output.with_name(f".{settings.output.name}.tmp")
+        with open(tmp, "wb") as handle:
+            np.save(handle, vectors)
+        tmp.replace(settings.output)
+        print(f"wrote {vectors.shape} to {settings.output}")
+    return 0

@@ -1,0 +1,349 @@
+"""The training loop: ``conretriever train`` (one process) or under ``torchrun`` (FSDP2).
+
+:func:`train` = set up (:func:`setup`: run folder, data, model, optimizer), resume
+(:func:`resume`), the steps (:func:`run_steps`), export. One step = one GLOBAL batch from the epoch
+plan (``data.training.EpochSampler``): this rank's slice is formatted and tokenized the way the
+model encodes (``collate``), then ``step.train_step`` computes the exact full-batch gradient of
+the contrastive loss (GradCache), clips it and steps AdamW. The run's position is just the step
+number: the plan for every epoch is a pure function of (seed, epoch), so ``step -> (epoch,
+batch)`` is all a resume needs besides the model, optimizer and RNG states
+(``training.checkpoint``); a resumed run reproduces the uninterrupted one (same losses, same
+weights).
+
+The run folder is claimed first (``training.run_folder``: one run per folder, ``--resume``
+checks the settings). A step that is not finite updates nothing (``step.train_step``); more than
+``max_bad_steps`` of them stop the run with an error naming the step, before any NaN can reach a
+checkpoint or ``final/``. The final model is exported with ``Embedder.save`` (LoRA merged;
+loads in sentence-transformers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conretriever import runtime
+from conretriever.data.tasks import TaskRegistry
+from conretriever.data.training import EpochSampler, build_items, collate, load_training_data
+from conretriever.errors import ConfigError, TrainingError
+from conretriever.model.embedder import Embedder
+from conretriever.precision import describe, use_mixed_bf16
+from conretriever.progress import Progress
+from conretriever.runtime import DistInfo
+from conretriever.training import checkpoint
+from conretriever.training.config import RunConfig
+from conretriever.training.distributed import shard_model
+from conretriever.training.loss import contrastive_loss
+from conretriever.training.run_folder import RunFolder, prepare
+from conretriever.training.step import StepResult, train_step
+from conretriever.training.tracking import RunLog, peak_memory_mb
+
+log = logging.getLogger("conretriever.train")
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based): linear warmup, then decay."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def _param_dtype(cfg: RunConfig, info: DistInfo) -> str:
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    # On a CPU the weights stay fp32 (autocast computes in bf16 where that is native, see
+    # conretriever.precision); bf16 weights would also make the optimizer update in bf16.
+    # FSDP keeps fp32 shards and computes in bf16 via its policy; one GPU with LoRA can hold the
+    # frozen base in bf16 (autocast computes in bf16 anyway); full fine-tuning needs fp32 masters.
+    if info.device.type == "cuda" and info.world_size == 1 and cfg.model.use_lora:
+        return "bfloat16"
+    return "float32"
+
+
+def build_model(cfg: RunConfig, info: DistInfo) -> Embedder:
+    m = cfg.model
+    torch.manual_seed(cfg.train.seed)  # LoRA init must be identical on every rank and rerun
+    model = Embedder.from_pretrained(
+        m.model_name_or_path,
+        m.embedder,
+        m.lora if m.use_lora else None,
+        dtype=_param_dtype(cfg, info),
+        device=info.device,
+        attn_implementation=m.attn_implementation,
+        gradient_checkpointing=m.gradient_checkpointing,
+    )
+    model.train()
+    return model
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built once by :func:`setup`."""
+
+    cfg: RunConfig
+    info: DistInfo
+    folder: RunFolder
+    registry: TaskRegistry
+    data: dict
+    sampler: EpochSampler
+    total_steps: int
+    model: Embedder
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    bf16: bool
+    packed: bool
+
+    @property
+    def sharded(self) -> bool:
+        return self.info.world_size > 1
+
+    def autocast(self):
+        if self.bf16 and not self.sharded:  # FSDP's policy already computes in bf16
+            return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def _data(cfg: RunConfig, info: DistInfo):
+    registry = TaskRegistry.load(cfg.data.task_config)
+    data = load_training_data(cfg.data.train_data, registry, cfg.data.allow_extra_fields)
+    t = cfg.train
+    sampler = EpochSampler(
+        {task: len(rows) for task, rows in data.items()},
+        {task: registry.weight(task) for task in data},
+        t.per_device_train_batch_size * info.world_size,
+        seed=t.seed,
+        batch_same_task=cfg.data.batch_same_task,
+    )
+    total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * len(sampler))
+    if total < 1:
+        raise ConfigError(
+            f"this run would train 0 steps (num_train_epochs {t.num_train_epochs} x "
+            f"{len(sampler)} batches per epoch); raise num_train_epochs or set max_steps"
+        )
+    return registry, data, sampler, total
+
+
+def _record_tasks(out: Path, registry: TaskRegistry, data: dict) -> None:
+    resolved = {
+        task: {
+            "rows": len(data[task]),
+            "weight": registry.weight(task),
+            "instruction": registry.instruction(task),
+        }
+        for task in data
+    }
+    (out / "tasks_resolved.json").write_text(json.dumps(resolved, indent=2))
+    log.info("tasks: %s", {k: (v["rows"], v["weight"]) for k, v in resolved.items()})
+
+
+def setup(cfg: RunConfig, info: DistInfo, folder: RunFolder) -> Setup:
+    registry, data, sampler, total = _data(cfg, info)
+    if info.is_main:
+        _record_tasks(folder.path, registry, data)
+        log.info("%d steps (%d per epoch), global batch %d", total, len(sampler),
+                 sampler.global_batch_size)  # fmt: skip
+    model = build_model(cfg, info)
+    t = cfg.train
+    bf16 = use_mixed_bf16(t.mixed_precision, info.device)
+    if info.is_main:
+        computes = "bf16" if bf16 else "float32"
+        log.info("device %s; this run computes in %s", describe(info.device), computes)
+    packed = t.packed if t.packed is not None else model.packed_training_default()
+    if packed and not model.packing_supported():
+        raise ConfigError(
+            f"--packed true needs a decoder with plain causal attention; "
+            f"{type(model.base_model).__name__} is not one (use --packed false)"
+        )
+    if info.is_main:
+        log.info("training forwards: %s", "packed (no padding)" if packed else "padded")
+    if info.world_size > 1:
+        shard_model(model, info.device, bf16=bf16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=t.learning_rate,
+        weight_decay=t.weight_decay,
+        fused=info.device.type == "cuda",  # one kernel for all parameters on GPU
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.warmup_steps, total, t.lr_scheduler)
+    )
+    return Setup(cfg, info, folder, registry, data, sampler, total, model, params, optimizer,
+                 scheduler, bf16, packed)  # fmt: skip
+
+
+def resume(s: Setup) -> int:
+    """The step to start from: 0, or the newest loadable checkpoint's of this run. The
+    schedule and weight decay are then those of the (possibly ``force``-changed) config."""
+    if not s.folder.resumed:
+        return 0
+    found = checkpoint.latest_loadable(s.folder.path, s.folder.run_id)
+    if found is None:
+        if s.info.is_main:
+            log.info("--resume: no checkpoint of this run in %s, starting from scratch",
+                     s.folder.path)  # fmt: skip
+        return 0
+    start = checkpoint.load(found, s.model, s.optimizer, s.scheduler)
+    t = s.cfg.train
+    s.scheduler.base_lrs = [t.learning_rate] * len(s.optimizer.param_groups)
+    factor = lr_factor(start, t.warmup_steps, s.total_steps, t.lr_scheduler)
+    for group in s.optimizer.param_groups:
+        group["initial_lr"] = t.learning_rate
+        group["lr"] = t.learning_rate * factor
+        group["weight_decay"] = t.weight_decay
+    if s.info.is_main:
+        log.info("resumed from %s at step %d (lr %.3g)", found, start, t.learning_rate * factor)
+    return start
+
+
+def objective(cfg: RunConfig, doc_text_ids: torch.Tensor):
+    """The loss of one batch, as a function of its query and document embeddings."""
+    t = cfg.train
+    ids = doc_text_ids if cfg.data.mask_false_negatives else None
+
+    def loss(q: torch.Tensor, d: torch.Tensor):
+        return contrastive_loss(q, d, t.temperature, ids, cross_device=t.cross_device_negatives)
+
+    return loss
+
+
+def one_step(s: Setup, step: int, plan: list) -> StepResult:
+    """Build this rank's slice of global batch ``step`` and take one optimisation step."""
+    t, info = s.cfg.train, s.info
+    epoch, batch_index = divmod(step, len(s.sampler))
+    b = t.per_device_train_batch_size
+    local = plan[batch_index][info.rank * b : (info.rank + 1) * b]
+    items = build_items(local, s.data, s.registry, s.cfg.data.n_hard_negative, t.seed, epoch,
+                        batch_index, slot_offset=info.rank * b)  # fmt: skip
+    batch = collate(items, s.model)
+    return train_step(
+        s.model,
+        batch,
+        objective(s.cfg, batch["doc_text_ids"]),
+        s.optimizer,
+        s.scheduler,
+        params=s.params,
+        max_grad_norm=t.max_grad_norm,
+        chunk_size=t.chunk_size,
+        chunk_tokens=t.chunk_tokens,
+        packed=s.packed,
+        device=info.device,
+        autocast=s.autocast,
+    )
+
+
+def _row(s: Setup, step: int, r: StepResult) -> dict:
+    return {
+        "step": step + 1,
+        "epoch": round(step / len(s.sampler), 4),
+        "loss": round(r.loss, 6) if math.isfinite(r.loss) else r.loss,
+        "accuracy": round(r.accuracy, 4),
+        "lr": r.lr,
+        "grad_norm": round(r.grad_norm, 6) if math.isfinite(r.grad_norm) else r.grad_norm,
+        "tokens_per_s": round(r.tokens * s.info.world_size / r.seconds, 1),
+        "step_s": round(r.seconds, 3),
+        "peak_mem_mb": round(peak_memory_mb(s.info.device), 1),
+        **({} if r.finite else {"skipped": True}),
+    }
+
+
+def run_steps(s: Setup, start: int) -> dict:
+    """Steps ``start..total``: metrics, progress, checkpoints, the non-finite rule."""
+    t = s.cfg.train
+    runlog = RunLog(s.folder.path, s.info.is_main, t.report_to == "tensorboard", start)
+    bar = Progress(s.total_steps, "train", enabled=s.info.is_main, initial=start, unit="steps")
+    plan_epoch, plan, last, bad = -1, [], {}, 0
+    try:
+        for step in range(start, s.total_steps):
+            epoch = step // len(s.sampler)
+            if epoch != plan_epoch:
+                plan_epoch, plan = epoch, s.sampler.batches(epoch)
+            result = one_step(s, step, plan)
+            last = _row(s, step, result)
+            if not result.finite:
+                bad += 1
+                _bad_step(s, step, result, bad)
+            if (step + 1) % t.logging_steps == 0 or step + 1 == s.total_steps or not result.finite:
+                runlog.log(last)
+            bar.set_postfix(loss=f"{result.loss:.4f}", acc=f"{result.accuracy:.2f}")
+            bar.update(1)
+            if t.save_steps and (step + 1) % t.save_steps == 0 and step + 1 < s.total_steps:
+                checkpoint.save(s.folder.path, step + 1, s.model, s.optimizer, s.scheduler,
+                                s.folder.run_id, t.save_total_limit)  # fmt: skip
+    finally:
+        bar.close()
+        runlog.close()
+    return last
+
+
+def _bad_step(s: Setup, step: int, r: StepResult, bad: int) -> None:
+    what = f"loss {r.loss}, gradient norm {r.grad_norm}"
+    allowed = s.cfg.train.max_bad_steps
+    if bad > allowed:
+        kept = [p.name for p in checkpoint.checkpoints(s.folder.path)]
+        raise TrainingError(
+            f"step {step + 1}: {what} is not finite; the run stops with nothing written for it "
+            f"(kept: {', '.join(kept) or 'no checkpoint'}; no final/ exported). Lower the "
+            f"learning rate, or allow skipped steps with --max_bad_steps (now {allowed})"
+        )
+    if s.info.is_main:
+        log.warning("step %d: %s is not finite: step skipped (%d of %d allowed)",
+                    step + 1, what, bad, allowed)  # fmt: skip
+
+
+def export_final(s: Setup) -> Path | None:
+    """Merge LoRA and write ``final/`` (rank 0); gathers the full weights first under FSDP."""
+    state = None
+    if s.sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(
+            s.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        state = {k.removeprefix("backbone."): v for k, v in full.items()}
+    path = None
+    if runtime.is_main():
+        weights = state.values() if state is not None else s.model.state_dict().values()
+        if not all(torch.isfinite(w).all() for w in weights if w.is_floating_point()):
+            raise TrainingError("the trained weights hold NaN or infinity; final/ not written")
+        path = s.model.save(s.folder.path / "final", state_dict=state)
+    runtime.barrier()
+    return path
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run training as ``cfg`` says; returns ``{"final": path, "last": last metrics row}``."""
+    info = runtime.init_distributed()
+    np.random.seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    folder = prepare(cfg)
+    try:
+        s = setup(cfg, info, folder)
+        last = run_steps(s, resume(s))
+        final = export_final(s)
+        if info.is_main:
+            log.info("final model: %s (last step: %s)", final, last)
+        return {"final": str(final) if final else None, "last": last}
+    finally:
+        folder.close()
+        runtime.cleanup()
+
+
+def main(cfg: RunConfig) -> int:
+    """``conretriever train``."""
+    train(cfg)
+    return 0

@@ -1,0 +1,183 @@
+"""The run folder (``output_dir``): one run per folder, never mixed with another.
+
+A run records who it is in ``run.json`` (a random ``run_id``, kept across resumes) and what it
+is in ``config.yaml``. When a run starts (rank 0 decides, the other ranks are told):
+
+* a folder that holds another run's outputs (``run.json``, ``config.yaml``, checkpoints or
+  ``final/``) is refused, naming the folder, unless ``--overwrite_output_dir true`` (which
+  removes what a run writes there, and nothing else) or ``--resume``;
+* ``--resume true`` compares the saved config with the new one and refuses if any setting that
+  changes the trajectory differs (``training.config.trajectory``: model, LoRA, data, batch,
+  schedule, learning rate, temperature, seed, lengths, negatives...), listing each as
+  ``field: old -> new``; ``--resume force`` accepts the change, applies the NEW values
+  (scheduler included) and says so;
+* a lock (``.lock``, held while the run lives) refuses a second run writing to the same folder
+  at the same time, which also makes leftovers of killed runs (``checkpoint-*.tmp``,
+  ``final.tmp``) safe to remove: no live process owns them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from conretriever import runtime
+from conretriever.errors import ConfigError, UserError
+from conretriever.training.config import RunConfig, trajectory
+
+log = logging.getLogger("conretriever.run")
+
+RUN_FILE = "run.json"
+# What a run (and the training script around it) writes into its folder; --overwrite_output_dir
+# removes these and leaves anything else alone.
+RUN_OUTPUTS = (
+    "config.yaml",
+    RUN_FILE,
+    "tasks_resolved.json",
+    "metrics.jsonl",
+    "trainer_state.json",
+    "tensorboard",
+    "final",
+    "final.tmp",
+    "comparison.md",
+    "report",
+)
+RUN_OUTPUT_GLOBS = ("checkpoint-*", "eval_*")
+
+
+@dataclass
+class RunFolder:
+    path: Path
+    run_id: str
+    resumed: bool  # a previous run of this id exists here (resume true/force)
+    changes: dict[str, tuple]  # with resume force: field -> (old, new)
+    _lock: object = None
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def _outputs(out: Path) -> list[Path]:
+    found = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
+    for pattern in RUN_OUTPUT_GLOBS:
+        found += sorted(out.glob(pattern))
+    return found
+
+
+def _holds_a_run(out: Path) -> list[str]:
+    names = [p.name for p in _outputs(out) if p.name in ("config.yaml", RUN_FILE, "final")]
+    names += [p.name for p in out.glob("checkpoint-*") if p.is_dir()]
+    return sorted(set(names))
+
+
+def _lock(out: Path):
+    handle = open(out / ".lock", "a+")  # noqa: SIM115 - held open for the run's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{out}: another run is writing to this folder ({owner})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    handle.flush()
+    return handle
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temporary folders of killed runs: safe to delete, we hold the folder's lock."""
+    for tmp in [*out.glob("checkpoint-*.tmp"), out / "final.tmp"]:
+        if tmp.exists():
+            log.info("removing %s, left by a run that was killed", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _differences(old: dict, new: dict) -> dict[str, tuple]:
+    a, b = trajectory(old), trajectory(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _decide(cfg: RunConfig) -> dict:
+    """Rank 0: check the folder and prepare it; returns what every rank needs to know."""
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mode = cfg.train.resume
+    held = _holds_a_run(out)
+    saved_config = out / "config.yaml"
+    if mode != "false" and (out / RUN_FILE).exists() and saved_config.exists():
+        run_id = json.loads((out / RUN_FILE).read_text())["run_id"]
+        old = yaml.safe_load(saved_config.read_text()) or {}
+        changes = _differences(old, cfg.to_dict())
+        if changes and mode == "true":
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            raise ConfigError(
+                f"{out}: --resume true with changed settings ({listed}); resume with the saved "
+                "settings, or pass --resume force to continue with the new ones"
+            )
+        return {"run_id": run_id, "resumed": True, "changes": changes}
+    if held and mode == "false":
+        if not cfg.train.overwrite_output_dir:
+            raise ConfigError(
+                f"{out} holds another run ({', '.join(held)}); pass --resume true to continue "
+                "it, or --overwrite_output_dir true to start afresh there (removes its outputs)"
+            )
+        for path in _outputs(out):
+            log.info("--overwrite_output_dir: removing %s", path)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    elif held:  # resume asked, but the folder holds no run.json/config.yaml to compare with
+        raise ConfigError(
+            f"{out} holds run outputs ({', '.join(held)}) but no {RUN_FILE}/config.yaml to "
+            "resume from; use --overwrite_output_dir true to start afresh"
+        )
+    elif mode != "false":
+        log.info("--resume %s: no run in %s yet, starting from scratch", mode, out)
+    run_id = uuid.uuid4().hex[:12]
+    (out / RUN_FILE).write_text(
+        json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
+    )
+    return {"run_id": run_id, "resumed": False, "changes": {}}
+
+
+def prepare(cfg: RunConfig) -> RunFolder:
+    """Check and claim ``cfg.train.output_dir`` for this run (collective)."""
+    import torch
+
+    out = Path(cfg.train.output_dir)
+    decision: dict | str = {}
+    lock = None
+    if runtime.is_main():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = _lock(out)
+            _remove_leftovers(out)
+            decision = _decide(cfg)
+            cfg.save(out / "config.yaml")
+        except UserError as err:
+            decision = f"{type(err).__name__}:{err}"
+    if runtime.is_distributed():
+        box = [decision]
+        torch.distributed.broadcast_object_list(box, src=0)
+        decision = box[0]
+    if isinstance(decision, str):  # every rank fails the same way, with the same message
+        if lock is not None:
+            lock.close()
+        kind, _, message = decision.partition(":")
+        raise (ConfigError if kind == "ConfigError" else UserError)(message)
+    folder = RunFolder(out, decision["run_id"], decision["resumed"], decision["changes"], lock)
+    if folder.changes and runtime.is_main():
+        for key, (old, new) in folder.changes.items():
+            log.warning("--resume force: %s: %r -> %r (the new value applies)", key, old, new)
+    return folder
