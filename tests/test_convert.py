@@ -293,4 +293,7 @@ def test_no_arguments_converts_the_embedded_example(tmp_path):
 def test_one_of_dataset_and_out_is_an_error(capsys):
     assert cli_main(["convert", "--dataset", "x.jsonl"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("conretriever convert: error: --dataset and --out") and "Traceback" not in err
+    assert (
+        err.startswith("conretriever convert: error: --dataset and --out")
+        and "Traceback" not in err
+    )

@@ -97,7 +97,10 @@ def test_config_yaml_then_flags(tmp_path):
     assert cfg.train.learning_rate == 5e-5 and cfg.train.temperature == 0.05
     assert cfg.model.lora.r == 8 and cfg.model.use_lora is False
     cfg_file.write_text("train:\n  learning_rat: 1\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: train.learning_rat: unknown key \(did you mean 'learning_rate'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"c.yaml: train.learning_rat: unknown key \(did you mean 'learning_rate'\?\)",
+    ):
         parse_config(["--config", str(cfg_file)])
     with pytest.raises(ConfigError, match="temperature"):
         parse_config(["--temperature", "0"])

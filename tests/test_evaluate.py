@@ -21,9 +21,9 @@ from torch import nn
 from conretriever.data.beir import DEFAULT_SPLIT, IGNORE_IDENTICAL_IDS, load_beir_dir
 from conretriever.data.tasks import EVAL_INSTRUCTIONS
 from conretriever.evaluation import evaluate as ev
-from conretriever.files import strict_json
 from conretriever.evaluation.metrics import retrieval_metrics
 from conretriever.evaluation.mteb_bridge import evaluate_with_mteb, local_mteb_task
+from conretriever.files import strict_json
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -71,7 +71,9 @@ def test_seed_makes_a_reply_reproducible(tiny_llm):
 
 def test_response_format_forms():
     schema = prompts.reply_schema("sts")
-    assert schema_from_response_format({"type": "json_object", "schema": schema}) == schema  # llama.cpp
+    assert (
+        schema_from_response_format({"type": "json_object", "schema": schema}) == schema
+    )  # llama.cpp
     openai_form = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
     assert schema_from_response_format(openai_form) == schema
     assert schema_from_response_format({"type": "json_object"}) is None  # no schema: free sampling

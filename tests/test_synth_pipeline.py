@@ -119,7 +119,10 @@ def test_duplicate_queries_are_dropped_in_conversion(tmp_path):
     ]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert (
-        cli_main(["convert-synthetic", "--examples", str(log), "--train-dir", str(tmp_path / "train")]) == 0
+        cli_main(
+            ["convert-synthetic", "--examples", str(log), "--train-dir", str(tmp_path / "train")]
+        )
+        == 0
     )
     written = read_jsonl(tmp_path / "train" / "synthetic.jsonl")
     assert written[0]["positive"] == ["doc 2"]  # id order decides which duplicate is kept
@@ -128,7 +131,9 @@ def test_duplicate_queries_are_dropped_in_conversion(tmp_path):
 def test_missing_key_for_remote_endpoint_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     remote = ["--base-url", "https://api.example.invalid/v1", "--out-dir", str(tmp_path)]
-    assert cli_main(["brainstorm", "--families", "sts", *remote]) == 0  # fixed tasks: no LLM, no key
+    assert (
+        cli_main(["brainstorm", "--families", "sts", *remote]) == 0
+    )  # fixed tasks: no LLM, no key
     assert cli_main(["generate", *remote]) == 2
     err = capsys.readouterr().err
     assert "OPENAI_API_KEY is not set" in err and "api.example.invalid" in err

@@ -41,7 +41,9 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path, monkeypat
     with StubLLM(default_faults, timeout_sleep=0.8) as stub:
         killed.mkdir()
         shutil.copy(ref / "tasks.jsonl", killed / "tasks.jsonl")
-        assert cli_main(["generate", *flags(stub.base_url, ref)]) == 0  # the uninterrupted reference
+        assert (
+            cli_main(["generate", *flags(stub.base_url, ref)]) == 0
+        )  # the uninterrupted reference
     tasks = generate.load_tasks(ref / "tasks.jsonl", prompts.FAMILIES)
     total = len(tasks) * PER_TASK
     assert {t.family for t in tasks} == set(prompts.FAMILIES) and total >= 20

@@ -234,9 +234,7 @@ def load_beir_dir(path: str | Path, split: str | None = None) -> BeirData:
     corpus = read_corpus(corpus_path)
     queries = read_queries(queries_path)
     qrels = _checked_qrels(read_qrels(qrels_path), queries, corpus, qrels_path, queries_path)
-    return BeirData(
-        name, list(corpus), list(corpus.values()), queries, qrels, split, str(folder)
-    )
+    return BeirData(name, list(corpus), list(corpus.values()), queries, qrels, split, str(folder))
 
 
 def judged_queries(folder: Path, split: str) -> Iterator[tuple[str, dict]]:

@@ -91,8 +91,7 @@ def mteb_model(embedder, settings: EvalSettings, name: str = "conretriever/model
         def index(self, corpus, *, task_metadata, hf_split, hf_subset, **kw) -> None:
             titles = corpus["title"] if "title" in corpus.column_names else [None] * len(corpus)
             texts = [
-                document_text(title, t)
-                for t, title in zip(corpus["text"], titles, strict=True)
+                document_text(title, t) for t, title in zip(corpus["text"], titles, strict=True)
             ]
             self.corpus_ids = [str(i) for i in corpus["id"]]
             self.doc_emb = encode_corpus(

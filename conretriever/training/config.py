@@ -96,9 +96,7 @@ class TrainConfig:
     num_train_epochs: float = opt(1.0, gt=0, help="epochs (fractions allowed)")
     max_steps: int = opt(-1, ge=-1, help="> 0 overrides num_train_epochs; -1: from the epochs")
     warmup_steps: int = opt(0, ge=0, help="linear warmup steps")
-    lr_scheduler: Literal["linear", "cosine", "constant"] = opt(
-        "linear", help="decay after warmup"
-    )
+    lr_scheduler: Literal["linear", "cosine", "constant"] = opt("linear", help="decay after warmup")
     max_grad_norm: float = opt(1.0, gt=0, help="gradient clipping (L2 norm)")
     temperature: float = opt(
         0.02, gt=0, help="tau, a divisor: logits = cosine / tau (scale 1 / tau)"
