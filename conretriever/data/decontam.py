@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from conretriever.data.training import parse_row, task_name
 from conretriever.errors import ConfigError, DataError
 from conretriever.files import atomic_files, open_text, refuse_existing
-from conretriever.options import opt
+from conretriever.options import opt, to_dict
 
 KINDS = ("exact", "normalized", "ngram")
 _PUNCT = re.compile(r"[^\w\s]|_")
@@ -206,10 +206,7 @@ def decontaminate(settings: DecontamSettings, drop_out: Path | None = None) -> d
                     writer.close()
     flagged = sum(counts.values())
     return {
-        "settings": {
-            k: [str(x) for x in v] if isinstance(v, list) else v
-            for k, v in asdict(settings).items()
-        },
+        "settings": to_dict(settings),
         "eval": {"queries": index.n_queries, "documents": index.n_docs},
         "training_rows": rows,
         "flagged_rows": flagged,
