@@ -33,6 +33,7 @@ Declare a field's extras with :func:`opt`::
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import math
@@ -96,6 +97,7 @@ class Option:
     path: tuple[str, ...]  # attribute path from the root, e.g. ("model", "lora", "r")
     type: object  # the resolved annotation
     field: dataclasses.Field
+    section_default: object = None  # the enclosing section's default instance, if it has one
 
     @property
     def meta(self) -> dict:
@@ -107,6 +109,11 @@ class Option:
         return no_default or bool(self.meta["required"])
 
     def default(self):
+        """A section's own default instance wins (``client: ClientSettings =
+        opt(default_factory=lambda: ClientSettings(max_tokens=1024))`` defaults max_tokens to
+        1024, not to the class's 2048); else the field's default."""
+        if self.section_default is not None:
+            return copy.deepcopy(getattr(self.section_default, self.field.name))
         if self.field.default_factory is not MISSING:
             return self.field.default_factory()
         return self.field.default
@@ -147,17 +154,26 @@ def _is_section(tp: object) -> bool:
     return isinstance(base, type) and dataclasses.is_dataclass(base)
 
 
-def options(cls: type, prefix: str = "", path: tuple[str, ...] = ()) -> list[Option]:
-    """Every leaf field of ``cls`` (sections flattened), in declaration order."""
+def options(
+    cls: type, prefix: str = "", path: tuple[str, ...] = (), default: object = None
+) -> list[Option]:
+    """Every leaf field of ``cls`` (sections flattened), in declaration order. ``default``: the
+    instance the enclosing field defaults to, whose values are the leaves' defaults."""
     hints = typing.get_type_hints(cls)
     out: list[Option] = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if _is_section(tp):
             sub_prefix = prefix + dict(f.metadata).get("prefix", "")
-            out += options(_unwrap_optional(tp)[0], sub_prefix, (*path, f.name))
+            if default is not None:
+                sub_default = getattr(default, f.name)
+            elif f.default_factory is not MISSING:
+                sub_default = f.default_factory()
+            else:
+                sub_default = None if f.default is MISSING else f.default
+            out += options(_unwrap_optional(tp)[0], sub_prefix, (*path, f.name), sub_default)
         else:
-            out.append(Option(prefix + f.name, (*path, f.name), tp, f))
+            out.append(Option(prefix + f.name, (*path, f.name), tp, f, default))
     return out
 
 

@@ -149,72 +149,81 @@ def _training_files(paths: list[Path]) -> list[Path]:
     return files
 
 
+@dataclass
+class _Tally:
+    """What the scan found, rule by rule (the report's numbers)."""
+
+    fields: list[str]
+    rows: int = 0
+    counts: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
+    by_field: dict = field(default_factory=dict)
+    by_side: dict = field(default_factory=lambda: {"query": 0, "document": 0})
+    examples: dict = field(default_factory=lambda: {k: [] for k in KINDS})
+
+    def __post_init__(self):
+        self.by_field = {f: {k: 0 for k in KINDS} for f in self.fields}
+
+    def add(self, where: str, hit, n_examples: int) -> None:
+        kind, fld, text, (side, label), shared = hit
+        self.counts[kind] += 1
+        self.by_field[fld][kind] += 1
+        self.by_side[side] += 1
+        if len(self.examples[kind]) < n_examples:
+            self.examples[kind].append(
+                {"train": where, "field": fld, "text": text[:200], "eval": label,
+                 "shared_ngrams": shared}
+            )  # fmt: skip
+
+
+def _scan_file(path: Path, index: EvalIndex, settings: DecontamSettings, tally: _Tally, writer):
+    """Check every row of one training file; copy the clean lines to ``writer`` (if any)."""
+    with open_text(path) as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            errors: list[str] = []
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: malformed JSON ({err.msg})") from None
+            ex = parse_row(row, where, task_name(path), errors, settings.allow_extra_fields)
+            if ex is None:
+                raise DataError("\n".join(errors))
+            tally.rows += 1
+            hit = _row_match(ex, index, settings)
+            if hit is not None:
+                tally.add(where, hit, settings.n_examples)
+            elif writer is not None:
+                writer.write(line if line.endswith("\n") else line + "\n")
+
+
 def decontaminate(settings: DecontamSettings, drop_out: Path | None = None) -> dict:
     """Scan the training data; return the report; with ``drop_out`` write the clean rows."""
     start = time.perf_counter()
     index = EvalIndex.build(settings.eval_dirs, settings.eval_split, settings.ngram)
     files = _training_files(settings.data)
-    counts = {k: 0 for k in KINDS}
-    by_field = {f: {k: 0 for k in KINDS} for f in settings.fields}
-    by_side = {"query": 0, "document": 0}
-    examples: dict[str, list[dict]] = {k: [] for k in KINDS}
-    rows = 0
+    tally = _Tally(list(settings.fields))
     with atomic_files() as stage:
         for path in files:
-            writer = None
-            if drop_out is not None:
-                final = drop_out / path.name if len(files) > 1 else drop_out
-                final.parent.mkdir(parents=True, exist_ok=True)
-                writer = open(stage(final), "w", encoding="utf-8")  # noqa: SIM115 - closed below
-            try:
-                with open_text(path) as handle:
-                    for lineno, line in enumerate(handle, 1):
-                        if not line.strip():
-                            continue
-                        where = f"{path}:{lineno}"
-                        errors: list[str] = []
-                        try:
-                            row = json.loads(line)
-                            ex = parse_row(row, where, task_name(path), errors,
-                                           settings.allow_extra_fields)  # fmt: skip
-                        except json.JSONDecodeError as err:
-                            raise DataError(f"{where}: malformed JSON ({err.msg})") from None
-                        if ex is None:
-                            raise DataError("\n".join(errors))
-                        rows += 1
-                        hit = _row_match(ex, index, settings)
-                        if hit is None:
-                            if writer:
-                                writer.write(line if line.endswith("\n") else line + "\n")
-                            continue
-                        kind, fld, text, (side, label), shared = hit
-                        counts[kind] += 1
-                        by_field[fld][kind] += 1
-                        by_side[side] += 1
-                        if len(examples[kind]) < settings.n_examples:
-                            examples[kind].append(
-                                {
-                                    "train": where,
-                                    "field": fld,
-                                    "text": text[:200],
-                                    "eval": label,
-                                    "shared_ngrams": shared,
-                                }
-                            )
-            finally:
-                if writer:
-                    writer.close()
-    flagged = sum(counts.values())
+            if drop_out is None:
+                _scan_file(path, index, settings, tally, None)
+                continue
+            final = drop_out / path.name if len(files) > 1 else drop_out
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with open(stage(final), "w", encoding="utf-8") as writer:
+                _scan_file(path, index, settings, tally, writer)
+    flagged = sum(tally.counts.values())
     return {
         "settings": to_dict(settings),
         "eval": {"queries": index.n_queries, "documents": index.n_docs},
-        "training_rows": rows,
+        "training_rows": tally.rows,
         "flagged_rows": flagged,
-        "kept_rows": rows - flagged,
-        "by_kind": counts,
-        "by_field": by_field,
-        "by_eval_side": by_side,
-        "examples": examples,
+        "kept_rows": tally.rows - flagged,
+        "by_kind": tally.counts,
+        "by_field": tally.by_field,
+        "by_eval_side": tally.by_side,
+        "examples": tally.examples,
         "seconds": round(time.perf_counter() - start, 2),
     }
 

@@ -50,6 +50,54 @@ class EvalSettings(Protocol):
     def resolved_cache_dir(self) -> Path | None: ...
 
 
+class _Bridge:
+    """What the mteb model does, without mteb: encode texts by role, index a corpus (cached,
+    sharded), search it exactly. :func:`mteb_model` puts mteb's interface on it."""
+
+    def __init__(self, embedder, settings: EvalSettings):
+        self.embedder, self.settings = embedder, settings
+        self.corpus_ids: list[str] = []
+        self.doc_emb: np.ndarray | None = None
+
+    def instruction_for(self, task_name: str) -> str:
+        if self.settings.instruction is not None:
+            return self.settings.instruction
+        return eval_instruction(task_name)
+
+    def encode(self, texts: list[str], task_name: str, is_query: bool) -> np.ndarray:
+        s = self.settings
+        return encode_sharded(
+            self.embedder,
+            texts,
+            role="query" if is_query else "passage",
+            instruction=self.instruction_for(task_name) if is_query else None,
+            batch_size=s.batch_size,
+            max_length=s.query_max_length if is_query else s.doc_max_length,
+            show_progress=s.progress,
+        )
+
+    def index(self, corpus) -> None:
+        titles = corpus["title"] if "title" in corpus.column_names else [None] * len(corpus)
+        texts = [document_text(title, t) for t, title in zip(corpus["text"], titles, strict=True)]
+        self.corpus_ids = [str(i) for i in corpus["id"]]
+        self.doc_emb = encode_corpus(
+            self.embedder,
+            texts,
+            batch_size=self.settings.batch_size,
+            max_length=self.settings.doc_max_length,
+            cache_dir=self.settings.resolved_cache_dir(),
+            show_progress=self.settings.progress,
+        )
+
+    def search(self, queries, task_name: str, top_k: int) -> dict[str, dict[str, float]]:
+        query_emb = self.encode(list(queries["text"]), task_name, is_query=True)
+        scores, indices = exact_search(query_emb, self.doc_emb, top_k)
+        return {
+            str(qid): {self.corpus_ids[i]: float(s) for s, i in zip(srow, irow, strict=True)}
+            for qid, srow, irow in zip(queries["id"], scores, indices, strict=True)
+        }
+
+
 def mteb_model(embedder, settings: EvalSettings, name: str = "conretriever/model"):
     """An mteb model for ``embedder``: an ``AbsEncoder`` (``prompt_type`` tells query from
     document) that also implements mteb's search protocol (``index``/``search``) with our cached
@@ -58,66 +106,23 @@ def mteb_model(embedder, settings: EvalSettings, name: str = "conretriever/model
     from mteb.models.model_meta import ModelMeta, ScoringFunction
     from mteb.types import PromptType
 
-    def instruction_for(task_metadata) -> str:
-        if settings.instruction is not None:
-            return settings.instruction
-        return eval_instruction(task_metadata.name)
+    bridge = _Bridge(embedder, settings)
 
     class ConRetrieverMteb(AbsEncoder):
         def __init__(self):
-            self.mteb_model_meta = ModelMeta.create_empty(
-                overwrites={
-                    "name": name,
-                    "similarity_fn_name": ScoringFunction.COSINE,
-                    "embed_dim": getattr(embedder, "dim", None),
-                }
-            )
-            self.corpus_ids: list[str] = []
-            self.doc_emb: np.ndarray | None = None
+            meta = {"name": name, "similarity_fn_name": ScoringFunction.COSINE,
+                    "embed_dim": getattr(embedder, "dim", None)}  # fmt: skip
+            self.mteb_model_meta = ModelMeta.create_empty(overwrites=meta)
 
         def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kw):
             texts = [t for batch in inputs for t in batch["text"]]
-            is_query = prompt_type == PromptType.query
-            return encode_sharded(
-                embedder,
-                texts,
-                role="query" if is_query else "passage",
-                instruction=instruction_for(task_metadata) if is_query else None,
-                batch_size=settings.batch_size,
-                max_length=settings.query_max_length if is_query else settings.doc_max_length,
-                show_progress=settings.progress,
-            )
+            return bridge.encode(texts, task_metadata.name, prompt_type == PromptType.query)
 
         def index(self, corpus, *, task_metadata, hf_split, hf_subset, **kw) -> None:
-            titles = corpus["title"] if "title" in corpus.column_names else [None] * len(corpus)
-            texts = [
-                document_text(title, t) for t, title in zip(corpus["text"], titles, strict=True)
-            ]
-            self.corpus_ids = [str(i) for i in corpus["id"]]
-            self.doc_emb = encode_corpus(
-                embedder,
-                texts,
-                batch_size=settings.batch_size,
-                max_length=settings.doc_max_length,
-                cache_dir=settings.resolved_cache_dir(),
-                show_progress=settings.progress,
-            )
+            bridge.index(corpus)
 
         def search(self, queries, *, task_metadata, hf_split, hf_subset, top_k, **kw):
-            query_emb = encode_sharded(
-                embedder,
-                list(queries["text"]),
-                role="query",
-                instruction=instruction_for(task_metadata),
-                batch_size=settings.batch_size,
-                max_length=settings.query_max_length,
-                show_progress=settings.progress,
-            )
-            scores, indices = exact_search(query_emb, self.doc_emb, top_k)
-            return {
-                str(qid): {self.corpus_ids[i]: float(s) for s, i in zip(srow, irow, strict=True)}
-                for qid, srow, irow in zip(queries["id"], scores, indices, strict=True)
-            }
+            return bridge.search(queries, task_metadata.name, top_k)
 
     return ConRetrieverMteb()
 

@@ -196,70 +196,88 @@ def reply_schema(family: str | None) -> dict:
 _JSON_ONLY = "Output only the JSON object, with no explanation or extra text. Be creative."
 
 
+def _retrieval_prompt(task: Task, a: dict) -> str:
+    f = task.family
+    q, pos, neg = FIELDS[f]
+    if f == "short-long":
+        shape = (
+            f'- "{q}" should be {a["query_type"]}, {a["query_length"]}, {a["clarity"]}, '
+            "and about a topic of your choice.\n"
+            f"- Each document should have at least {a['num_words']} words.\n"
+            f"- Understanding the query and documents needs {a['difficulty']} education.\n"
+        )
+    elif f == "short-short":
+        shape = "- All three texts must be short: a phrase or at most two sentences.\n"
+    else:
+        shape = "- All three texts must be long documents of at least 300 words.\n"
+    return (
+        f"Your retrieval task: {task.text}\n"
+        "Write one example for this task as a JSON object with exactly these keys:\n"
+        f'- "{q}": a query that fits the task.\n'
+        f'- "{pos}": a text that the task should retrieve for the query.\n'
+        f'- "{neg}": a text that looks relevant to the query but serves it worse.\n'
+        f"Guidelines:\n{shape}"
+        "- Write the documents independently of the query; do not copy the query into them.\n"
+        f'- "{neg}" may hold useful information, but less of it than "{pos}".\n'
+        "- Never explain inside a text why it is or is not relevant.\n"
+        f"- Write every value in {a['language']}.\n{_JSON_ONLY}"
+    )
+
+
+def _classification_prompt(task: Task, a: dict) -> str:
+    return (
+        f"Your text classification task: {task.text}\n"
+        "Write one example for this task as a JSON object with exactly these keys:\n"
+        '- "input_text": a text to classify.\n'
+        '- "label": the correct label for it.\n'
+        '- "misleading_label": a label that is valid for the task but wrong for this text.\n'
+        "Guidelines:\n"
+        f'- "input_text" has at least {a["num_words"]} words, is {a["clarity"]}, and needs '
+        f"{a['difficulty']} education to understand.\n"
+        '- Do not mention either label inside "input_text".\n'
+        f"- Write every value in {a['language']}.\n{_JSON_ONLY}"
+    )
+
+
+def _sts_prompt(task: Task, a: dict) -> str:
+    unit = a["unit"]
+    return (
+        f"Write three {unit}s in {a['language']} that differ in meaning by degrees, as a JSON "
+        'object with exactly the keys "S1", "S2" and "S3" (string values).\n'
+        "Similarity is scored from 1 (unrelated) to 5 (same meaning).\n"
+        f"- S1 and S2 should score {a['high_score']}.\n"
+        f"- S1 and S3 should score {a['low_score']}.\n"
+        f"- All three {unit}s share some words.\n"
+        f"- They need {a['difficulty']} education to understand; pick any topic.\n{_JSON_ONLY}"
+    )
+
+
+def _bitext_prompt(task: Task, a: dict) -> str:
+    unit, src, tgt = a["unit"], task.source_language, task.target_language
+    return (
+        f"Write one {unit} in {src} and two translations of it into {tgt} of different "
+        'quality, as a JSON object with exactly the keys "S1" (the original), "S2" and "S3" '
+        "(string values).\n"
+        "Translation quality is scored from 1 (wrong) to 5 (perfect).\n"
+        f"- S2 as a translation of S1 should score {a['high_score']}.\n"
+        f"- S3 as a translation of S1 should score {a['low_score']}.\n"
+        f"- The {unit} needs {a['difficulty']} education to understand; pick any topic.\n"
+        f"{_JSON_ONLY}"
+    )
+
+
+_PROMPTS = {
+    "short-long": _retrieval_prompt,
+    "short-short": _retrieval_prompt,
+    "long-long": _retrieval_prompt,
+    "long-short": _classification_prompt,
+    "sts": _sts_prompt,
+    "bitext": _bitext_prompt,
+}
+
+
 def generate_messages(task: Task, a: dict) -> list[dict]:
     """Step-2 chat messages: ask for one JSON example of ``task`` with attributes ``a``."""
-    f = task.family
-    if f in ("short-long", "short-short", "long-long"):
-        q, pos, neg = FIELDS[f]
-        if f == "short-long":
-            shape = (
-                f'- "{q}" should be {a["query_type"]}, {a["query_length"]}, {a["clarity"]}, '
-                "and about a topic of your choice.\n"
-                f"- Each document should have at least {a['num_words']} words.\n"
-                f"- Understanding the query and documents needs {a['difficulty']} education.\n"
-            )
-        elif f == "short-short":
-            shape = "- All three texts must be short: a phrase or at most two sentences.\n"
-        else:
-            shape = "- All three texts must be long documents of at least 300 words.\n"
-        prompt = (
-            f"Your retrieval task: {task.text}\n"
-            "Write one example for this task as a JSON object with exactly these keys:\n"
-            f'- "{q}": a query that fits the task.\n'
-            f'- "{pos}": a text that the task should retrieve for the query.\n'
-            f'- "{neg}": a text that looks relevant to the query but serves it worse.\n'
-            f"Guidelines:\n{shape}"
-            "- Write the documents independently of the query; do not copy the query into them.\n"
-            f'- "{neg}" may hold useful information, but less of it than "{pos}".\n'
-            "- Never explain inside a text why it is or is not relevant.\n"
-            f"- Write every value in {a['language']}.\n{_JSON_ONLY}"
-        )
-    elif f == "long-short":
-        prompt = (
-            f"Your text classification task: {task.text}\n"
-            "Write one example for this task as a JSON object with exactly these keys:\n"
-            '- "input_text": a text to classify.\n'
-            '- "label": the correct label for it.\n'
-            '- "misleading_label": a label that is valid for the task but wrong for this text.\n'
-            "Guidelines:\n"
-            f'- "input_text" has at least {a["num_words"]} words, is {a["clarity"]}, and needs '
-            f"{a['difficulty']} education to understand.\n"
-            '- Do not mention either label inside "input_text".\n'
-            f"- Write every value in {a['language']}.\n{_JSON_ONLY}"
-        )
-    elif f == "sts":
-        unit = a["unit"]
-        prompt = (
-            f"Write three {unit}s in {a['language']} that differ in meaning by degrees, as a JSON "
-            'object with exactly the keys "S1", "S2" and "S3" (string values).\n'
-            "Similarity is scored from 1 (unrelated) to 5 (same meaning).\n"
-            f"- S1 and S2 should score {a['high_score']}.\n"
-            f"- S1 and S3 should score {a['low_score']}.\n"
-            f"- All three {unit}s share some words.\n"
-            f"- They need {a['difficulty']} education to understand; pick any topic.\n{_JSON_ONLY}"
-        )
-    elif f == "bitext":
-        unit, src, tgt = a["unit"], task.source_language, task.target_language
-        prompt = (
-            f"Write one {unit} in {src} and two translations of it into {tgt} of different "
-            'quality, as a JSON object with exactly the keys "S1" (the original), "S2" and "S3" '
-            "(string values).\n"
-            "Translation quality is scored from 1 (wrong) to 5 (perfect).\n"
-            f"- S2 as a translation of S1 should score {a['high_score']}.\n"
-            f"- S3 as a translation of S1 should score {a['low_score']}.\n"
-            f"- The {unit} needs {a['difficulty']} education to understand; pick any topic.\n"
-            f"{_JSON_ONLY}"
-        )
-    else:
-        raise ValueError(f"unknown task family {f!r}")
-    return [{"role": "user", "content": prompt}]
+    if task.family not in _PROMPTS:
+        raise ValueError(f"unknown task family {task.family!r}")
+    return [{"role": "user", "content": _PROMPTS[task.family](task, a)}]
