@@ -218,6 +218,12 @@ def resolve_sources(settings: SourceSpec) -> list[Source]:
         if settings.task and len(sources) == 1:
             sources[0].task = settings.task
         return sources
+    if settings.dataset.startswith(("/", "./", "../", "~")) or settings.dataset.endswith(
+        DATA_SUFFIXES
+    ):
+        raise DataError(
+            f"{settings.dataset}: no such file or folder (a hub dataset is named owner/name)"
+        )
     # Not a local path: a hub dataset (needs internet).
     if config == "all":
         from datasets import get_dataset_config_names

