@@ -53,7 +53,8 @@ CASES = [
     ("train", ["--temperature", "0"], "--temperature: must be > 0, got 0.0"),
     ("train", ["--temperature", "nan"], "--temperature: must be a finite number"),
     ("train", ["--max_grad_norm", "nan"], "--max_grad_norm: must be a finite number"),
-    ("train", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size: must be >= 1"),
+    ("train", ["--per_device_train_batch_size", "0"],
+     "--per_device_train_batch_size: must be >= 1"),
     ("train", ["--save_total_limit", "0"], "or -1 to keep every checkpoint, got 0"),
     ("train", ["--save_total_limit", "-2"], "--save_total_limit: must be >= -1"),
     ("train", ["--logging_steps", "0"], "--logging_steps: must be >= 1, got 0"),
@@ -134,12 +135,14 @@ CASES = [
     # compare
     ("compare", ["{w}/nowhere"], "nowhere: no evaluation results"),
     # synthetic data
-    ("brainstorm", ["--families", "poetry"], "--families: 'poetry' is not allowed; use one of all, short-long"),
+    ("brainstorm", ["--families", "poetry"],
+     "--families: 'poetry' is not allowed; use one of all, short-long"),
     ("brainstorm", ["--bitext_pairs", "English"], "expected SRC-TGT items"),
     ("brainstorm", ["--concurrency", "0"], "--concurrency: must be >= 1"),
     ("generate", ["--examples_per_task", "0"], "--examples_per_task: must be >= 1"),
     ("generate", ["--languages", "English:-1"], "weights > 0"),
-    ("generate", ["--out_dir", "{w}/synth"], "tasks.jsonl: no task file; run `conretriever brainstorm`"),
+    ("generate", ["--out_dir", "{w}/synth"],
+     "tasks.jsonl: no task file; run `conretriever brainstorm`"),
     ("generate", ["--timeout", "0"], "--timeout: must be > 0"),
     ("serve-llm", ["--port", "70000"], "--port: must be <= 65535"),
 ]  # fmt: skip
