@@ -1,33 +1,44 @@
-"""Helper for tests/test_search.py: encode a fixed corpus with encode_corpus, under torchrun
-(gloo, one shard per rank) or as one plain process.
+"""Helper for tests/test_search.py: evaluate a tiny model on a fixed BEIR folder, under torchrun
+(gloo: each rank encodes and searches its slice of the corpus) or as one plain process.
 
-usage: search_dist_check.py MODEL_DIR OUT.npy [CACHE_DIR]
-Writes OUT.npy (one process) or OUT.rank<r>.npy (each torchrun rank) and prints how many texts
-this process encoded.
+usage: search_dist_check.py MODEL_DIR OUT.json [CACHE_DIR]
+Writes OUT.json (one process) or OUT.json.rank<r> (each torchrun rank): the metrics, how many
+texts this process encoded, and how many bytes it sent to the top-k gathers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import tempfile
+from pathlib import Path
 
-import numpy as np
-import torch
+
+def write_folder(root: Path) -> Path:
+    """41 documents (an odd count: uneven slices), 9 queries with graded judgements."""
+    folder = root / "scifact"  # a known task: its instruction and split rules apply
+    (folder / "qrels").mkdir(parents=True)
+    docs = [{"_id": f"d{i}", "title": f"t{i % 5}", "text": f"doc {i} " + "word " * (i % 7)}
+            for i in range(41)]  # fmt: skip
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    queries = [{"_id": f"q{i}", "text": f"doc {i * 4} word"} for i in range(9)]
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    qrels = "".join(f"q{i}\td{i * 4}\t1\nq{i}\td{i * 4 + 1}\t2\n" for i in range(9))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + qrels)
+    return folder
 
 
 def main() -> None:
     model_dir, out = sys.argv[1], sys.argv[2]
     cache_dir = sys.argv[3] if len(sys.argv) > 3 else None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        torch.distributed.init_process_group("gloo")
+    from conretriever import runtime
+    from conretriever.evaluation.evaluate import evaluate_beir_dir
     from conretriever.model.embedder import Embedder
-    from conretriever.retrieval.search import encode_corpus
+    from conretriever.retrieval import search
 
+    info = runtime.init_distributed()
     model = Embedder.from_pretrained(model_dir, device="cpu")
-    # 23 texts of varied length: uneven split over 2 ranks (11 + 12, the short one padded),
-    # several length-sorted batches.
-    texts = [f"doc {i} " + "word " * (i % 7) + "end" for i in range(23)]
     seen = []
     original = model.encode
 
@@ -36,16 +47,22 @@ def main() -> None:
         return original(batch, *args, **kwargs)
 
     model.encode = counting_encode
-    emb = encode_corpus(model, texts, batch_size=4, cache_dir=cache_dir, show_progress=False)
-    if world > 1:
-        rank = torch.distributed.get_rank()
-        np.save(out.replace(".npy", f".rank{rank}.npy"), emb)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    else:
-        np.save(out, emb)
-    print(f"encoded {len(seen)} texts")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_folder(Path(tmp))
+        metrics = evaluate_beir_dir(model, folder, batch_size=4, cache_dir=cache_dir,
+                                    show_progress=False)  # fmt: skip
+    record = {
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, float) and k != "seconds"},
+        "encoded": len(seen),
+        "gathered_bytes": search.GATHERED_BYTES[0],
+        "n_queries": 9,
+        "k": 41,  # top_k 1000 capped at the corpus size
+    }
+    path = out if info.world_size == 1 else f"{out}.rank{info.rank}"
+    Path(path).write_text(json.dumps(record))
+    runtime.cleanup()
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("CONRETRIEVER_CPU_BF16", "0")
     main()

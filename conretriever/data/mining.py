@@ -5,9 +5,12 @@ them with a retriever. For each training row:
 
 1. the query is encoded as a query (``role="query"``) with the row's own instruction, else the
    task's registry instruction (the task is the file name, as in training); the corpus is
-   encoded once as passages through ``search.encode_corpus`` (disk cache keyed by model and
-   text, so mining again with the same model, or evaluating it on the same corpus, is free);
-2. ``search.exact_search`` ranks the corpus; candidates are the documents at 1-based ranks
+   encoded once as passages through ``retrieval.corpus.encode_corpus`` (disk cache keyed by
+   model and text, so mining again with the same model, or evaluating it on the same corpus, is
+   free; under torchrun each rank encodes its own slice);
+2. ``retrieval.search.search`` ranks the corpus with the streaming exact search evaluation uses
+   (memory bounded by ``--search_memory_gb``, each rank its slice, only top-k gathered), rows
+   in blocks of 8192; candidates are the documents at 1-based ranks
    ``window = (lo, hi)`` inclusive (default 30-100). The top ranks are skipped on purpose: in
    sparsely judged data (MS MARCO, SciFact) many top documents are relevant but unlabelled, and
    training on such false negatives hurts more than easy negatives do (the window of FlagEmbedding's
@@ -20,8 +23,15 @@ them with a retriever. For each training row:
    the original, while distinct passages on the same topic rarely come that close (the mining
    report counts the non-positive candidates at or above cosine 0.90 / 0.95 / 0.98 and gives
    the highest, to check the choice on real data);
-4. ``n_negatives`` of the remaining candidates are drawn at random (seeded per row; ``--pick
-   top`` takes the best-ranked instead) and written in rank order into ``negative``.
+4. positive-aware rules (NV-Retriever, arXiv 2407.15831) drop candidates that score close to
+   the row's positive, likely false negatives: ``--max_score_ratio 0.95`` drops those scoring
+   above 95% of the positive's score, ``--margin m`` those above the positive's score minus m
+   (with several positives, the weakest positive's score: the stricter test). The report counts
+   what each rule dropped;
+5. ``n_negatives`` of the remaining candidates are drawn at random (seeded per row; ``--pick
+   top`` takes the best-ranked instead) and written in rank order into ``negative``; with
+   ``--output_scores`` the row also gets the embedder's ``pos_scores`` and ``neg_scores``
+   (query-document cosine), the teacher scores a smaller model can distil.
 
 The corpus is a BEIR ``corpus.jsonl`` (title and text joined by a space, as the BEIR converter
 writes positives, so a positive found in the corpus is recognised exactly), a folder holding one
@@ -47,7 +57,6 @@ from conretriever.data.training import Example, read_task_file, task_name
 from conretriever.errors import ConfigError, DataError
 from conretriever.files import atomic_files, refuse_existing
 from conretriever.options import opt
-from conretriever.progress import track
 
 NEAR_THRESHOLD_BANDS = (0.9, 0.95, 0.98)  # report how many candidates sit above each
 
@@ -84,6 +93,9 @@ class MineSettings:
     batch_size: int = opt(256, ge=1, help="most texts per forward")
     max_length: int | None = opt(None, ge=1, help="passage tokens (none: the model's)")
     cache_dir: Path | None = opt(None, help="corpus embedding cache folder (none: no cache)")
+    search_memory_gb: float = opt(
+        2.0, gt=0, help="memory for the corpus blocks being scored (any corpus size)"
+    )
     report: Path | None = opt(None, help="write the JSON report here too")
     allow_extra_fields: bool = opt(False, help="accept rows with unknown keys (ignored)")
     progress: bool = opt(True, help="progress while encoding and mining")
@@ -157,72 +169,104 @@ def load_corpus(spec: str, examples: list[Example]) -> list[str]:
 
 
 def _query_vectors(embedder, examples, settings, registry, task) -> np.ndarray:
-    """Encode queries grouped by instruction (one encode call per distinct instruction)."""
+    """Encode queries grouped by instruction (one encode call per distinct instruction),
+    split over ranks under torchrun (every rank gets them all)."""
+    from conretriever.retrieval.corpus import encode_sharded
+
     groups: dict[str | None, list[int]] = {}
     for i, ex in enumerate(examples):
         inst = settings.instruction or ex.instruction or registry.instruction(task)
         groups.setdefault(inst, []).append(i)
-    out = np.zeros((len(examples), 0), np.float32)
+    out = None
     for inst, rows in groups.items():
-        emb = embedder.encode(
+        emb = encode_sharded(
+            embedder,
             [examples[i].query for i in rows],
             role="query",
             instruction=inst,
             batch_size=settings.batch_size,
             show_progress=settings.progress,
         )
-        if out.shape[1] == 0:
+        if out is None:
             out = np.zeros((len(examples), emb.shape[1]), np.float32)
         out[rows] = emb
     return out
 
 
 @dataclass
-class _Vectors:
-    """Everything mining ranks with: the corpus and positives encoded, the queries encoded."""
+class _Block:
+    """One block of rows: queries, positives (padded [rows, P, dim] + mask) and ranked
+    candidates (global ids, scores, max cosine to the row's positives)."""
 
-    corpus: list[str]
-    doc_emb: np.ndarray
-    positive_emb: dict[str, np.ndarray]  # positive text -> vector
+    start: int
     query_emb: np.ndarray
+    pos_emb: np.ndarray
+    pos_mask: np.ndarray
+    ranked: np.ndarray
+    scores: np.ndarray
+    cosine: np.ndarray
 
 
-def _encode(embedder, examples, corpus, settings, registry, task, report) -> _Vectors:
-    from conretriever.retrieval.search import encode_corpus
+def _positive_vectors(embedder, rows, corpus, doc_index, settings) -> tuple[np.ndarray, np.ndarray]:
+    """[rows, P, dim] positive vectors (zero-padded) and their [rows, P] mask. One process takes
+    the corpus's own vectors for positives found in it; under torchrun every rank encodes all
+    positives (the corpus vectors of a positive may live on another rank)."""
+    from conretriever import runtime
+    from conretriever.retrieval.corpus import encode_sharded
 
-    timer = time.perf_counter()
-    encode = dict(
-        batch_size=settings.batch_size,
-        max_length=settings.max_length,
-        cache_dir=settings.cache_dir,
-        show_progress=settings.progress,
-    )
-    doc_emb = encode_corpus(embedder, corpus, **encode)
-    # Positives absent from the corpus still need vectors for the near-duplicate test.
-    doc_index = {t: i for i, t in enumerate(corpus)}
-    extra = list(dict.fromkeys(p for ex in examples for p in ex.positives if p not in doc_index))
-    extra_emb = encode_corpus(embedder, extra, **encode) if extra else doc_emb[:0]
-    positive_emb = {t: doc_emb[doc_index[t]] for ex in examples for t in ex.positives
-                    if t in doc_index}  # fmt: skip
-    positive_emb.update({t: extra_emb[i] for i, t in enumerate(extra)})
-    report.seconds["encode_corpus"] = round(time.perf_counter() - timer, 2)
-    timer = time.perf_counter()
-    q_emb = _query_vectors(embedder, examples, settings, registry, task)
-    report.seconds["encode_queries"] = round(time.perf_counter() - timer, 2)
-    return _Vectors(corpus, doc_emb, positive_emb, q_emb)
+    texts = list(dict.fromkeys(p for ex in rows for p in ex.positives))
+    in_corpus = [] if runtime.is_distributed() else [t for t in texts if t in doc_index]
+    encode = [t for t in texts if t not in set(in_corpus)]
+    vectors = {}
+    if in_corpus:
+        found = corpus.rows(np.array([doc_index[t] for t in in_corpus]))
+        vectors.update(zip(in_corpus, found, strict=True))
+    if encode:
+        emb = encode_sharded(embedder, encode, role="passage", batch_size=settings.batch_size,
+                             max_length=settings.max_length, show_progress=False)  # fmt: skip
+        vectors.update(zip(encode, emb, strict=True))
+    width = max(len(ex.positives) for ex in rows)
+    out = np.zeros((len(rows), width, corpus.dim), np.float32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, ex in enumerate(rows):
+        for j, p in enumerate(ex.positives):
+            out[i, j], mask[i, j] = vectors[p], True
+    return out, mask
 
 
-def _select(i, ex, ranked_row, scores_row, v: _Vectors, normalized, settings, report, bands):
-    """The negatives of row ``i``: the window's candidates after every rule, then the pick."""
+def _search_block(embedder, rows, start, corpus, doc_index, settings, registry, task, memory_gb):
+    """Rank the corpus for one block of rows; the cosine of each candidate to the row's
+    positives is computed where the candidate's vector lives (``search``'s payload)."""
+    import torch
+
+    from conretriever.retrieval.search import search
+
+    q = _query_vectors(embedder, rows, settings, registry, task)
+    pos, mask = _positive_vectors(embedder, rows, corpus, doc_index, settings)
+
+    def max_cosine(first: int, cand: torch.Tensor) -> torch.Tensor:
+        p = torch.from_numpy(pos[first : first + len(cand)]).to(cand.device)
+        m = torch.from_numpy(mask[first : first + len(cand)]).to(cand.device)
+        cos = torch.einsum("qkd,qpd->qkp", cand, p).masked_fill(~m[:, None, :], -torch.inf)
+        return cos.max(dim=2).values
+
+    hi = settings.bounds[1]
+    scores, ranked, cosine = search(q, corpus, hi, memory_gb=memory_gb, payload=max_cosine,
+                                    query_block=len(q))  # fmt: skip
+    return _Block(start, q, pos, mask, ranked, scores, cosine)
+
+
+def _select(i, ex, block: _Block, normalized, settings, report, bands):
+    """The negatives of row ``i`` of ``block``: the window's candidates after every rule, then
+    the pick. Returns [(doc id, score)] in rank order."""
     lo, hi = settings.bounds
     blocked = {normalize_text(p) for p in ex.positives} | {normalize_text(ex.query)}
-    pos_emb = np.stack([v.positive_emb[p] for p in ex.positives])
-    positive_score = float((pos_emb @ v.query_emb[i]).min())  # the weakest positive
-    window = ranked_row[lo - 1 : hi]
-    window_scores = scores_row[lo - 1 : hi]
-    cosine = (v.doc_emb[window] @ pos_emb.T).max(axis=1) if len(window) else []
+    q = block.query_emb[i]
+    positive_score = float((block.pos_emb[i][block.pos_mask[i]] @ q).min())  # the weakest
+    window = block.ranked[i, lo - 1 : hi]
     kept: list[tuple[int, float]] = []
-    for doc, score, cos in zip(window.tolist(), window_scores.tolist(), cosine, strict=True):
+    for doc, score, cos in zip(window.tolist(), block.scores[i, lo - 1 : hi].tolist(),
+                               block.cosine[i, lo - 1 : hi].tolist(), strict=True):  # fmt: skip
         report.candidates += 1
         if normalized[doc] in blocked:
             report.dropped_positive += 1
@@ -232,9 +276,8 @@ def _select(i, ex, ranked_row, scores_row, v: _Vectors, normalized, settings, re
         report.max_cosine_to_positive = max(report.max_cosine_to_positive, float(cos))
         if cos > settings.dedup_threshold:
             report.dropped_near_duplicate += 1
-        elif (
-            settings.max_score_ratio is not None
-            and score > settings.max_score_ratio * positive_score
+        elif settings.max_score_ratio is not None and score > settings.max_score_ratio * (
+            positive_score
         ):
             report.dropped_score_ratio += 1
         elif settings.margin is not None and score > positive_score - settings.margin:
@@ -242,68 +285,97 @@ def _select(i, ex, ranked_row, scores_row, v: _Vectors, normalized, settings, re
         else:
             kept.append((doc, score))
     if settings.pick == "top" or len(kept) <= settings.n_negatives:
-        return kept[: settings.n_negatives], pos_emb
-    rng = random.Random(f"{settings.seed}:{i}")
+        return kept[: settings.n_negatives]
+    rng = random.Random(f"{settings.seed}:{block.start + i}")
     picked = set(rng.sample(range(len(kept)), settings.n_negatives))
-    return [c for k, c in enumerate(kept) if k in picked], pos_emb  # rank order
+    return [c for k, c in enumerate(kept) if k in picked]  # rank order
 
 
-def _write(settings, examples, v: _Vectors, ranked, scores, report) -> None:
-    normalized = [normalize_text(t) for t in v.corpus]
-    bands = dict.fromkeys(NEAR_THRESHOLD_BANDS, 0)
-    settings.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_files() as stage, open(stage(settings.out), "w", encoding="utf-8") as handle:
-        rows = track(examples, "mine", enabled=settings.progress, unit="rows")
-        for i, ex in enumerate(rows):
-            chosen, pos_emb = _select(i, ex, ranked[i], scores[i], v, normalized, settings,
-                                      report, bands)  # fmt: skip
-            row = {"query": ex.query, "positive": list(ex.positives)}
-            row["negative"] = [v.corpus[d] for d, _ in chosen]
-            if ex.instruction:
-                row["instruction"] = ex.instruction
-            if settings.output_scores:
-                row["pos_scores"] = [round(float(x), 6) for x in pos_emb @ v.query_emb[i]]
-                row["neg_scores"] = [round(score, 6) for _, score in chosen]
+def _write_block(handle, rows, block: _Block, corpus_texts, normalized, settings, report, bands):
+    for i, ex in enumerate(rows):
+        chosen = _select(i, ex, block, normalized, settings, report, bands)
+        row = {"query": ex.query, "positive": list(ex.positives)}
+        row["negative"] = [corpus_texts[d] for d, _ in chosen]
+        if ex.instruction:
+            row["instruction"] = ex.instruction
+        if settings.output_scores:
+            pos = block.pos_emb[i][block.pos_mask[i]] @ block.query_emb[i]
+            row["pos_scores"] = [round(float(x), 6) for x in pos]
+            row["neg_scores"] = [round(score, 6) for _, score in chosen]
+        if handle is not None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            report.negatives_written += len(chosen)
-            report.rows_short += int(len(chosen) < settings.n_negatives)
-            report.per_row[len(chosen)] = report.per_row.get(len(chosen), 0) + 1
-    report.near_cosine_counts = {f">={b}": n for b, n in bands.items()}
-    report.per_row = dict(sorted(report.per_row.items()))
+        report.negatives_written += len(chosen)
+        report.rows_short += int(len(chosen) < settings.n_negatives)
+        report.per_row[len(chosen)] = report.per_row.get(len(chosen), 0) + 1
+
+
+ROW_BLOCK = 8192  # rows mined at once: their queries, positives and rankings stay in memory
 
 
 def mine(settings: MineSettings, embedder=None, registry: TaskRegistry | None = None) -> MineReport:
     """Mine negatives for ``settings.data`` and write ``settings.out``; see module docstring."""
-    from conretriever.retrieval.search import exact_search
+    from conretriever import runtime
+    from conretriever.progress import Progress
+    from conretriever.retrieval.corpus import encode_corpus
 
     timer = time.perf_counter()
     report = MineReport()
     registry = registry or TaskRegistry.load()
     task = settings.task or task_name(settings.data)
     examples = read_task_file(settings.data, task, allow_extra=settings.allow_extra_fields)
-    corpus = load_corpus(settings.corpus, examples)
-    if not corpus:
+    corpus_texts = load_corpus(settings.corpus, examples)
+    if not corpus_texts:
         raise DataError(f"{settings.corpus}: empty corpus")
-    report.rows, report.corpus_docs = len(examples), len(corpus)
+    report.rows, report.corpus_docs = len(examples), len(corpus_texts)
     if embedder is None:
         from conretriever.model.embedder import Embedder
 
-        embedder = Embedder.from_pretrained(settings.model)
+        embedder = Embedder.from_pretrained(
+            settings.model, device=runtime.init_distributed().device
+        )
     report.seconds["load"] = round(time.perf_counter() - timer, 2)
-    vectors = _encode(embedder, examples, corpus, settings, registry, task, report)
     timer = time.perf_counter()
-    scores, ranked = exact_search(vectors.query_emb, vectors.doc_emb, settings.bounds[1])
-    report.seconds["search"] = round(time.perf_counter() - timer, 2)
+    corpus = encode_corpus(embedder, corpus_texts, batch_size=settings.batch_size,
+                           max_length=settings.max_length, cache_dir=settings.cache_dir,
+                           show_progress=settings.progress,
+                           memory_gb=settings.search_memory_gb)  # fmt: skip
+    report.seconds["encode_corpus"] = round(time.perf_counter() - timer, 2)
     timer = time.perf_counter()
-    _write(settings, examples, vectors, ranked, scores, report)
-    report.seconds["select_and_write"] = round(time.perf_counter() - timer, 2)
+    doc_index = {t: i for i, t in enumerate(corpus_texts)}
+    normalized = [normalize_text(t) for t in corpus_texts]
+    bands = dict.fromkeys(NEAR_THRESHOLD_BANDS, 0)
+    main_rank = runtime.is_main()
+    if main_rank:
+        settings.out.parent.mkdir(parents=True, exist_ok=True)
+    bar = Progress(len(examples), "mine", enabled=settings.progress and main_rank, unit="rows")
+    with atomic_files() as stage, bar:
+        handle = open(stage(settings.out), "w", encoding="utf-8") if main_rank else None  # noqa: SIM115
+        try:
+            for start in range(0, len(examples), ROW_BLOCK):
+                rows = examples[start : start + ROW_BLOCK]
+                block = _search_block(embedder, rows, start, corpus, doc_index, settings,
+                                      registry, task, settings.search_memory_gb)  # fmt: skip
+                _write_block(handle, rows, block, corpus_texts, normalized, settings, report,
+                             bands)  # fmt: skip
+                bar.update(len(rows))
+        finally:
+            if handle is not None:
+                handle.close()
+    report.near_cosine_counts = {f">={b}": n for b, n in bands.items()}
+    report.per_row = dict(sorted(report.per_row.items()))
+    report.seconds["search_select_write"] = round(time.perf_counter() - timer, 2)
     return report
 
 
 def run(settings: MineSettings) -> int:
-    """``conretriever mine``."""
+    """``conretriever mine`` (also under torchrun: each rank encodes and searches its slice of
+    the corpus; rank 0 writes)."""
+    from conretriever import runtime
+
     refuse_existing([p for p in (settings.out, settings.report) if p], settings.overwrite)
     report = mine(settings)
+    if not runtime.is_main():
+        return 0
     text = json.dumps(report.__dict__, indent=2)
     if settings.report:
         settings.report.write_text(text + "\n")

@@ -40,6 +40,7 @@ it only inside the functions that use it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -59,12 +60,10 @@ from conretriever.evaluation.mteb_bridge import evaluate_with_mteb, local_mteb_t
 from conretriever.files import refuse_existing, write_json
 from conretriever.model.prompts import query_prefix
 from conretriever.options import opt, to_dict
-from conretriever.retrieval.search import (
-    encode_corpus,
-    encode_sharded,
-    exact_search,
-    model_fingerprint,
-)
+from conretriever.retrieval.corpus import encode_corpus, encode_sharded, model_fingerprint
+from conretriever.retrieval.search import build_index, index_search, recall_at_k, search
+
+log = logging.getLogger("conretriever.eval")
 
 # The BEIR-15 set e5-mistral reported (MTEB names) and a quick subset of small corpora.
 BEIR15 = (
@@ -91,6 +90,18 @@ class EvalSettings:
     cache: bool = opt(True, help="read and write the corpus embedding cache")
     cache_dir: str | None = opt(None, help="none: $CONRETRIEVER_CACHE/embeddings")
     top_k: int = opt(max(K_VALUES), ge=1, help="documents retrieved per query")
+    search_memory_gb: float = opt(
+        2.0, gt=0, help="memory for the corpus blocks being scored (peak ~ this, any corpus size)"
+    )
+    store_dtype: Literal["float32", "float16"] = opt(
+        "float32", help="embedding cache dtype (float16: half the disk and memory)"
+    )
+    index: Literal["flat", "ivf", "hnsw", "ivfpq"] = opt(
+        "flat", help="flat: exact search; others: approximate faiss index (recall reported)"
+    )
+    recall_queries: int = opt(
+        1000, ge=1, help="queries searched exactly too, to measure an approximate index"
+    )
     max_queries: int | None = opt(None, ge=1, help="only the first N judged queries")
     split: str | None = opt(None, help="qrels split of local folders (none: test, MS MARCO dev)")
     engine: Literal["native", "mteb"] = opt(
@@ -122,20 +133,24 @@ def search_run(
     data: BeirData,
     settings: EvalSettings,
     instruction: str | None,
+    ann: dict | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Encode (cached corpus, sorted batches) and exact-search one BEIR folder -> run dict."""
+    """Encode (cached corpus, sorted batches) and search one BEIR folder -> run dict. With an
+    approximate ``settings.index``, ``ann`` receives its recall@100 against exact search."""
     qids = [
         q for q in data.qrels if q in data.queries and any(g >= 1 for g in data.qrels[q].values())
     ]
     if settings.max_queries is not None:
         qids = qids[: settings.max_queries]
-    doc_emb = encode_corpus(
+    corpus = encode_corpus(
         embedder,
         data.corpus_texts,
         batch_size=settings.batch_size,
         max_length=settings.doc_max_length,
         cache_dir=settings.resolved_cache_dir(),
+        store_dtype=settings.store_dtype,
         show_progress=settings.progress,
+        memory_gb=settings.search_memory_gb,
     )
     query_emb = encode_sharded(
         embedder,
@@ -146,7 +161,7 @@ def search_run(
         max_length=settings.query_max_length,
         show_progress=settings.progress,
     )
-    scores, indices = exact_search(query_emb, doc_emb, settings.top_k)
+    scores, indices = _ranked(query_emb, corpus, settings, ann)
     drop_self = data.name in IGNORE_IDENTICAL_IDS
     run = {}
     for row, qid in enumerate(qids):
@@ -157,6 +172,26 @@ def search_run(
             ranking.pop(qid, None)
         run[qid] = ranking
     return run
+
+
+def _ranked(query_emb, corpus, settings: EvalSettings, ann: dict | None):
+    """Exact streaming search, or the approximate index with its recall measured against exact
+    search on the first ``recall_queries`` queries."""
+    k = settings.top_k
+    if settings.index == "flat":
+        return search(query_emb, corpus, k, memory_gb=settings.search_memory_gb)
+    index = build_index(corpus, settings.index, memory_gb=settings.search_memory_gb)
+    scores, indices = index_search(index, query_emb, corpus, k)
+    sample = query_emb[: settings.recall_queries]
+    _, exact = search(sample, corpus, min(100, k), memory_gb=settings.search_memory_gb)
+    recall = recall_at_k(indices[: len(sample), : exact.shape[1]], exact)
+    if ann is not None:
+        ann.update({"index": settings.index, "recall_at_100_vs_exact": recall,
+                    "recall_queries": len(sample)})  # fmt: skip
+    if runtime.is_main():
+        log.info("%s index: recall@100 vs exact search %.4f (%d queries)", settings.index,
+                 recall, len(sample))  # fmt: skip
+    return scores, indices
 
 
 def evaluate_beir_dir(
@@ -170,6 +205,9 @@ def evaluate_beir_dir(
     max_queries: int | None = None,
     split: str | None = None,
     show_progress: bool = True,
+    search_memory_gb: float = 2.0,
+    store_dtype: str = "float32",
+    index: str = "flat",
 ) -> dict:
     """Evaluate an in-memory Embedder (training mode and LoRA fine: ``encode`` switches to eval
     and back) on a BEIR folder. Returns the metrics dict (``ndcg_at_10``, ...) plus
@@ -183,6 +221,9 @@ def evaluate_beir_dir(
         max_queries=max_queries,
         split=split,
         progress=show_progress,
+        search_memory_gb=search_memory_gb,
+        store_dtype=store_dtype,
+        index=index,
     )
     data = beir_dir if isinstance(beir_dir, BeirData) else load_beir_dir(beir_dir, split)
     result = _evaluate_data(embedder, data, settings)
@@ -198,8 +239,9 @@ def _evaluate_data(embedder, data: BeirData, settings: EvalSettings) -> dict:
     )
     parts = data.subsets or [data]
     per_part = {}
+    ann: dict = {}
     for part in parts:
-        run = search_run(embedder, part, settings, instruction)
+        run = search_run(embedder, part, settings, instruction, ann)
         per_part[Path(part.source).name or part.name] = retrieval_metrics(part.qrels, run)
     if data.subsets:  # CQADupStack: the task score is the mean over subforums
         metrics = {
@@ -229,6 +271,8 @@ def _evaluate_data(embedder, data: BeirData, settings: EvalSettings) -> dict:
     }
     if data.subsets:
         result["subsets"] = per_part
+    if ann:
+        result["approximate_search"] = ann
     return result
 
 

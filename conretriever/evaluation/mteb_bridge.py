@@ -35,7 +35,8 @@ import numpy as np
 from conretriever.data.beir import IGNORE_IDENTICAL_IDS, BeirData, document_text
 from conretriever.data.tasks import eval_instruction
 from conretriever.evaluation.metrics import MAIN_SCORE
-from conretriever.retrieval.search import encode_corpus, encode_sharded, exact_search
+from conretriever.retrieval.corpus import CorpusVectors, encode_corpus, encode_sharded
+from conretriever.retrieval.search import search
 
 
 class EvalSettings(Protocol):
@@ -46,6 +47,8 @@ class EvalSettings(Protocol):
     doc_max_length: int | None
     instruction: str | None
     progress: bool
+    store_dtype: str
+    search_memory_gb: float
 
     def resolved_cache_dir(self) -> Path | None: ...
 
@@ -57,7 +60,7 @@ class _Bridge:
     def __init__(self, embedder, settings: EvalSettings):
         self.embedder, self.settings = embedder, settings
         self.corpus_ids: list[str] = []
-        self.doc_emb: np.ndarray | None = None
+        self.corpus: CorpusVectors | None = None
 
     def instruction_for(self, task_name: str) -> str:
         if self.settings.instruction is not None:
@@ -80,18 +83,22 @@ class _Bridge:
         titles = corpus["title"] if "title" in corpus.column_names else [None] * len(corpus)
         texts = [document_text(title, t) for t, title in zip(corpus["text"], titles, strict=True)]
         self.corpus_ids = [str(i) for i in corpus["id"]]
-        self.doc_emb = encode_corpus(
+        self.corpus = encode_corpus(
             self.embedder,
             texts,
             batch_size=self.settings.batch_size,
             max_length=self.settings.doc_max_length,
             cache_dir=self.settings.resolved_cache_dir(),
+            store_dtype=self.settings.store_dtype,
             show_progress=self.settings.progress,
+            memory_gb=self.settings.search_memory_gb,
         )
 
     def search(self, queries, task_name: str, top_k: int) -> dict[str, dict[str, float]]:
         query_emb = self.encode(list(queries["text"]), task_name, is_query=True)
-        scores, indices = exact_search(query_emb, self.doc_emb, top_k)
+        scores, indices = search(
+            query_emb, self.corpus, top_k, memory_gb=self.settings.search_memory_gb
+        )
         return {
             str(qid): {self.corpus_ids[i]: float(s) for s, i in zip(srow, irow, strict=True)}
             for qid, srow, irow in zip(queries["id"], scores, indices, strict=True)

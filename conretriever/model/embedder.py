@@ -349,6 +349,8 @@ class Embedder(nn.Module):
             raise ValueError("packed encoding needs a decoder (causal attention); use packed=False")
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
         batches = _token_budget_batches([len(x) for x in ids], batch_size, max_tokens, packed)
+        real = len(batches)
+        batches = _as_many_as_every_rank(batches)
         if show_progress is None:
             show_progress = len(batches) > 4
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -356,14 +358,16 @@ class Embedder(nn.Module):
         self.eval()
         bar = Progress(len(ids), desc, enabled=show_progress, unit="texts")
         try:
-            for idx in batches:
-                if packed:
-                    with _autocast(self.device):
-                        emb = self.forward_packed([ids[i] for i in idx])
-                else:
-                    input_ids, mask = _pad_right([ids[i] for i in idx], pad_id)
-                    with _autocast(self.device):
+            for number, idx in enumerate(batches):
+                seqs = [ids[i] for i in idx]
+                with _autocast(self.device):
+                    if packed:
+                        emb = self.forward_packed(seqs)
+                    else:
+                        input_ids, mask = _pad_right(seqs, pad_id)
                         emb = self(input_ids.to(self.device), mask.to(self.device))
+                if number >= real:  # a repeat to match other ranks (see above): discarded
+                    continue
                 out[idx] = emb.float().cpu().numpy()
                 bar.update(len(idx))
         finally:
@@ -416,6 +420,19 @@ def _token_budget_batches(
     if current:
         batches.append(current)
     return batches
+
+
+def _as_many_as_every_rank(batches: list[list[int]]) -> list[list[int]]:
+    """Under torchrun, as many batches as the rank with the most: an FSDP-sharded model
+    all-gathers its weights in every forward, so a rank that stopped early would hang the
+    others. The extra batches repeat this rank's first one and their output is discarded."""
+    from conretriever import runtime
+
+    if not runtime.is_distributed() or not batches:
+        return batches
+    count = torch.tensor([len(batches)])
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return batches + [batches[0]] * (int(count) - len(batches))
 
 
 def _pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,7 +64,7 @@ def read_texts(path: Path, field: str) -> list[str]:
 
 def run(settings: EncodeSettings) -> int:
     from conretriever.model.embedder import Embedder
-    from conretriever.retrieval.search import encode_sharded
+    from conretriever.retrieval.corpus import encode_sharded
 
     info = runtime.init_distributed()
     refuse_existing([settings.output], settings.overwrite)

@@ -1,293 +1,235 @@
-"""Search: encode a corpus once (cached, sharded over ranks) and find exact nearest neighbours.
+"""Search: the top-k documents per query, in memory bounded by a budget, not by the corpus.
 
-Dense retrieval evaluation and hard-negative mining both come down to two steps:
+Exact search (:func:`search`) streams the corpus: rows are read from the store (memory-mapped
+shards, see ``retrieval.corpus``) one block at a time, each block is scored against a block of
+queries (a matmul, on the GPU when there is one) and merged into a running top-k per query.
+Block sizes come from ``memory_gb``: peak memory is about the budget, whatever the corpus size.
 
-1. **Encode the corpus** as passages (:func:`encode_corpus`). This is the expensive part (every
-   document through the model), so vectors are cached on disk per document, keyed by
-   ``(model fingerprint, document-length limit, sha256 of the text)``. Evaluating again, a second
-   query set against the same corpus, or a corpus that overlaps one seen before encodes only
-   the texts the cache does not hold. The store for one key prefix is a folder of shards
-   ``<id>.emb.npy`` ([n, dim] float32) + ``<id>.keys.npy`` ([n, 16] uint8 sha256 prefixes);
-   a shard is written to a temporary name and renamed (keys last), so a killed run leaves
-   either a whole shard or nothing a later run would trust.
-2. **Search exactly** (:func:`exact_search`): vectors are unit length, so the inner product is
-   the cosine similarity. Backend: faiss ``IndexFlatIP`` on GPU when faiss sees GPUs; else a
-   chunked matmul + top-k in torch on the GPU when torch has one (faster than faiss-cpu); else
-   faiss-cpu when importable; else torch on the CPU.
+The ranking rule is exact and the same everywhere: score descending, ties by lower document
+index, also at the cut-off (of several documents tied with the k-th score, the lowest indices
+get in). Each block keeps that rule (everything above the block's k-th score, then its
+lowest-index ties), and merging the running top-k (lower indices) with a block (higher ones) by
+a stable sort keeps it across blocks.
 
-:func:`model_fingerprint` names the weights: it must change when training changes them, else the
-cache would serve stale vectors. It hashes every tensor's name, shape, dtype, float64 sum and a
-strided sample of values (small tensors such as LoRA factors in full), plus the pooling/prompt
-settings, the tokenizer and the device type (bf16 autocast on GPU gives other vectors than fp32
-on CPU).
+Under ``torchrun`` each rank searches its own contiguous slice of the corpus; only the
+per-query top-k (scores and global ids, ``nq x k x 12`` bytes) is gathered, and merged the same
+way (rank order is index order). ``payload`` lets a caller compute a value per candidate where
+its vector lives (mining's cosine to the positives) and carry it through the merge.
 
-Under ``torchrun`` (``torch.distributed`` initialised) each rank encodes one contiguous shard of
-the missing texts and the pieces are gathered in the original order on every rank, so every rank
-returns the same matrix; only rank 0 writes the cache. faiss is imported lazily: the training path
-never needs it.
-
-API (stable; ``conretriever.data.mining`` builds on it)::
-
-    model_fingerprint(embedder) -> str
-    encode_corpus(embedder, texts, *, batch_size=256, max_length=None, cache_dir=None,
-                  show_progress=True) -> np.ndarray          # [len(texts), dim] float32
-    exact_search(query_emb, doc_emb, top_k) -> (scores, indices)   # each [n_queries, k]
-    encode_sharded(embedder, texts, *, role, instruction=None, batch_size=256, max_length=None,
-                   show_progress=True) -> np.ndarray       # uncached encode, split over ranks
+Approximate search (:func:`build_index`, ``--index ivf|hnsw|ivfpq``) indexes the slice with
+faiss (``index_factory``, trained on a sample, filled shard block by shard block) for corpora
+beyond a GPU or RAM; :func:`recall_at_k` measures it against exact search on the same queries.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import uuid
-from dataclasses import asdict, is_dataclass
-from pathlib import Path
+import logging
+import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-# Tensors up to this many values are hashed in full (LoRA factors, norms, biases); larger ones by
-# sum + a strided sample, so fingerprinting a 7B model costs a few seconds, not a full read.
-_FULL_HASH_NUMEL = 1 << 16
-_SAMPLE_VALUES = 1024
-# Query rows per matmul chunk in the torch search path: the [rows, n_docs] score block stays
-# near 2**26 floats (256 MiB) whatever the corpus size.
-_SCORE_BLOCK = 1 << 26
+from conretriever import runtime
+from conretriever.retrieval.corpus import CorpusVectors
+
+log = logging.getLogger("conretriever.search")
+
+DEFAULT_MEMORY_GB = 2.0
+QUERY_BLOCK = 4096  # queries scored at once; their running top-k stays in memory
+INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+GATHERED_BYTES = [0]  # bytes this rank sent to the top-k gathers (tests assert the size)
 
 
-# ----- identity ---------------------------------------------------------------------------------
-def model_fingerprint(embedder) -> str:
-    """A 16-hex-digit name for what decides the vectors: weights, settings, tokenizer, device.
-
-    ``embedder`` is an :class:`~conretriever.model.embedder.Embedder` or any ``nn.Module`` with an
-    ``encode`` method. Under FSDP, sharded (DTensor) weights are gathered, so every rank must call
-    this (``encode_corpus`` does).
-    """
-    digest = hashlib.sha256(type(embedder).__qualname__.encode())
-    state = embedder.state_dict()
-    for name in sorted(state):
-        tensor = state[name]
-        if hasattr(tensor, "full_tensor"):  # DTensor shard (FSDP2): hash the whole tensor
-            tensor = tensor.full_tensor()
-        flat = tensor.detach().reshape(-1)
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        if flat.numel() <= _FULL_HASH_NUMEL:
-            digest.update(flat.float().cpu().numpy().tobytes())
-        else:
-            step = flat.numel() // _SAMPLE_VALUES
-            digest.update(flat[::step].float().cpu().numpy().tobytes())
-            digest.update(repr(float(flat.double().sum())).encode())
-    settings = getattr(embedder, "settings", None)
-    if is_dataclass(settings):
-        digest.update(json.dumps(asdict(settings), sort_keys=True).encode())
-    tokenizer = getattr(embedder, "tokenizer", None)
-    if tokenizer is not None:
-        probe = tokenizer("Fingerprint probe: Hello, world! 123").input_ids
-        digest.update(f"{type(tokenizer).__name__}|{len(tokenizer)}|{probe}".encode())
-    device = getattr(embedder, "device", None)
-    digest.update(str(getattr(device, "type", device)).encode())
-    return digest.hexdigest()[:16]
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def text_key(text: str) -> bytes:
-    """16-byte sha256 digest of a text: its key in the embedding cache."""
-    return hashlib.sha256(text.encode("utf-8")).digest()[:16]
+def block_rows(dim: int, query_rows: int, k: int, memory_gb: float) -> int:
+    """Corpus rows per block so that the block (float32), its scores against ``query_rows``
+    queries (float32, plus the masks of the tie rule) and the running top-k fit the budget."""
+    budget = memory_gb * 2**30 - query_rows * k * 24
+    per_row = dim * 4 + query_rows * 16
+    return max(256, int(budget // per_row))
 
 
-# ----- on-disk store ----------------------------------------------------------------------------
-class _ShardStore:
-    """A folder of (keys, embeddings) shards; reads are memory-mapped, writes atomic."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def lookup(self, keys: list[bytes]) -> dict[bytes, np.ndarray]:
-        wanted = set(keys)
-        found: dict[bytes, np.ndarray] = {}
-        if not self.folder.is_dir():
-            return found
-        for keys_file in sorted(self.folder.glob("*.keys.npy")):
-            emb_file = keys_file.with_name(keys_file.name.replace(".keys.npy", ".emb.npy"))
-            # [n, 16] uint8, not a bytes dtype: numpy's "S16" strips trailing zero bytes.
-            shard_keys = [row.tobytes() for row in np.load(keys_file)]
-            rows = [i for i, k in enumerate(shard_keys) if k in wanted and k not in found]
-            if not rows:
-                continue
-            emb = np.load(emb_file, mmap_mode="r")
-            for i in rows:
-                found[shard_keys[i]] = np.asarray(emb[i], dtype=np.float32)
-        return found
-
-    def add(self, keys: list[bytes], emb: np.ndarray) -> None:
-        if not keys:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        name = uuid.uuid4().hex
-        # embeddings first, keys last: a shard is visible only once its keys file exists.
-        key_matrix = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 16)
-        for suffix, array in ((".emb.npy", emb.astype(np.float32)), (".keys.npy", key_matrix)):
-            tmp = self.folder / f".{name}{suffix}.tmp"
-            with open(tmp, "wb") as handle:
-                np.save(handle, array)
-            os.replace(tmp, self.folder / f"{name}{suffix}")
+def _block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``k`` of each row of ``scores`` [q, n] with the exact tie rule: (values, column
+    indices), best first, ties by lower column."""
+    k = min(k, scores.shape[1])
+    kth = scores.topk(k, dim=1).values[:, -1:]
+    above = scores > kth
+    ties = scores == kth
+    need = k - above.sum(1, keepdim=True)
+    take = above | (ties & (ties.cumsum(1) <= need))
+    idx = take.nonzero()[:, 1].view(-1, k)  # row-major: column order inside each row
+    val = scores.gather(1, idx)
+    val, pos = val.sort(dim=1, descending=True, stable=True)  # stable: ties by column
+    return val, idx.gather(1, pos)
 
 
-# ----- encoding ---------------------------------------------------------------------------------
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _merge(best: tuple, new: tuple, k: int) -> tuple:
+    """Running top-k (lower document ids) merged with a block's (higher ones): a stable sort
+    keeps the tie rule. Each tuple: (scores [q, *], ids [q, *], payload [q, *] or None)."""
+    if best is None:
+        return new
+    scores = torch.cat([best[0], new[0]], 1)
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    ids = torch.cat([best[1], new[1]], 1).gather(1, order)
+    payload = None if best[2] is None else torch.cat([best[2], new[2]], 1).gather(1, order)
+    return scores.gather(1, order), ids, payload
 
 
-def encode_sharded(
-    embedder,
-    texts: list[str],
-    *,
-    role: str = "passage",
-    instruction: str | None = None,
-    batch_size: int = 256,
-    max_length: int | None = None,
-    show_progress: bool = True,
-) -> np.ndarray:
-    """``embedder.encode`` split over ``torchrun`` ranks: each rank encodes a contiguous slice
-    and the slices are gathered in rank order, so every rank returns the full [n, dim] matrix.
-    Without an initialised process group it is a plain ``encode`` call (no cache)."""
-    rank, world = _dist_info()
-    if not texts:
-        return np.zeros((0, getattr(embedder, "dim", 0)), np.float32)
-    bounds = [len(texts) * r // world for r in range(world + 1)]
-    mine = list(texts[bounds[rank] : bounds[rank + 1]])
-    # Every rank encodes the same number of texts (shards differ by at most one; pad by repeating
-    # a text), so every rank runs the same number of forward passes: an FSDP-sharded model
-    # all-gathers its weights in each forward and would hang if one rank stopped early.
-    per_rank = -(-len(texts) // world)
-    padded = mine + [mine[-1] if mine else texts[0]] * (per_rank - len(mine))
-    emb = embedder.encode(
-        padded,
-        role=role,
-        instruction=instruction,
-        batch_size=batch_size,
-        max_length=max_length,
-        show_progress=show_progress and rank == 0,
-    ).astype(np.float32, copy=False)[: len(mine)]
-    if world == 1:
-        return emb
-    pieces: list[np.ndarray | None] = [None] * world
-    torch.distributed.all_gather_object(pieces, emb)
-    return np.concatenate(pieces, axis=0)
+def _search_slice(queries: np.ndarray, corpus: CorpusVectors, k: int, memory_gb: float,
+                  payload: Callable | None, first_query: int = 0):  # fmt: skip
+    """Top-k of ``queries`` within this rank's slice: (scores, global ids, payload)."""
+    device = _device()
+    q = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(device)
+    rows = block_rows(corpus.dim, len(q), k, memory_gb)
+    best = None
+    for lo in range(corpus.start, corpus.stop, rows):
+        hi = min(lo + rows, corpus.stop)
+        block = torch.from_numpy(corpus.block(lo, hi)).to(device)
+        val, col = _block_topk(q @ block.T, k)
+        extra = None
+        if payload is not None:
+            picked = block[col]  # [q, k', dim]: the candidates' vectors, where they live
+            extra = payload(first_query, picked).to(device)
+        best = _merge(best, (val, col + lo, extra), k)
+    if best is None:  # an empty slice
+        empty = torch.zeros((len(q), 0), device=device)
+        best = (empty, empty.long(), None if payload is None else empty)
+    return best
 
 
-def encode_corpus(
-    embedder,
-    texts: list[str],
-    *,
-    batch_size: int = 256,
-    max_length: int | None = None,
-    cache_dir: str | Path | None = None,
-    show_progress: bool = True,
-) -> np.ndarray:
-    """Encode ``texts`` as passages -> float32 [len(texts), dim], in input order.
-
-    With ``cache_dir``, vectors are read from / added to the store
-    ``cache_dir/<model_fingerprint>-L<max_length>/``; only texts it lacks are encoded (each
-    distinct text once). ``max_length`` None means the embedder's ``doc_max_length``.
-    """
-    texts = list(texts)
-    if max_length is None:
-        settings = getattr(embedder, "settings", None)
-        max_length = getattr(settings, "doc_max_length", None)
-    keys = [text_key(t) for t in texts]
-    store = None
-    cached: dict[bytes, np.ndarray] = {}
-    if cache_dir is not None:
-        store = _ShardStore(Path(cache_dir) / f"{model_fingerprint(embedder)}-L{max_length}")
-        cached = store.lookup(keys)
-    missing_keys: list[bytes] = []
-    missing_texts: list[str] = []
-    seen = set(cached)
-    for key, text in zip(keys, texts, strict=True):
-        if key not in seen:
-            seen.add(key)
-            missing_keys.append(key)
-            missing_texts.append(text)
-    fresh: dict[bytes, np.ndarray] = {}
-    if missing_texts:
-        emb = encode_sharded(
-            embedder,
-            missing_texts,
-            role="passage",
-            batch_size=batch_size,
-            max_length=max_length,
-            show_progress=show_progress,
-        )
-        fresh = dict(zip(missing_keys, emb, strict=True))
-        if store is not None and _dist_info()[0] == 0:
-            store.add(missing_keys, emb)
-    if not texts:
-        return np.zeros((0, getattr(embedder, "dim", 0)), np.float32)
-    lookup = {**cached, **fresh}
-    return np.stack([lookup[k] for k in keys]).astype(np.float32, copy=False)
+def _gather_ranks(best: tuple, k: int) -> tuple:
+    """Every rank's per-query top-k, merged in rank order (= document order). Only these
+    ``nq x k`` arrays travel; slices with fewer than k documents pad with -inf."""
+    if not runtime.is_distributed():
+        return best
+    scores, ids, extra = best
+    pad = k - scores.shape[1]
+    if pad > 0:
+        fill = torch.full((scores.shape[0], pad), -math.inf, device=scores.device)
+        scores = torch.cat([scores, fill], 1)
+        ids = torch.cat([ids, torch.full_like(fill, -1, dtype=torch.long)], 1)
+        if extra is not None:
+            extra = torch.cat([extra, torch.zeros_like(fill)], 1)
+    parts = [scores, ids] + ([extra] if extra is not None else [])
+    gathered = []
+    for part in parts:
+        pieces = [torch.empty_like(part) for _ in range(runtime.world_size())]
+        torch.distributed.all_gather(pieces, part.contiguous())
+        gathered.append(pieces)
+        GATHERED_BYTES[0] += part.numel() * part.element_size()
+    merged = None
+    for r in range(runtime.world_size()):
+        item = (gathered[0][r], gathered[1][r], gathered[2][r] if extra is not None else None)
+        merged = _merge(merged, item, k)
+    valid = merged[0] > -math.inf
+    if not bool(valid.all()):  # fewer documents than k in all: drop the padding
+        keep = int(valid.sum(1).min())
+        merged = tuple(None if t is None else t[:, :keep] for t in merged)
+    return merged
 
 
-# ----- exact search -----------------------------------------------------------------------------
-def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        return None
-    return faiss
+def search(queries: np.ndarray, corpus: CorpusVectors, k: int, *,
+           memory_gb: float = DEFAULT_MEMORY_GB, payload: Callable | None = None,
+           query_block: int = QUERY_BLOCK):  # fmt: skip
+    """Exact top ``k`` documents of the whole corpus for each query -> (scores float32 [nq, k],
+    global ids int64 [nq, k]) and, with ``payload(first_query, candidate_vectors)``, a third
+    float32 [nq, k] array of its values. Every rank passes the same queries and its own slice
+    (from ``encode_corpus``); every rank gets the merged result."""
+    k = min(k, corpus.total)
+    outs = []
+    for start in range(0, max(len(queries), 1), query_block):
+        block = queries[start : start + query_block]
+        best = _search_slice(block, corpus, k, memory_gb, payload, start)
+        outs.append(_gather_ranks(best, k))
+    scores = np.concatenate([o[0].cpu().numpy() for o in outs]).astype(np.float32)
+    ids = np.concatenate([o[1].cpu().numpy() for o in outs]).astype(np.int64)
+    if payload is None:
+        return scores, ids
+    extra = np.concatenate([o[2].cpu().numpy() for o in outs]).astype(np.float32)
+    return scores, ids, extra
 
 
-def exact_search(query_emb, doc_emb, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``top_k`` documents per query by inner product -> (scores, indices), each float32 /
-    int64 [n_queries, min(top_k, n_docs)], best first.
-
-    Ties are ordered by document index. With the torch backend this holds at the cut-off too
-    (of several documents tied with the k-th score, the lowest indices get in); faiss decides
-    the cut-off among exact ties itself (repeatably).
-    """
-    q = np.ascontiguousarray(np.asarray(query_emb, dtype=np.float32))
-    d = np.ascontiguousarray(np.asarray(doc_emb, dtype=np.float32))
+def exact_search(query_emb, doc_emb, top_k: int, memory_gb: float = DEFAULT_MEMORY_GB):
+    """In-memory convenience (one process): top ``top_k`` rows of ``doc_emb`` per query."""
+    q = np.asarray(query_emb, np.float32)
+    d = np.asarray(doc_emb, np.float32)
     if q.ndim != 2 or d.ndim != 2 or (len(d) and q.shape[1] != d.shape[1]):
         raise ValueError(f"need [nq, dim] and [nd, dim] matrices, got {q.shape} and {d.shape}")
     k = min(int(top_k), len(d))
     if k <= 0 or len(q) == 0:
         return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+    best = _search_slice(q, CorpusVectors.from_array(d), k, memory_gb, None)
+    return best[0].cpu().numpy().astype(np.float32), best[1].cpu().numpy().astype(np.int64)
+
+
+# ----- approximate search -----------------------------------------------------------------------
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise RuntimeError("--index other than flat needs faiss (pip install faiss-cpu)") from None
+    return faiss
+
+
+def index_spec(kind: str, n: int, dim: int) -> str:
+    """A faiss ``index_factory`` string for ``kind`` at corpus size ``n``: IVF with ~4 sqrt(n)
+    lists (faiss' rule of thumb), HNSW with 32 links, IVF-PQ with dim/16 sub-quantizers."""
+    lists = max(1, min(int(4 * math.sqrt(max(n, 1))), max(1, n // 39)))
+    if kind == "ivf":
+        return f"IVF{lists},Flat"
+    if kind == "hnsw":
+        return "HNSW32,Flat"
+    if kind == "ivfpq":
+        m = max(1, dim // 16)
+        while dim % m:
+            m -= 1
+        return f"IVF{lists},PQ{m}"
+    raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+
+
+def build_index(corpus: CorpusVectors, kind: str, *, sample: int = 100_000, seed: int = 0,
+                memory_gb: float = DEFAULT_MEMORY_GB):  # fmt: skip
+    """A faiss inner-product index of this rank's slice: trained on a random sample of up to
+    ``sample`` rows, then filled block by block (never the slice at once)."""
     faiss = _faiss()
-    use_gpu_faiss = faiss is not None and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
-    if faiss is not None and (use_gpu_faiss or not torch.cuda.is_available()):
-        index = faiss.IndexFlatIP(d.shape[1])
-        if use_gpu_faiss:
-            index = faiss.index_cpu_to_all_gpus(index)
-        index.add(d)
-        scores, indices = index.search(q, k)
-        return _order_ties(scores.astype(np.float32), indices.astype(np.int64))
-    return _torch_search(q, d, k)
+    index = faiss.index_factory(corpus.dim, index_spec(kind, len(corpus), corpus.dim),
+                                faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        picks = np.sort(rng.choice(len(corpus), min(sample, len(corpus)), replace=False))
+        index.train(corpus.rows(picks + corpus.start))
+    rows = block_rows(corpus.dim, 1, 1, memory_gb)
+    for lo in range(corpus.start, corpus.stop, rows):
+        index.add(corpus.block(lo, min(lo + rows, corpus.stop)))
+    if hasattr(index, "nprobe"):
+        index.nprobe = 32  # lists visited per query: recall ~0.95+ at modest cost
+    return index
 
 
-def _order_ties(scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    order = np.lexsort((indices, -scores), axis=1)
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(indices, order, 1)
+def index_search(index, queries: np.ndarray, corpus: CorpusVectors, k: int):
+    """Approximate top-k across ranks: each rank's index, merged like exact search."""
+    k_local = min(k, len(corpus))
+    scores, local = index.search(np.ascontiguousarray(queries, np.float32), max(k_local, 1))
+    scores, local = scores[:, :k_local], local[:, :k_local]
+    device = _device()
+    best = (torch.from_numpy(scores).to(device),
+            torch.from_numpy(local.astype(np.int64) + corpus.start).to(device), None)  # fmt: skip
+    merged = _gather_ranks(best, k)
+    return merged[0].cpu().numpy().astype(np.float32), merged[1].cpu().numpy().astype(np.int64)
 
 
-def _torch_search(q: np.ndarray, d: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    docs = torch.from_numpy(d).to(device)
-    rows = max(1, _SCORE_BLOCK // len(d))
-    out_scores, out_indices = [], []
-    for start in range(0, len(q), rows):
-        scores = torch.from_numpy(q[start : start + rows]).to(device) @ docs.T
-        kth = scores.topk(k, dim=1).values[:, -1:]
-        # Exact tie rule: everything above the k-th score, then the lowest-index ties with it.
-        above = scores > kth
-        ties = scores == kth
-        need = k - above.sum(1, keepdim=True)
-        take = above | (ties & (ties.cumsum(1) <= need))
-        idx = take.nonzero()[:, 1].view(-1, k)  # row-major: index order inside each row
-        val = scores.gather(1, idx)
-        val, pos = val.sort(dim=1, descending=True, stable=True)  # stable: ties by index
-        out_scores.append(val.cpu().numpy())
-        out_indices.append(idx.gather(1, pos).cpu().numpy())
-    return np.concatenate(out_scores).astype(np.float32), np.concatenate(out_indices)
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Share of the exact top-k that the approximate top-k found (averaged over queries)."""
+    if exact_ids.size == 0:
+        return float("nan")
+    hits = [
+        len(set(a) & set(e)) / max(1, len(e)) for a, e in zip(approx_ids, exact_ids, strict=True)
+    ]
+    return float(np.mean(hits))
