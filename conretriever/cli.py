@@ -63,9 +63,14 @@ COMMANDS: dict[str, Command] = {
         "Hugging Face / BEIR / MS MARCO-style datasets -> training JSONL",
     ),
     "compare": Command(
-        "conretriever.evaluation.report:CompareSettings",
-        "conretriever.evaluation.report:run",
-        "side-by-side table of eval output folders",
+        "conretriever.evaluation.compare:CompareSettings",
+        "conretriever.evaluation.compare:run",
+        "side-by-side table (and bar chart) of eval output folders",
+    ),
+    "report": Command(
+        "conretriever.evaluation.plots:ReportSettings",
+        "conretriever.evaluation.plots:run",
+        "training and evaluation curves of run folders (PNG)",
     ),
     "brainstorm": Command(
         "conretriever.synth.brainstorm:BrainstormCommand",

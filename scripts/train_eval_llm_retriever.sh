@@ -76,5 +76,8 @@ if [[ -n "$REFERENCE" ]]; then
   runs+=("$REFERENCE (reference)=$OUTPUT_DIR/eval_reference")
 fi
 echo "== results (x100)"
-python -m conretriever compare "${runs[@]}" --output "$OUTPUT_DIR/comparison.md"
-echo "== done in $(( $(date +%s) - start )) s; model: $OUTPUT_DIR/final"
+python -m conretriever compare "${runs[@]}" --output "$OUTPUT_DIR/comparison.md" \
+  --plot "$OUTPUT_DIR/report/comparison.png"
+python -m conretriever report "$OUTPUT_DIR" --out "$OUTPUT_DIR/report"
+echo "== done in $(( $(date +%s) - start )) s; model: $OUTPUT_DIR/final (card: README.md)," \
+  "plots: $OUTPUT_DIR/report/"

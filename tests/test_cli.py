@@ -94,6 +94,7 @@ BAD = {
     "decontaminate": ["--data", "/nonexistent.jsonl"],
     "convert": ["--dataset", "x.jsonl"],
     "compare": ["/nonexistent/eval_folder"],
+    "report": ["/nonexistent/run"],
     "brainstorm": ["--families", "poetry"],
     "generate": ["--examples_per_task", "0"],
     "convert-synthetic": ["--out_dir", "/nonexistent/synthetic"],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conretriever.evaluation.report import load_results
+from conretriever.evaluation.compare import load_results
 
 REPO = Path(__file__).resolve().parents[1]
 

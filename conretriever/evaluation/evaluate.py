@@ -58,6 +58,7 @@ from conretriever.errors import ConfigError
 from conretriever.evaluation.metrics import K_VALUES, MAIN_SCORE, retrieval_metrics
 from conretriever.evaluation.mteb_bridge import evaluate_with_mteb, local_mteb_task, mteb_tasks
 from conretriever.files import refuse_existing, write_json
+from conretriever.model.card import record_eval
 from conretriever.model.prompts import query_prefix
 from conretriever.options import opt, to_dict
 from conretriever.retrieval.corpus import encode_corpus, encode_sharded, model_fingerprint
@@ -378,6 +379,8 @@ def _write_outputs(out: Path, settings: EvalSettings, embedder, results: list[di
         "world_size": runtime.world_size(),
     }
     write_json(out / "settings.json", record)
+    if Path(settings.model).is_dir():  # a saved model folder: its card lists these results
+        record_eval(Path(settings.model), results, str(out))
     table = summary_table(results)
     (out / "summary.md").write_text(f"# Retrieval evaluation: `{settings.model}`\n\n{table}")
     print(table)

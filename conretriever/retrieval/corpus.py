@@ -6,7 +6,7 @@ contiguous slice ``[r * N // W, (r + 1) * N // W)`` of the ``N`` documents: it l
 up in the store (``retrieval.store``, keyed by model fingerprint, length limit and dtype), encodes
 only the missing ones, writes them as its own shard and returns a :class:`CorpusVectors` for the
 slice. No rank ever holds the whole corpus, nor even its own slice in memory when a store is
-used: vectors stay memory-mapped in their shards and are read one block at a time by the search
+used: vectors stay in their shards on disk and are read one block at a time by the search
 (``retrieval.search``), which gathers only each query's top-k across ranks.
 
 An FSDP-sharded model all-gathers its weights in every forward, so every rank must run as many
@@ -72,14 +72,14 @@ def model_fingerprint(embedder) -> str:
 class CorpusVectors:
     """The vectors of corpus rows ``[start, stop)`` (a rank's slice, or all), in corpus order.
 
-    Each row lives in a store shard (memory-mapped) or in one in-memory array; :meth:`block`
+    Each row lives in a store shard (read on demand) or in an in-memory array; :meth:`block`
     and :meth:`rows` read what is asked for, as float32. ``dim`` is the vector width."""
 
     def __init__(self, start: int, stop: int, dim: int, sources: list, source: np.ndarray,
                  row: np.ndarray, total: int | None = None):  # fmt: skip
         self.start, self.stop, self.dim = start, stop, dim
         self.total = stop if total is None else total  # documents in the whole corpus
-        self.sources = sources  # arrays: [n_i, dim] (memory-mapped or not)
+        self.sources = sources  # [n_i, dim]: store shards (read on demand) or arrays
         self.source, self.row = source, row  # per local row: which array, which row of it
 
     @classmethod
@@ -92,8 +92,12 @@ class CorpusVectors:
         return self.stop - self.start
 
     def _gather(self, local: np.ndarray) -> np.ndarray:
-        out = np.empty((len(local), self.dim), np.float32)
         src, rows = self.source[local], self.row[local]
+        if len(local) and (src == src[0]).all() and (np.diff(rows) == 1).all():
+            # the usual block: consecutive rows of one shard, read once, no second copy
+            block = self.sources[src[0]][rows[0] : rows[-1] + 1]
+            return np.asarray(block, dtype=np.float32)
+        out = np.empty((len(local), self.dim), np.float32)
         for s in np.unique(src):
             mask = src == s
             picked = rows[mask]
@@ -242,7 +246,7 @@ def encode_corpus(
 def _encode_chunks(embedder, store, texts, lo, to_encode, keys, chunk, batch_size, max_length,
                    show_progress) -> list[tuple[int, np.ndarray]]:  # fmt: skip
     """Encode ``texts[lo + to_encode]`` in chunks; each chunk goes to the store when there is
-    one (its memory-mapped shard is returned), else stays in memory. Every rank runs as many
+    one (its on-disk shard is returned), else stays in memory. Every rank runs as many
     chunks of as many texts as the others (FSDP: see the module docstring)."""
     count = len(to_encode)
     if runtime.is_distributed():

@@ -1,6 +1,6 @@
 """Search: the top-k documents per query, in memory bounded by a budget, not by the corpus.
 
-Exact search (:func:`search`) streams the corpus: rows are read from the store (memory-mapped
+Exact search (:func:`search`) streams the corpus: rows are read from the store (on-disk
 shards, see ``retrieval.corpus``) one block at a time, each block is scored against a block of
 queries (a matmul, on the GPU when there is one) and merged into a running top-k per query.
 Block sizes come from ``memory_gb``: peak memory is about the budget, whatever the corpus size.

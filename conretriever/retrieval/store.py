@@ -9,7 +9,8 @@ each written by one process in one go:
   it is incomplete (a killed run) and ignored. Files are written under temporary names and
   renamed, so a shard is whole or absent.
 
-Reading is memory-mapped (no copy of a shard is made; a block of rows is read when searched),
+Reading is on demand (:class:`ShardArray`: a block of rows is read when searched, into memory
+the process owns; no copy of a shard is made),
 and checksums are verified: a shard's keys when the store is opened, its vectors the first
 time a process uses them (:meth:`EmbeddingStore.verify`). A corrupt or truncated shard is
 skipped with a warning naming it, and its texts are encoded again. Lookups
@@ -63,12 +64,67 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class ShardArray:
+    """The ``[rows, dim]`` array of one ``.npy`` file, read on demand with ``os.pread``.
+
+    Rows are read into fresh buffers, not mapped: a process's resident memory is what it asked
+    for (one block of rows), whatever the file's size, and no page of a 100 GB corpus stays
+    attributed to it. Indexing takes a slice or a sorted integer array (runs of consecutive rows
+    are read in one call)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)  # fmt: skip
+            shape, fortran, dtype = read_header(handle)
+            self.offset = handle.tell()
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{self.path.name}: expected a C-ordered 2-D array, got {shape}")
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+        if self.path.stat().st_size < self.offset + self.shape[0] * self.row_bytes:
+            raise ValueError(f"{self.path.name}: truncated ({self.path.stat().st_size} bytes)")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, fd: int, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, self.shape[1]), self.dtype)
+        view, done = memoryview(out).cast("B"), 0
+        while done < len(view):  # straight into the array: no intermediate copy
+            got = os.preadv(fd, [view[done:]], self.offset + start * self.row_bytes + done)
+            if got == 0:
+                raise OSError(f"{self.path}: short read (rows {start}:{stop})")
+            done += got
+        return out
+
+    def __getitem__(self, key) -> np.ndarray:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            if isinstance(key, slice):
+                start, stop, step = key.indices(self.shape[0])
+                if step != 1:
+                    raise IndexError("only contiguous slices")
+                return self._read(fd, start, stop)
+            rows = np.asarray(key, np.int64)
+            if len(rows) == 0:
+                return np.zeros((0, self.shape[1]), self.dtype)
+            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+            parts = [self._read(fd, int(r[0]), int(r[-1]) + 1)
+                     for r in np.split(rows, breaks)]  # fmt: skip
+            return np.concatenate(parts)
+        finally:
+            os.close(fd)
+
+
 @dataclass
 class Shard:
     name: str
     rows: int
     dim: int
-    vectors: np.ndarray  # memory-mapped [rows, dim]
+    vectors: ShardArray  # [rows, dim], read on demand
     keys: np.ndarray  # [rows, 16] uint8
     emb_sha256: str
     verified: bool = False  # vectors checksummed in this process
@@ -105,7 +161,7 @@ class EmbeddingStore:
             meta = json.loads(meta_path.read_text())
             if _sha256(keys_path) != meta["keys_sha256"]:
                 raise ValueError(f"{keys_path.name}: checksum mismatch (corrupt bytes)")
-            vectors = np.load(emb_path, mmap_mode="r")
+            vectors = ShardArray(emb_path)
             keys = np.load(keys_path)
             if vectors.shape != (meta["rows"], meta["dim"]) or keys.shape != (meta["rows"], 16):
                 raise ValueError(f"shapes {vectors.shape} / {keys.shape} do not match {meta}")
@@ -204,7 +260,7 @@ class EmbeddingStore:
             log.warning("embedding cache %s: cannot write (%s); this run goes on without "
                         "caching", self.folder, err)  # fmt: skip
             return None
-        vectors = np.load(self.folder / f"{name}.emb.npy", mmap_mode="r")
+        vectors = ShardArray(self.folder / f"{name}.emb.npy")
         shard = Shard(name, len(keys), int(data.shape[1]), vectors, files[".keys.npy"],
                       meta["emb_sha256"], verified=True)  # fmt: skip
         self.shards.append(shard)

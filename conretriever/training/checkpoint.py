@@ -125,15 +125,17 @@ def _rng_state() -> dict:
     return state
 
 
-def save(out: Path, step: int, model, optimizer, scheduler, run_id: str, keep: int) -> Path:
-    """Write ``checkpoint-<step>`` (collective: every rank calls it); rotate to ``keep``
-    (-1: keep all) checkpoints of this run. Returns the checkpoint's path."""
+def save(out: Path, step: int, model, optimizer, scheduler, run_id: str, keep: int,
+         name: str | None = None, extra: dict | None = None) -> Path:  # fmt: skip
+    """Write ``checkpoint-<step>`` (or ``name``; collective: every rank calls it); rotate to
+    ``keep`` (-1: keep all) numbered checkpoints of this run. ``extra`` goes into its
+    ``trainer_state.json`` (the best-model record). Returns the checkpoint's path."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     rank = runtime.rank()
-    final = out / f"checkpoint-{step}"
-    tmp = out / f"checkpoint-{step}.tmp"
+    final = out / (name or f"checkpoint-{step}")
+    tmp = out / f"{final.name}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -148,6 +150,7 @@ def save(out: Path, step: int, model, optimizer, scheduler, run_id: str, keep: i
             "run_id": run_id,
             "scheduler": scheduler.state_dict(),
             "world_size": runtime.world_size(),
+            **(extra or {}),
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state))
     runtime.barrier()

@@ -126,10 +126,33 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training (``training.monitor``); none of it changes the trajectory."""
+
+    eval_data: list[str] = opt(
+        default_factory=list, help="local BEIR folders evaluated during training"
+    )
+    eval_steps: int = opt(0, ge=0, help="evaluate every N steps and after the last (0: never)")
+    eval_max_queries: int | None = opt(None, ge=1, help="a fixed subset: the first N queries")
+    eval_max_docs: int | None = opt(
+        None, ge=1, help="a fixed subset: their relevant documents plus a seeded sample, N in all"
+    )
+    eval_batch_size: int = opt(256, ge=1, help="most texts per forward while evaluating")
+    metric_for_best_model: str = opt(
+        "ndcg_at_10", help="average over eval_data, or eval/<task>/<metric> for one folder"
+    )
+    keep_best: bool = opt(True, help="save each new best as checkpoint-best/ (never rotated)")
+    export: Literal["last", "best"] = opt(
+        "last", help="final/ holds the last weights, or the best evaluated ones"
+    )
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -139,7 +162,8 @@ class RunConfig:
 
 
 # Settings that do not change what the run computes: where it writes, how often it reports
-# or saves, how it was started. Every other field is part of the trajectory.
+# or saves, how it was started, and the whole evaluation section (evaluating restores every
+# RNG). Every other field is part of the trajectory.
 NOT_TRAJECTORY = {
     ("train", "output_dir"),
     ("train", "overwrite_output_dir"),
@@ -161,7 +185,7 @@ def trajectory(config: dict) -> dict[str, object]:
             here = (*path, key)
             if isinstance(value, dict):
                 walk(value, here)
-            elif here[:2] not in NOT_TRAJECTORY:
+            elif here[:2] not in NOT_TRAJECTORY and here[0] != "evaluation":
                 out[".".join(here)] = value
 
     walk(config, ())

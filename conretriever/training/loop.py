@@ -34,6 +34,7 @@ from conretriever import runtime
 from conretriever.data.tasks import TaskRegistry
 from conretriever.data.training import EpochSampler, build_items, collate, load_training_data
 from conretriever.errors import ConfigError, TrainingError
+from conretriever.model.card import write_card
 from conretriever.model.embedder import Embedder
 from conretriever.precision import describe, use_mixed_bf16
 from conretriever.progress import Progress
@@ -42,6 +43,7 @@ from conretriever.training import checkpoint
 from conretriever.training.config import RunConfig
 from conretriever.training.distributed import shard_model
 from conretriever.training.loss import contrastive_loss
+from conretriever.training.monitor import BEST_NAME, Monitor
 from conretriever.training.run_folder import RunFolder, prepare
 from conretriever.training.step import StepResult, train_step
 from conretriever.training.tracking import RunLog, peak_memory_mb
@@ -106,6 +108,7 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     bf16: bool
     packed: bool
+    monitor: Monitor
 
     @property
     def sharded(self) -> bool:
@@ -152,6 +155,7 @@ def _record_tasks(out: Path, registry: TaskRegistry, data: dict) -> None:
 
 def setup(cfg: RunConfig, info: DistInfo, folder: RunFolder) -> Setup:
     registry, data, sampler, total = _data(cfg, info)
+    monitor = Monitor(cfg, folder.path)  # reads (and checks) the eval folders before training
     if info.is_main:
         _record_tasks(folder.path, registry, data)
         log.info("%d steps (%d per epoch), global batch %d", total, len(sampler),
@@ -183,7 +187,7 @@ def setup(cfg: RunConfig, info: DistInfo, folder: RunFolder) -> Setup:
         optimizer, lambda s: lr_factor(s, t.warmup_steps, total, t.lr_scheduler)
     )
     return Setup(cfg, info, folder, registry, data, sampler, total, model, params, optimizer,
-                 scheduler, bf16, packed)  # fmt: skip
+                 scheduler, bf16, packed, monitor)  # fmt: skip
 
 
 def resume(s: Setup) -> int:
@@ -198,6 +202,7 @@ def resume(s: Setup) -> int:
                      s.folder.path)  # fmt: skip
         return 0
     start = checkpoint.load(found, s.model, s.optimizer, s.scheduler)
+    s.monitor.restore(found)
     t = s.cfg.train
     s.scheduler.base_lrs = [t.learning_rate] * len(s.optimizer.param_groups)
     factor = lr_factor(start, t.warmup_steps, s.total_steps, t.lr_scheduler)
@@ -262,7 +267,7 @@ def _row(s: Setup, step: int, r: StepResult) -> dict:
 
 
 def run_steps(s: Setup, start: int) -> dict:
-    """Steps ``start..total``: metrics, progress, checkpoints, the non-finite rule."""
+    """Steps ``start..total``: metrics, progress, checkpoints, evaluation, the non-finite rule."""
     t = s.cfg.train
     runlog = RunLog(s.folder.path, s.info.is_main, t.report_to == "tensorboard", start)
     bar = Progress(s.total_steps, "train", enabled=s.info.is_main, initial=start, unit="steps")
@@ -279,15 +284,40 @@ def run_steps(s: Setup, start: int) -> dict:
             if not result.finite:
                 bad += 1
                 _bad_step(s, step, result, bad)
-            bar.set_postfix(loss=f"{result.loss:.4f}", acc=f"{result.accuracy:.2f}")
-            bar.update(1)
+            postfix = {"loss": f"{result.loss:.4f}", "acc": f"{result.accuracy:.2f}"}
+            if s.monitor.due(step + 1, s.total_steps):  # before the save: it keeps the record
+                postfix.update(_evaluate(s, step + 1, runlog))
             if t.save_steps and (step + 1) % t.save_steps == 0 and step + 1 < s.total_steps:
-                checkpoint.save(s.folder.path, step + 1, s.model, s.optimizer, s.scheduler,
-                                s.folder.run_id, t.save_total_limit)  # fmt: skip
+                _save(s, step + 1)
+            bar.set_postfix(**postfix)
+            bar.update(1)
     finally:
         bar.close()
         runlog.close()
     return last
+
+
+def _save(s: Setup, step: int, name: str | None = None) -> None:
+    t = s.cfg.train
+    best = {"best": s.monitor.best} if s.monitor.best else {}
+    checkpoint.save(s.folder.path, step, s.model, s.optimizer, s.scheduler, s.folder.run_id,
+                    t.save_total_limit, name=name, extra=best)  # fmt: skip
+
+
+def _evaluate(s: Setup, step: int, runlog: RunLog) -> dict:
+    """Evaluate during training; keep a new best. Returns the progress line's additions."""
+    row = s.monitor.evaluate(s.model, step)
+    runlog.log(row)
+    score = s.monitor.score(row)
+    if s.monitor.improved(row) and s.cfg.evaluation.keep_best:
+        _save(s, step, name=BEST_NAME)
+    if s.info.is_main:
+        shown = {k.split("/")[1]: round(v * 100, 2) for k, v in row.items()
+                 if k.endswith(s.cfg.evaluation.metric_for_best_model.split("/")[-1])}  # fmt: skip
+        log.info("step %d: eval %s (best %.4f at step %d)", step, shown, s.monitor.best["score"],
+                 s.monitor.best["step"])  # fmt: skip
+    metric = s.cfg.evaluation.metric_for_best_model.split("/")[-1]
+    return {f"eval_{metric}": f"{100 * score:.2f}"}
 
 
 def _bad_step(s: Setup, step: int, r: StepResult, bad: int) -> None:
@@ -305,8 +335,23 @@ def _bad_step(s: Setup, step: int, r: StepResult, bad: int) -> None:
                     step + 1, what, bad, allowed)  # fmt: skip
 
 
+def _load_best(s: Setup) -> None:
+    """``export: best``: the best evaluated weights replace the last ones before export."""
+    best = s.folder.path / BEST_NAME
+    if s.monitor.best is None or not best.exists():
+        log.warning("export best: no evaluation was kept (eval_data/eval_steps/keep_best); "
+                    "exporting the last weights")  # fmt: skip
+        return
+    checkpoint.load(best, s.model, s.optimizer, s.scheduler)
+    if s.info.is_main:
+        log.info("export best: step %d (%s %.4f)", s.monitor.best["step"],
+                 s.monitor.best["metric"], s.monitor.best["score"])  # fmt: skip
+
+
 def export_final(s: Setup) -> Path | None:
     """Merge LoRA and write ``final/`` (rank 0); gathers the full weights first under FSDP."""
+    if s.cfg.evaluation.export == "best":
+        _load_best(s)
     state = None
     if s.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -321,6 +366,7 @@ def export_final(s: Setup) -> Path | None:
         if not all(torch.isfinite(w).all() for w in weights if w.is_floating_point()):
             raise TrainingError("the trained weights hold NaN or infinity; final/ not written")
         path = s.model.save(s.folder.path / "final", state_dict=state)
+        write_card(path, s.folder.path)
     runtime.barrier()
     return path
 

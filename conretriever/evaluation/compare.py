@@ -69,6 +69,7 @@ class CompareSettings:
         help="conretriever eval output folders, optionally named (DIR alone: its folder name)",
     )
     output: Path | None = opt(None, help="also write the table to this markdown file")
+    plot: Path | None = opt(None, help="also draw nDCG@10 per task and run as a bar chart (PNG)")
 
 
 def run(settings: CompareSettings) -> int:
@@ -80,4 +81,8 @@ def run(settings: CompareSettings) -> int:
     print(table)
     if settings.output:
         settings.output.write_text(table)
+    if settings.plot:
+        from conretriever.evaluation.plots import compare_bars
+
+        print(f"plot: {compare_bars(runs, settings.plot)}")
     return 0
