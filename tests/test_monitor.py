@@ -128,8 +128,9 @@ def test_best_checkpoint_survives_rotation_and_is_exported(tiny_decoder, tmp_pat
     from conretriever.training import checkpoint
 
     # the step-4 checkpoint of the uninterrupted run, exported the same way, equals final/
-    ref = Embedder.from_pretrained(tiny_decoder, {"query_max_length": 32, "doc_max_length": 48},
-                                   {"r": 16, "alpha": 32, "dropout": 0.1}, device="cpu")  # fmt: skip
+    lengths = {"query_max_length": 32, "doc_max_length": 48}
+    lora = {"r": 16, "alpha": 32, "dropout": 0.1}
+    ref = Embedder.from_pretrained(tiny_decoder, lengths, lora, device="cpu")
     opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     checkpoint.load(short / "checkpoint-4", ref, opt, sched)
