@@ -204,7 +204,7 @@ def _nan_at(monkeypatch, step: int):
     """Make the loss NaN on the given (1-based) step; other steps unchanged."""
     import conretriever.training.loop as loop
 
-    real, calls = loop.contrastive_loss, []
+    real, calls = loop.training_loss, []
 
     def loss(q, d, *args, **kwargs):
         out = real(q, d, *args, **kwargs)
@@ -214,7 +214,7 @@ def _nan_at(monkeypatch, step: int):
             out.backward_loss = out.backward_loss * float("nan")
         return out
 
-    monkeypatch.setattr(loop, "contrastive_loss", loss)
+    monkeypatch.setattr(loop, "training_loss", loss)
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(tiny_decoder, tmp_path, monkeypatch, capsys):

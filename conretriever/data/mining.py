@@ -92,6 +92,7 @@ class MineSettings:
     instruction: str | None = opt(None, help="query instruction for every row")
     batch_size: int = opt(256, ge=1, help="most texts per forward")
     max_length: int | None = opt(None, ge=1, help="passage tokens (none: the model's)")
+    truncate_dim: int | None = opt(None, ge=0, help="mine with the first N dims (Matryoshka)")
     cache_dir: Path | None = opt(None, help="corpus embedding cache folder (none: no cache)")
     search_memory_gb: float = opt(
         2.0, gt=0, help="memory for the corpus blocks being scored (any corpus size)"
@@ -331,7 +332,9 @@ def mine(settings: MineSettings, embedder=None, registry: TaskRegistry | None = 
         from conretriever.model.embedder import Embedder
 
         embedder = Embedder.from_pretrained(
-            settings.model, device=runtime.init_distributed().device
+            settings.model,
+            {"truncate_dim": settings.truncate_dim},
+            device=runtime.init_distributed().device,
         )
     report.seconds["load"] = round(time.perf_counter() - timer, 2)
     timer = time.perf_counter()

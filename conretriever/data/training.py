@@ -52,6 +52,8 @@ class Example:
     instruction: str | None
     task: str
     source: str  # "file:line", for messages
+    pos_scores: tuple[float, ...] | None = None  # teacher scores, aligned with positives
+    neg_scores: tuple[float, ...] | None = None  # teacher scores, aligned with negatives
 
 
 def task_name(path: Path) -> str:
@@ -77,7 +79,7 @@ def _str_list(value, field: str, where: str, errors: list[str], required: bool) 
     return tuple(items)
 
 
-ROW_KEYS = ("query", "positive", "negative", "instruction")
+ROW_KEYS = ("query", "positive", "negative", "instruction", "pos_scores", "neg_scores", "scores")
 
 
 def extra_keys(row: dict) -> list[str]:
@@ -117,6 +119,7 @@ def parse_row(
     instruction = row.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         errors.append(f"{where}: field 'instruction': expected a string")
+    pos_scores, neg_scores = _teacher_scores(row, positives, negatives, where, errors)
     if len(errors) > n_before:
         return None
     return Example(
@@ -126,7 +129,49 @@ def parse_row(
         instruction=instruction.strip() or None if isinstance(instruction, str) else None,
         task=task,
         source=where,
+        pos_scores=pos_scores,
+        neg_scores=neg_scores,
     )
+
+
+def _numbers(value, name: str, expected: int, where: str, errors: list[str]):
+    if not isinstance(value, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    ):
+        errors.append(f"{where}: field {name!r}: expected a list of finite numbers")
+        return None
+    if len(value) != expected:
+        errors.append(f"{where}: field {name!r}: {len(value)} scores for {expected} texts")
+        return None
+    return tuple(float(v) for v in value)
+
+
+def _teacher_scores(row: dict, positives, negatives, where: str, errors: list[str]):
+    """Teacher scores (distillation): ``pos_scores`` / ``neg_scores`` (FlagEmbedding's names)
+    aligned with ``positive`` / ``negative``, or one ``scores`` list for both, in that order."""
+    if not any(k in row for k in ("scores", "pos_scores", "neg_scores")):
+        return None, None
+    if "scores" in row and ("pos_scores" in row or "neg_scores" in row):
+        errors.append(f"{where}: field 'scores': give scores, or pos_scores and neg_scores")
+        return None, None
+
+    def count(value) -> int:
+        return 1 if isinstance(value, str) else len(value) if isinstance(value, list) else 0
+
+    blank = count(row.get("positive")) != len(positives) or count(row.get("negative")) != len(
+        negatives
+    )
+    if blank:
+        errors.append(f"{where}: field 'positive'/'negative': an empty text has a teacher score")
+        return None, None
+    if "scores" in row:
+        both = _numbers(row["scores"], "scores", len(positives) + len(negatives), where, errors)
+        return (None, None) if both is None else (both[: len(positives)], both[len(positives) :])
+    pos = _numbers(row["pos_scores"], "pos_scores", len(positives), where, errors) if (
+        "pos_scores" in row) else None  # fmt: skip
+    neg = _numbers(row["neg_scores"], "neg_scores", len(negatives), where, errors) if (
+        "neg_scores" in row) else None  # fmt: skip
+    return pos, neg
 
 
 def read_task_file(
@@ -289,6 +334,7 @@ class TrainItem:
     instruction: str | None  # the row's own, else its task's registry instruction
     positive: str
     negatives: list[str]
+    teacher: list[float] | None = None  # scores of [positive, *negatives], when the row has them
 
 
 def draw_item(
@@ -296,20 +342,31 @@ def draw_item(
     n_negative: int,
     rng: random.Random,
     fallback_pool: Sequence[Example],
-) -> tuple[str, list[str]]:
-    """One positive and ``n_negative`` negatives for this slot (see module docstring)."""
-    positive = rng.choice(ex.positives)
-    pool = list(ex.negatives)
+) -> tuple[str, list[str], list[float] | None]:
+    """One positive and ``n_negative`` negatives for this slot (see module docstring), and the
+    teacher scores of exactly those (None unless the row carries scores for both)."""
+    p = rng.randrange(len(ex.positives))
+    positive = ex.positives[p]
+    pool = list(range(len(ex.negatives)))
+    borrowed: list[str] = []
     if n_negative and not pool:
         others = [o for o in fallback_pool if o.positives != ex.positives]
-        pool = [rng.choice(o.positives) for o in rng.sample(others, min(len(others), n_negative))]
-        pool = pool or [positive]  # a one-row task: nothing else exists
-    negatives: list[str] = []
-    while len(negatives) < n_negative:
+        borrowed = [
+            rng.choice(o.positives) for o in rng.sample(others, min(len(others), n_negative))
+        ]
+        borrowed = borrowed or [positive]  # a one-row task: nothing else exists
+        pool = list(range(len(borrowed)))
+    picked: list[int] = []
+    while len(picked) < n_negative:
         block = pool[:]
         rng.shuffle(block)
-        negatives += block[: n_negative - len(negatives)]
-    return positive, negatives
+        picked += block[: n_negative - len(picked)]
+    texts = borrowed or list(ex.negatives)
+    negatives = [texts[i] for i in picked]
+    teacher = None
+    if ex.pos_scores is not None and ex.neg_scores is not None and not borrowed:
+        teacher = [ex.pos_scores[p], *(ex.neg_scores[i] for i in picked)]
+    return positive, negatives, teacher
 
 
 def build_items(
@@ -327,9 +384,9 @@ def build_items(
     for k, (task, row) in enumerate(slots):
         ex = data[task][row]
         rng = random.Random(f"{seed}:{epoch}:{batch_index}:{slot_offset + k}")
-        positive, negatives = draw_item(ex, n_negative, rng, data[task])
+        positive, negatives, teacher = draw_item(ex, n_negative, rng, data[task])
         instruction = ex.instruction or registry.instruction(task)
-        items.append(TrainItem(ex.query, instruction, positive, negatives))
+        items.append(TrainItem(ex.query, instruction, positive, negatives, teacher))
     return items
 
 
@@ -343,7 +400,7 @@ def text_ids(texts: Sequence[str]) -> list[int]:
     ]
 
 
-def collate(items: Sequence[TrainItem], model) -> dict:
+def collate(items: Sequence[TrainItem], model, with_teacher: bool = False) -> dict:
     """Format and tokenize a rank's items the way ``model`` (an Embedder) encodes text: its
     prompt format, its lengths, its tokenizer, so training sees exactly what encoding will.
     Documents are laid out as ``[positives (B), negatives of query 0, negatives of query 1,
@@ -357,8 +414,17 @@ def collate(items: Sequence[TrainItem], model) -> dict:
     )
     q = model.tokenize(queries, settings.query_max_length)
     d = model.tokenize(docs, settings.doc_max_length)
-    return {
+    batch = {
         "query": {"input_ids": q["input_ids"], "attention_mask": q["attention_mask"]},
         "doc": {"input_ids": d["input_ids"], "attention_mask": d["attention_mask"]},
         "doc_text_ids": torch.tensor(text_ids(docs), dtype=torch.int64),
     }
+    if with_teacher:  # [B, 1 + n]: each query's teacher scores of its positive and negatives
+        missing = [i for i, it in enumerate(items) if it.teacher is None]
+        if missing:
+            raise DataError(
+                "distillation needs teacher scores (pos_scores and neg_scores, or scores) on "
+                f"every row with hard negatives; {len(missing)} item(s) of this batch have none"
+            )
+        batch["teacher_scores"] = torch.tensor([it.teacher for it in items], dtype=torch.float64)
+    return batch

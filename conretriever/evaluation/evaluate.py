@@ -86,6 +86,9 @@ class EvalSettings:
     overwrite: bool = opt(False, help="replace results already in output_dir")
     batch_size: int = opt(256, ge=1, help="most texts per forward (the token budget binds first)")
     query_max_length: int | None = opt(None, ge=1, help="none: the model's own setting")
+    truncate_dim: int | None = opt(
+        None, ge=0, help="evaluate the first N dims, re-normalised (Matryoshka; none: the model's)"
+    )
     doc_max_length: int | None = opt(None, ge=1, help="none: the model's own setting")
     instruction: str | None = opt(None, help="one instruction for every task (none: e5's)")
     cache: bool = opt(True, help="read and write the corpus embedding cache")
@@ -336,7 +339,9 @@ def run(settings: EvalSettings) -> int:
     names = [d.name for d in folders] + [t.metadata.name for t in named]
     planned = [out / f"{name}.json" for name in names]
     refuse_existing(planned, settings.overwrite, "evaluation result")
-    embedder = Embedder.from_pretrained(settings.model, dtype=settings.dtype, device=info.device)
+    overrides = {"truncate_dim": settings.truncate_dim}
+    embedder = Embedder.from_pretrained(settings.model, overrides, dtype=settings.dtype,
+                                        device=info.device)  # fmt: skip
     results = []
     for data in folders:
         if settings.engine == "mteb" and not data.subsets:

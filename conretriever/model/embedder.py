@@ -298,8 +298,11 @@ class Embedder(nn.Module):
         show_progress: bool | None = None,
         max_tokens: int | None = 16384,
         packed: bool | None = None,
+        truncate: bool = True,
     ) -> np.ndarray:
-        """Encode texts as queries (with instruction) or passages; returns float32 [n, dim].
+        """Encode texts as queries (with instruction) or passages; returns float32 [n, dim]
+        (``[n, truncate_dim]`` when the settings truncate and ``truncate``: see
+        :func:`truncate_vectors`).
 
         Texts are tokenized once, sorted by length (longest first) and grouped into batches by a
         TOKEN budget: a batch holds at most ``max_tokens`` padded tokens (sequences x the
@@ -321,13 +324,15 @@ class Embedder(nn.Module):
         if max_length is None:
             s = self.settings
             max_length = s.query_max_length if role == "query" else s.doc_max_length
+        keep = self.settings.truncate_dim if truncate else 0
         if not texts:  # the tokenizer rejects an empty batch
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, keep or self.dim), dtype=np.float32)
         formatted = self.format(list(texts), role, instruction)
         ids = self.tokenize(formatted, max_length, padding=False)["input_ids"]
-        return self._encode_ids(
+        out = self._encode_ids(
             ids, batch_size, max_tokens, show_progress, desc=f"encode {role}", packed=packed
         )
+        return truncate_vectors(out, keep, self.settings.normalize)
 
     @torch.no_grad()
     def _encode_ids(
@@ -420,6 +425,18 @@ def _token_budget_batches(
     if current:
         batches.append(current)
     return batches
+
+
+def truncate_vectors(vectors: np.ndarray, keep: int | None, normalize: bool = True) -> np.ndarray:
+    """The first ``keep`` dimensions of each row (all when 0/None), re-normalised to unit length
+    when the model normalises: a Matryoshka-trained model's prefixes are embeddings of their
+    own, and cosine = dot product holds at every size."""
+    if not keep or keep >= vectors.shape[1]:
+        return vectors
+    out = np.ascontiguousarray(vectors[:, :keep], dtype=np.float32)
+    if normalize:
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out
 
 
 def _as_many_as_every_rank(batches: list[list[int]]) -> list[list[int]]:

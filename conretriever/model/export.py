@@ -46,7 +46,7 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -54,8 +54,16 @@ from torch import nn
 from conretriever.model.prompts import document_prefix, query_prefix
 from conretriever.model.settings import DEFAULT_MAX_LENGTH, EmbedderSettings
 
-if TYPE_CHECKING:  # embedder imports this module; the class is only needed for annotations
-    from conretriever.model.embedder import Embedder
+
+class SavableModel(Protocol):
+    """What :func:`save_folder` reads of an ``Embedder`` (which imports this module)."""
+
+    backbone: nn.Module
+    base_model: nn.Module
+    tokenizer: object
+    settings: EmbedderSettings
+    dim: int
+
 
 SETTINGS_FILE = "conretriever.json"
 
@@ -93,7 +101,7 @@ def merged_state_dict(
 
 
 def save_folder(
-    embedder: Embedder,
+    embedder: SavableModel,
     out_dir: str | os.PathLike,
     state_dict: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
@@ -115,12 +123,21 @@ def save_folder(
     config.architectures = [type(embedder.base_model).__name__]
     config.save_pretrained(tmp)
     embedder.tokenizer.save_pretrained(tmp)
-    (tmp / SETTINGS_FILE).write_text(json.dumps(asdict(embedder.settings), indent=2) + "\n")
+    (tmp / SETTINGS_FILE).write_text(json.dumps(_settings_dict(embedder.settings), indent=2) + "\n")
     _write_sentence_transformers_files(tmp, embedder.settings, embedder.dim)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _settings_dict(settings: EmbedderSettings) -> dict:
+    """What ``conretriever.json`` holds; ``truncate_dim`` only when it truncates, so folders
+    saved before the setting existed and those saved since without it are the same bytes."""
+    values = asdict(settings)
+    if not values.get("truncate_dim"):
+        values.pop("truncate_dim", None)
+    return values
 
 
 def saved_settings(path: str) -> EmbedderSettings | None:
@@ -220,4 +237,6 @@ def _write_sentence_transformers_files(folder: Path, s: EmbedderSettings, dim: i
         "similarity_fn_name": "cosine",
         "model_type": "SentenceTransformer",
     }
+    if s.truncate_dim:  # SentenceTransformer(folder) truncates the same way (after Normalize)
+        st_config["truncate_dim"] = s.truncate_dim
     (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))

@@ -44,6 +44,9 @@ class EmbedderSettings:
         None, ge=1, help="query tokens, instruction and appended EOS included"
     )
     doc_max_length: int | None = opt(None, ge=1, help="document tokens, appended EOS included")
+    truncate_dim: int | None = opt(
+        None, ge=0, help="keep the first N dims of each vector, re-normalised (Matryoshka; 0: all)"
+    )
 
     @classmethod
     def defaults_for(cls, decoder: bool) -> EmbedderSettings:
@@ -55,6 +58,7 @@ class EmbedderSettings:
             default_instruction=None,
             query_max_length=DEFAULT_MAX_LENGTH,
             doc_max_length=DEFAULT_MAX_LENGTH,
+            truncate_dim=0,
         )
 
     def over(self, base: EmbedderSettings) -> EmbedderSettings:

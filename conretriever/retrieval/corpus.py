@@ -59,7 +59,9 @@ def model_fingerprint(embedder) -> str:
             digest.update(repr(float(flat.double().sum())).encode())
     settings = getattr(embedder, "settings", None)
     if is_dataclass(settings):
-        digest.update(json.dumps(asdict(settings), sort_keys=True).encode())
+        # the store keeps full vectors: truncation is applied when they are read
+        values = {k: v for k, v in asdict(settings).items() if k != "truncate_dim"}
+        digest.update(json.dumps(values, sort_keys=True).encode())
     tokenizer = getattr(embedder, "tokenizer", None)
     if tokenizer is not None:
         probe = tokenizer("Fingerprint probe: Hello, world! 123").input_ids
@@ -76,8 +78,12 @@ class CorpusVectors:
     and :meth:`rows` read what is asked for, as float32. ``dim`` is the vector width."""
 
     def __init__(self, start: int, stop: int, dim: int, sources: list, source: np.ndarray,
-                 row: np.ndarray, total: int | None = None):  # fmt: skip
-        self.start, self.stop, self.dim = start, stop, dim
+                 row: np.ndarray, total: int | None = None, keep: int = 0,
+                 normalize: bool = True):  # fmt: skip
+        self.start, self.stop = start, stop
+        self.full_dim = dim
+        self.keep, self.normalize = keep if keep and keep < dim else 0, normalize
+        self.dim = self.keep or dim  # what block() and rows() return
         self.total = stop if total is None else total  # documents in the whole corpus
         self.sources = sources  # [n_i, dim]: store shards (read on demand) or arrays
         self.source, self.row = source, row  # per local row: which array, which row of it
@@ -97,7 +103,7 @@ class CorpusVectors:
             # the usual block: consecutive rows of one shard, read once, no second copy
             block = self.sources[src[0]][rows[0] : rows[-1] + 1]
             return np.asarray(block, dtype=np.float32)
-        out = np.empty((len(local), self.dim), np.float32)
+        out = np.empty((len(local), self.full_dim), np.float32)
         for s in np.unique(src):
             mask = src == s
             picked = rows[mask]
@@ -110,11 +116,16 @@ class CorpusVectors:
 
     def block(self, lo: int, hi: int) -> np.ndarray:
         """Rows ``[lo, hi)`` (global indices, inside this slice) as a float32 array."""
-        return self._gather(np.arange(lo - self.start, hi - self.start))
+        return self._cut(self._gather(np.arange(lo - self.start, hi - self.start)))
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` (global indices, inside this slice) as a float32 array."""
-        return self._gather(np.asarray(ids, np.int64) - self.start)
+        return self._cut(self._gather(np.asarray(ids, np.int64) - self.start))
+
+    def _cut(self, vectors: np.ndarray) -> np.ndarray:
+        from conretriever.model.embedder import truncate_vectors
+
+        return truncate_vectors(vectors, self.keep, self.normalize) if self.keep else vectors
 
     def to_array(self) -> np.ndarray:
         return self.block(self.start, self.stop)
@@ -240,7 +251,10 @@ def encode_corpus(
         source[missing[members]] = len(sources) - 1
         rows[missing[members]] = where[members] - begin
     dim = getattr(embedder, "dim", None) or (sources[0].shape[1] if sources else 0)
-    return CorpusVectors(lo, hi, int(dim), sources, source, rows, total=len(texts))
+    settings = getattr(embedder, "settings", None)
+    return CorpusVectors(lo, hi, int(dim), sources, source, rows, total=len(texts),
+                         keep=getattr(settings, "truncate_dim", 0) or 0,
+                         normalize=getattr(settings, "normalize", True))  # fmt: skip
 
 
 def _encode_chunks(embedder, store, texts, lo, to_encode, keys, chunk, batch_size, max_length,
@@ -261,9 +275,11 @@ def _encode_chunks(embedder, store, texts, lo, to_encode, keys, chunk, batch_siz
         ids = to_encode[begin : begin + chunk]
         batch = [texts[lo + int(i)] for i in ids]
         batch += [filler] * (min(chunk, total - begin) - len(batch))  # equal forwards
+        full = {"truncate": False} if getattr(getattr(embedder, "settings", None),
+                                              "truncate_dim", 0) else {}  # fmt: skip
         emb = np.asarray(
             embedder.encode(batch, role="passage", batch_size=batch_size, max_length=max_length,
-                            show_progress=show_progress and runtime.is_main()),
+                            show_progress=show_progress and runtime.is_main(), **full),
             dtype=np.float32,
         )[: len(ids)]  # fmt: skip
         if not len(ids):

@@ -102,6 +102,22 @@ class TrainConfig:
         0.02, gt=0, help="tau, a divisor: logits = cosine / tau (scale 1 / tau)"
     )
     cross_device_negatives: bool = opt(True, help="every rank's documents are negatives too")
+    false_negative_margin: float | None = opt(
+        None, help="mask candidates scoring above the positive + MARGIN (Qwen3-Embedding: 0.1)"
+    )
+    loss_query_query: bool = opt(False, help="other queries as negatives too (improved InfoNCE)")
+    loss_doc_doc: bool = opt(False, help="other documents seen from the positive as negatives")
+    matryoshka_dims: list[int] = opt(
+        default_factory=list, ge=1, help="also train these leading dims (e.g. 64 128 256 512)"
+    )
+    matryoshka_weights: list[float] = opt(
+        default_factory=list, ge=0, help="one per matryoshka dim (default 1 each; full dim: 1)"
+    )
+    contrastive_weight: float = opt(1.0, ge=0, help="weight of InfoNCE in the total")
+    distil_weight: float = opt(
+        0.0, ge=0, help="weight of the KL to teacher scores (rows need pos_scores/neg_scores)"
+    )
+    distil_temperature: float = opt(1.0, gt=0, help="teacher softmax temperature")
     seed: int = opt(42)
     mixed_precision: Literal["auto", "bf16", "no"] = opt(
         "auto", help="auto: bf16 where the GPU/CPU computes it natively, else fp32"
@@ -123,6 +139,13 @@ class TrainConfig:
             )
         if self.max_steps == 0:
             raise ConfigError("--max_steps: 0 would train nothing; use -1 (epochs) or >= 1")
+        if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims):
+            raise ConfigError(
+                f"--matryoshka_weights: {len(self.matryoshka_weights)} weights for "
+                f"{len(self.matryoshka_dims)} --matryoshka_dims"
+            )
+        if self.contrastive_weight == 0 and self.distil_weight == 0:
+            raise ConfigError("--contrastive_weight and --distil_weight are both 0: no loss")
 
 
 @dataclass

@@ -182,7 +182,7 @@ def grad_cache_step(
             )
             out = loss_fn(q, d)
             out.backward_loss.backward()
-        return LossOutput(out.loss.detach(), out.backward_loss.detach(), out.accuracy)
+        return LossOutput(out.loss.detach(), out.backward_loss.detach(), out.accuracy, out.stats)
 
     q_groups = plan_rows(q_lengths, chunk_size, chunk_tokens, packed)
     d_groups = plan_rows(d_lengths, chunk_size, chunk_tokens, packed)
@@ -218,5 +218,8 @@ def grad_cache_step(
             torch.dot(emb.flatten(), grads[i].flatten().to(emb.dtype)).backward()
     after.restore()  # leave the RNG where a single pass would have left it
     return LossOutput(
-        loss=out.loss.detach(), backward_loss=out.backward_loss.detach(), accuracy=out.accuracy
+        loss=out.loss.detach(),
+        backward_loss=out.backward_loss.detach(),
+        accuracy=out.accuracy,
+        stats=out.stats,
     )

@@ -42,7 +42,7 @@ from conretriever.runtime import DistInfo
 from conretriever.training import checkpoint
 from conretriever.training.config import RunConfig
 from conretriever.training.distributed import shard_model
-from conretriever.training.loss import contrastive_loss
+from conretriever.training.loss import LossSettings, training_loss
 from conretriever.training.monitor import BEST_NAME, Monitor
 from conretriever.training.run_folder import RunFolder, prepare
 from conretriever.training.step import StepResult, train_step
@@ -131,6 +131,15 @@ def _data(cfg: RunConfig, info: DistInfo):
         seed=t.seed,
         batch_same_task=cfg.data.batch_same_task,
     )
+    if t.distil_weight > 0:  # every row must carry what distillation reads, known before training
+        for rows in data.values():
+            for ex in rows:
+                if ex.pos_scores is None or ex.neg_scores is None or not ex.negatives:
+                    raise ConfigError(
+                        f"{ex.source}: field 'neg_scores': --distil_weight needs teacher scores "
+                        "(pos_scores and neg_scores, or scores) and hard negatives on every row; "
+                        "conretriever mine --output_scores writes them"
+                    )
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * len(sampler))
     if total < 1:
         raise ConfigError(
@@ -215,13 +224,30 @@ def resume(s: Setup) -> int:
     return start
 
 
-def objective(cfg: RunConfig, doc_text_ids: torch.Tensor):
-    """The loss of one batch, as a function of its query and document embeddings."""
+def loss_settings(cfg: RunConfig) -> LossSettings:
     t = cfg.train
-    ids = doc_text_ids if cfg.data.mask_false_negatives else None
+    return LossSettings(
+        temperature=t.temperature,
+        cross_device=t.cross_device_negatives,
+        false_negative_margin=t.false_negative_margin,
+        query_query=t.loss_query_query,
+        doc_doc=t.loss_doc_doc,
+        matryoshka_dims=tuple(t.matryoshka_dims),
+        matryoshka_weights=tuple(t.matryoshka_weights),
+        contrastive_weight=t.contrastive_weight,
+        distil_weight=t.distil_weight,
+        distil_temperature=t.distil_temperature,
+    )
+
+
+def objective(cfg: RunConfig, batch: dict):
+    """The loss of one batch, as a function of its query and document embeddings."""
+    settings = loss_settings(cfg)
+    ids = batch["doc_text_ids"] if cfg.data.mask_false_negatives else None
+    teacher = batch.get("teacher_scores")
 
     def loss(q: torch.Tensor, d: torch.Tensor):
-        return contrastive_loss(q, d, t.temperature, ids, cross_device=t.cross_device_negatives)
+        return training_loss(q, d, settings, ids, teacher)
 
     return loss
 
@@ -234,11 +260,11 @@ def one_step(s: Setup, step: int, plan: list) -> StepResult:
     local = plan[batch_index][info.rank * b : (info.rank + 1) * b]
     items = build_items(local, s.data, s.registry, s.cfg.data.n_hard_negative, t.seed, epoch,
                         batch_index, slot_offset=info.rank * b)  # fmt: skip
-    batch = collate(items, s.model)
+    batch = collate(items, s.model, with_teacher=t.distil_weight > 0)
     return train_step(
         s.model,
         batch,
-        objective(s.cfg, batch["doc_text_ids"]),
+        objective(s.cfg, batch),
         s.optimizer,
         s.scheduler,
         params=s.params,
@@ -262,6 +288,7 @@ def _row(s: Setup, step: int, r: StepResult) -> dict:
         "tokens_per_s": round(r.tokens * s.info.world_size / r.seconds, 1),
         "step_s": round(r.seconds, 3),
         "peak_mem_mb": round(peak_memory_mb(s.info.device), 1),
+        **r.stats,
         **({} if r.finite else {"skipped": True}),
     }
 

@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,7 @@ class StepResult:
     tokens: int  # real (non-padding) tokens of this rank's batch
     seconds: float
     finite: bool  # False: nothing was updated (see the module docstring)
+    stats: dict = field(default_factory=dict)  # the objective's extras (masked_share, ...)
 
 
 def _as_float(value) -> float:
@@ -87,4 +88,5 @@ def train_step(
         tokens=tokens,
         seconds=time.perf_counter() - tic,
         finite=finite,
+        stats=dict(out.stats),
     )
