@@ -29,8 +29,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Join the torchrun process group if launched by torchrun; else a world of one."""
+def init_distributed(group_of_one: bool = False) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun; else a world of one.
+    ``group_of_one``: initialise a process group even for one process (FSDP2 needs one: the
+    ``--fsdp true`` switch that shards at world size 1, to run the multi-GPU code path on one
+    device); without torchrun's variables it listens on a free loopback port."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -38,10 +41,23 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or group_of_one) and not dist.is_initialized():
+        if world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return DistInfo(rank=rank(), world_size=world_size(), local_rank=local_rank, device=device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def is_distributed() -> bool:

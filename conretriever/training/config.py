@@ -91,6 +91,9 @@ class TrainConfig:
     packed: bool | None = opt(
         None, help="padding-free forwards; none: on for decoders where it pays (CPU, varlen GPU)"
     )
+    fsdp: bool | None = opt(
+        None, help="shard with FSDP2; none: when there is more than one process (true: also one)"
+    )
     learning_rate: float = opt(1e-4, gt=0, help="peak learning rate (AdamW)")
     weight_decay: float = opt(0.0, ge=0)
     num_train_epochs: float = opt(1.0, gt=0, help="epochs (fractions allowed)")

@@ -112,7 +112,7 @@ class Setup:
 
     @property
     def sharded(self) -> bool:
-        return self.info.world_size > 1
+        return self.cfg.train.fsdp if self.cfg.train.fsdp is not None else self.info.world_size > 1
 
     def autocast(self):
         if self.bf16 and not self.sharded:  # FSDP's policy already computes in bf16
@@ -183,8 +183,15 @@ def setup(cfg: RunConfig, info: DistInfo, folder: RunFolder) -> Setup:
         )
     if info.is_main:
         log.info("training forwards: %s", "packed (no padding)" if packed else "padded")
-    if info.world_size > 1:
+    if t.fsdp is False and info.world_size > 1:
+        raise ConfigError(
+            "--fsdp false with several processes: gradients would not be synchronised; "
+            "multi-process training shards with FSDP2 (leave --fsdp unset)"
+        )
+    if t.fsdp if t.fsdp is not None else info.world_size > 1:
         shard_model(model, info.device, bf16=bf16)
+        if info.is_main:
+            log.info("FSDP2: every decoder layer sharded over %d process(es)", info.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -400,7 +407,7 @@ def export_final(s: Setup) -> Path | None:
 
 def train(cfg: RunConfig) -> dict:
     """Run training as ``cfg`` says; returns ``{"final": path, "last": last metrics row}``."""
-    info = runtime.init_distributed()
+    info = runtime.init_distributed(group_of_one=bool(cfg.train.fsdp))
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     folder = prepare(cfg)
