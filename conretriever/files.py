@@ -6,7 +6,8 @@
 * :func:`write_json` writes strict JSON (NaN and infinities as null) the same way;
 * :func:`refuse_existing` is the rule every writer follows: an output that already exists is
   an error naming it, unless the user passed ``--overwrite``;
-* :func:`open_text` reads ``.gz`` and plain text alike.
+* :func:`open_text` reads ``.gz`` and plain text alike; :func:`json_line` parses one JSONL line
+  into a one-line error naming the file, line and column when it is not JSON.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from conretriever.errors import UserError
+from conretriever.errors import DataError, UserError
 
 
 def open_text(path: Path):
@@ -27,6 +28,14 @@ def open_text(path: Path):
     if Path(path).name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
+
+
+def json_line(where: str, line: str):
+    """The JSON value on one line of a JSONL file; ``where`` is ``"path:lineno"``."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
 
 
 @contextmanager

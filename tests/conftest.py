@@ -29,6 +29,15 @@ if not SHARED_DATA.exists():  # CI clones the repo next to a copy of shared/
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
+def randomize_lora_b(embedder, std: float = 0.1) -> None:
+    """Draw LoRA's B matrices from N(0, std): peft starts them at 0, which makes the gradient of
+    every A zero and hides dropout on LoRA's input, so tests of LoRA gradients would be trivial."""
+    with torch.no_grad():
+        for name, p in embedder.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+
+
 def make_tokenizer(bos: bool = True):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import randomize_lora_b
 
 from conretriever.model.embedder import Embedder, LoraSettings, is_activation_checkpointing
 from conretriever.training.grad_cache import (
@@ -30,11 +31,8 @@ def _model(tiny_decoder, lora: bool) -> Embedder:
         dtype=torch.float64,
         lora=LoraSettings(r=4, alpha=8, dropout=0.0) if lora else None,
     )
-    if lora:  # B = 0 at init would make LoRA gradients trivial for A
-        with torch.no_grad():
-            for name, p in emb.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
+    if lora:
+        randomize_lora_b(emb)
     emb.train()
     return emb
 
@@ -87,10 +85,7 @@ def test_rng_replay_reproduces_dropout(tiny_decoder):
     emb = Embedder.from_pretrained(
         tiny_decoder, device="cpu", lora=LoraSettings(r=4, alpha=8, dropout=0.5)
     )
-    with torch.no_grad():  # B = 0 at init would hide the dropout on LoRA's input
-        for name, p in emb.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    randomize_lora_b(emb, std=0.5)
     emb.train()
     batch = emb.tokenize(QUERIES, 32)
     state = RandState(torch.device("cpu"))
@@ -131,10 +126,7 @@ def test_grad_cache_with_activation_checkpointing_and_dropout(tiny_decoder):
             lora=LoraSettings(r=4, alpha=8, dropout=0.3),
             gradient_checkpointing=checkpointing,
         )
-        with torch.no_grad():
-            for name, p in emb.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.1)
+        randomize_lora_b(emb)
         emb.train()
         assert is_activation_checkpointing(emb.base_model) == checkpointing
         torch.manual_seed(1)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomize_lora_b
 
 from conretriever.training.grad_cache import grad_cache_step
 from conretriever.training.loss import (
@@ -99,10 +100,7 @@ def _model(tiny_decoder):
     torch.manual_seed(0)
     emb = Embedder.from_pretrained(tiny_decoder, device="cpu", dtype=torch.float64,
                                    lora=LoraSettings(r=4, alpha=8, dropout=0.0))  # fmt: skip
-    with torch.no_grad():
-        for name, p in emb.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    randomize_lora_b(emb)
     emb.train()
     return emb
 

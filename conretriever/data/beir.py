@@ -32,7 +32,6 @@ drop a document with the query's own id (``IGNORE_IDENTICAL_IDS``).
 from __future__ import annotations
 
 import gzip
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from pathlib import Path
 
 from conretriever.data.tasks import BEIR_DIR_TO_TASK
 from conretriever.errors import DataError
+from conretriever.files import json_line
 
 log = logging.getLogger("conretriever.beir")
 
@@ -109,10 +109,7 @@ def _records(path: Path, need_text: bool = True) -> Iterator[tuple[str, str, str
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+        obj = json_line(where, line)
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         doc_id = obj.get("_id")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from conretriever.data.training import parse_row, task_name
 from conretriever.errors import ConfigError, DataError
-from conretriever.files import atomic_files, open_text, refuse_existing
+from conretriever.files import atomic_files, json_line, open_text, refuse_existing
 from conretriever.options import opt, to_dict
 
 KINDS = ("exact", "normalized", "ngram")
@@ -183,10 +183,7 @@ def _scan_file(path: Path, index: EvalIndex, settings: DecontamSettings, tally: 
                 continue
             where = f"{path}:{lineno}"
             errors: list[str] = []
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: malformed JSON ({err.msg})") from None
+            row = json_line(where, line)
             ex = parse_row(row, where, task_name(path), errors, settings.allow_extra_fields)
             if ex is None:
                 raise DataError("\n".join(errors))

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Protocol
 
 from conretriever.data.beir import is_beir_dir
 from conretriever.errors import DataError
+from conretriever.files import json_line
 
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".tsv")
 
@@ -104,9 +104,9 @@ def _locate_bad_json(path: Path) -> str:
             if not line.strip():
                 continue
             try:
-                json.loads(line)
-            except json.JSONDecodeError as err:
-                return f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})"
+                json_line(f"{path}:{lineno}", line)
+            except DataError as err:
+                return str(err)
     return f"{path}: cannot be read as JSON lines"
 
 

@@ -28,7 +28,6 @@ asked repeat theirs (a row with none borrows positives of other rows of its task
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import math
 import random
@@ -38,7 +37,7 @@ from pathlib import Path
 
 from conretriever.data.tasks import TaskRegistry
 from conretriever.errors import DataError
-from conretriever.files import open_text
+from conretriever.files import json_line, open_text
 
 MAX_REPORTED_ERRORS = 20
 log = logging.getLogger("conretriever.data")
@@ -196,9 +195,9 @@ def read_task_file(
                     continue
                 where = f"{path}:{lineno}"
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    errors.append(f"{where}: malformed JSON ({err.msg} at column {err.colno})")
+                    row = json_line(where, line)
+                except DataError as err:
+                    errors.append(str(err))
                     continue
                 ex = parse_row(row, where, task, errors, allow_extra)
                 if allow_extra and isinstance(row, dict) and extra_keys(row):

@@ -7,7 +7,6 @@ the model normalises. Under ``torchrun`` the texts are split over the ranks
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,7 +15,7 @@ import numpy as np
 
 from conretriever import runtime
 from conretriever.errors import DataError
-from conretriever.files import open_text, refuse_existing
+from conretriever.files import json_line, open_text, refuse_existing
 from conretriever.options import opt
 
 
@@ -48,10 +47,7 @@ def read_texts(path: Path, field: str) -> list[str]:
                 if not jsonl:
                     texts.append(line.rstrip("\n"))
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+                row = json_line(f"{path}:{lineno}", line)
                 if not isinstance(row, dict) or not isinstance(row.get(field), str):
                     raise DataError(f"{path}:{lineno}: field {field!r}: missing or not a string")
                 texts.append(row[field])

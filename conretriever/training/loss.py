@@ -155,7 +155,7 @@ def matryoshka_loss(q, d, dims, weights, **contrastive) -> LossOutput:
         part = contrastive_loss(_unit_prefix(q, k), _unit_prefix(d, k), **contrastive)
         loss = loss + w * part.loss
         backward = backward + w * part.backward_loss
-        full.stats[f"loss_dim{k}"] = round(float(part.loss), 6)
+        full.stats[f"loss_dim{k}"] = round(float(part.loss.detach()), 6)
     return LossOutput(loss, backward, full.accuracy, full.stats)
 
 
