@@ -174,6 +174,19 @@ def test_saved_matryoshka_model_truncates_like_sentence_transformers(tiny_decode
         np.testing.assert_allclose(theirs, ours, atol=1e-5)
     full = Embedder.from_pretrained(folder, {"truncate_dim": 0}, device="cpu", dtype="float32")
     assert full.encode(texts, role="passage").shape == (3, full.dim)
+    # the command line: the saved model's 16 dims, and an explicit --truncate_dim 8
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    for flags, want in (([], ours), (["--truncate_dim", "8"], None)):
+        out = tmp_path / f"v{len(flags)}.npy"
+        cmd = [sys.executable, "-m", "conretriever", "encode", "--model", str(folder),
+               "--input", str(tmp_path / "texts.txt"), "--output", str(out), "--dtype", "float32",
+               *flags]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True)
+        got = np.load(out)
+        if want is None:  # the first 8 of the full vector, re-normalised
+            want = full.encode(texts, role="passage")[:, :8]
+            want = want / np.linalg.norm(want, axis=1, keepdims=True)
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def _scored_rows(n=16):

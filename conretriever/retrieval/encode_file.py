@@ -30,6 +30,9 @@ class EncodeSettings:
     instruction: str | None = opt(None, help="query instruction (none: the model's default)")
     batch_size: int = opt(256, ge=1, help="most texts per forward (the token budget binds first)")
     max_length: int | None = opt(None, ge=1, help="tokens per text (none: the model's)")
+    truncate_dim: int | None = opt(
+        None, ge=0, help="first N dims, re-normalised (Matryoshka; 0: all; none: the model's)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", help="auto: bf16 where the device computes it natively"
     )
@@ -65,7 +68,12 @@ def run(settings: EncodeSettings) -> int:
     info = runtime.init_distributed()
     refuse_existing([settings.output], settings.overwrite)
     texts = read_texts(settings.input, settings.field)
-    model = Embedder.from_pretrained(settings.model, dtype=settings.dtype, device=info.device)
+    model = Embedder.from_pretrained(
+        settings.model,
+        {"truncate_dim": settings.truncate_dim},
+        dtype=settings.dtype,
+        device=info.device,
+    )
     vectors = encode_sharded(
         model,
         texts,
