@@ -296,7 +296,7 @@ class Embedder(nn.Module):
         batch_size: int = 256,
         max_length: int | None = None,
         show_progress: bool | None = None,
-        max_tokens: int | None = 16384,
+        max_tokens: int | None | str = "auto",
         packed: bool | None = None,
         truncate: bool = True,
     ) -> np.ndarray:
@@ -309,7 +309,8 @@ class Embedder(nn.Module):
         batch's longest length) and at most ``batch_size`` sequences, so a batch is many short
         texts or a few long ones and the work per forward stays about constant. Each batch is
         right padded only to its own longest text; after sorting, neighbours have nearly equal
-        lengths, so little compute is spent on padding. ``max_tokens=None`` gives fixed batches
+        lengths, so little compute is spent on padding. ``max_tokens="auto"`` is 16,384 tokens
+        on a GPU and 1,024 on a CPU (see :func:`auto_token_budget`); ``None`` gives fixed batches
         of ``batch_size`` (still sorted). Batching never changes a vector beyond float rounding
         (right padding keeps every real token's position and the mask hides the padding), and
         the output rows follow the input order.
@@ -339,7 +340,7 @@ class Embedder(nn.Module):
         self,
         ids: list[list[int]],
         batch_size: int,
-        max_tokens: int | None,
+        max_tokens: int | None | str,
         show_progress: bool | None = None,
         desc: str = "encode",
         packed: bool | None = None,
@@ -348,6 +349,8 @@ class Embedder(nn.Module):
 
         The batching half of :meth:`encode`, separate so benchmarks can feed exact token counts.
         """
+        if max_tokens == "auto":
+            max_tokens = auto_token_budget(self.device)
         if packed is None:
             packed = self.packing_default()
         elif packed and not is_decoder_config(self.base_model.config):
@@ -394,6 +397,15 @@ class Embedder(nn.Module):
         but holds half the weights. ``dtype`` casts the floating-point weights (e.g. bfloat16).
         """
         return export.save_folder(self, out_dir, state_dict, dtype)
+
+
+def auto_token_budget(device: torch.device) -> int:
+    """Tokens per encoding batch when the caller does not say: 16,384 on a GPU (big matmuls keep
+    it busy), 1,024 on a CPU, where big batches are SLOWER: their activations spill out of the
+    caches. Measured on 2 cores, 240 demo passages (15.4k tokens) through Gemma-3-270M: 16,384
+    -> 45 s, 2,048 -> 32 s, 1,024 -> 26-29 s in fp32 on AVX2; 23 s / 13.5 s / 12.6-15 s in bf16
+    on AVX-512; all-MiniLM-L6-v2 on 1,500 SciFact passages: 90 / 78 / 81 s (AVX2)."""
+    return 16384 if device.type == "cuda" else 1024
 
 
 def _token_budget_batches(
