@@ -83,6 +83,8 @@ def evaluation_curves(runs: dict[str, list[dict]], out: Path, metric: str = "ndc
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, rows in runs.items():
         keys = sorted({k for r in rows for k in r if k.startswith("eval/") and k.endswith(metric)})
+        if len(keys) == 2:  # one task: its "average" is the same curve drawn twice
+            keys = [k for k in keys if k.split("/")[1] != "average"]
         for key in keys:
             task = key.split("/")[1]
             points = [(r["step"], 100 * r[key]) for r in rows if r.get(key) is not None]
