@@ -180,7 +180,9 @@ def _faiss():
 
 def index_spec(kind: str, n: int, dim: int) -> str:
     """A faiss ``index_factory`` string for ``kind`` at corpus size ``n``: IVF with ~4 sqrt(n)
-    lists (faiss' rule of thumb), HNSW with 32 links, IVF-PQ with dim/16 sub-quantizers."""
+    lists (faiss' rule of thumb), HNSW with 32 links, IVF-PQ with dim/8 sub-quantizers of 8 bits
+    (a float32 vector of dim 384 becomes 48 bytes; dim/16 lost a third of the exact top-100 on
+    SciFact)."""
     lists = max(1, min(int(4 * math.sqrt(max(n, 1))), max(1, n // 39)))
     if kind == "ivf":
         return f"IVF{lists},Flat"
