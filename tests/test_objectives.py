@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_lora_b
 
+from conretriever.errors import ConfigError
 from conretriever.training.grad_cache import grad_cache_step
 from conretriever.training.loss import (
     LossSettings,
@@ -277,3 +278,13 @@ def test_positive_aware_mining_rules_and_teacher_scores(tiny_encoder, tmp_path):
     )
     negs = embedder.encode(list(ex.negatives), role="passage")
     np.testing.assert_allclose(np.array(ex.neg_scores), (negs @ q.T).ravel(), atol=1e-5)
+    # --min_negatives: a row left with fewer negatives is not written, and is counted
+    assert plain.per_row == {19: len(rows)}  # 20 ranks minus the positive
+    kept, kept_out = run(min_negatives=19)
+    assert kept.rows_left_out == 0 and len(read_task_file(kept_out)) == len(rows)
+    none, none_out = run(min_negatives=20)
+    assert none.rows_left_out == len(rows) and none.negatives_written == 0
+    assert none_out.read_text() == ""
+    with pytest.raises(ConfigError, match="--min_negatives 21 is more than --n_negatives 20"):
+        MineSettings(model="x", data=tmp_path / "nq.jsonl", corpus="self", out=tmp_path / "o",
+                     n_negatives=20, min_negatives=21).validate()  # fmt: skip

@@ -86,6 +86,9 @@ class MineSettings:
     output_scores: bool = opt(
         False, help="write the embedder's pos_scores / neg_scores (teacher scores to distil)"
     )
+    min_negatives: int = opt(
+        0, ge=0, help="leave out rows left with fewer negatives than this (0: write every row)"
+    )
     pick: Literal["random", "top"] = opt("random", help="random: a seeded draw; top: best ranks")
     seed: int = opt(42)
     task: str | None = opt(None, help="task for the registry instruction (none: the file name)")
@@ -103,6 +106,11 @@ class MineSettings:
 
     def validate(self) -> None:
         parse_window(self.window)
+        if self.min_negatives > self.n_negatives:
+            raise ConfigError(
+                f"--min_negatives {self.min_negatives} is more than --n_negatives "
+                f"{self.n_negatives}: no row could be written"
+            )
 
     @property
     def bounds(self) -> tuple[int, int]:
@@ -120,6 +128,7 @@ class MineReport:
     dropped_margin: int = 0  # scored above the positive's score minus margin
     negatives_written: int = 0
     rows_short: int = 0  # rows that got fewer than n_negatives
+    rows_left_out: int = 0  # rows with fewer than min_negatives: not written
     per_row: dict[int, int] = field(default_factory=dict)  # negatives per row -> rows
     near_cosine_counts: dict[str, int] = field(default_factory=dict)  # non-positive candidates
     max_cosine_to_positive: float = -1.0  # over candidates that are not positives
@@ -295,6 +304,11 @@ def _select(i, ex, block: _Block, normalized, settings, report, bands):
 def _write_block(handle, rows, block: _Block, corpus_texts, normalized, settings, report, bands):
     for i, ex in enumerate(rows):
         chosen = _select(i, ex, block, normalized, settings, report, bands)
+        report.rows_short += int(len(chosen) < settings.n_negatives)
+        report.per_row[len(chosen)] = report.per_row.get(len(chosen), 0) + 1
+        if len(chosen) < settings.min_negatives:
+            report.rows_left_out += 1
+            continue
         row = {"query": ex.query, "positive": list(ex.positives)}
         row["negative"] = [corpus_texts[d] for d, _ in chosen]
         if ex.instruction:
@@ -306,8 +320,6 @@ def _write_block(handle, rows, block: _Block, corpus_texts, normalized, settings
         if handle is not None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         report.negatives_written += len(chosen)
-        report.rows_short += int(len(chosen) < settings.n_negatives)
-        report.per_row[len(chosen)] = report.per_row.get(len(chosen), 0) + 1
 
 
 ROW_BLOCK = 8192  # rows mined at once: their queries, positives and rankings stay in memory
@@ -385,7 +397,8 @@ def run(settings: MineSettings) -> int:
     print(text)
     print(
         f"{settings.out}: {report.rows} rows, {report.negatives_written} negatives "
-        f"({report.rows_short} rows short of {settings.n_negatives}); of {report.candidates} "
+        f"({report.rows_short} rows short of {settings.n_negatives}, {report.rows_left_out} left "
+        f"out by --min_negatives); of {report.candidates} "
         f"window candidates dropped {report.dropped_positive} as positives, "
         f"{report.dropped_near_duplicate} as near-duplicates, {report.dropped_score_ratio} by "
         f"--max_score_ratio and {report.dropped_margin} by --margin"

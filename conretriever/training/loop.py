@@ -138,7 +138,8 @@ def _data(cfg: RunConfig, info: DistInfo):
                     raise ConfigError(
                         f"{ex.source}: field 'neg_scores': --distil_weight needs teacher scores "
                         "(pos_scores and neg_scores, or scores) and hard negatives on every row; "
-                        "conretriever mine --output_scores writes them"
+                        "conretriever mine --output_scores writes them (--min_negatives 1 leaves "
+                        "out the rows it finds no negative for)"
                     )
     total = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * len(sampler))
     if total < 1:
