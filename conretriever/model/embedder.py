@@ -404,7 +404,8 @@ def auto_token_budget(device: torch.device) -> int:
     it busy), 1,024 on a CPU, where big batches are SLOWER: their activations spill out of the
     caches. Measured on 2 cores, 240 demo passages (15.4k tokens) through Gemma-3-270M: 16,384
     -> 45 s, 2,048 -> 32 s, 1,024 -> 26-29 s in fp32 on AVX2; 23 s / 13.5 s / 12.6-15 s in bf16
-    on AVX-512; all-MiniLM-L6-v2 on 1,500 SciFact passages: 90 / 78 / 81 s (AVX2)."""
+    on AVX-512; all-MiniLM-L6-v2 on 1,500 SciFact passages: 90 / 78 / 81 s (AVX2, fp32), on
+    1,000: 58-62 / 60 / 54 s (AVX-512, fp32)."""
     return 16384 if device.type == "cuda" else 1024
 
 
