@@ -81,6 +81,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
+def cleanup(synchronize: bool = True) -> None:
+    """Leave the process group. ``synchronize`` (a normal exit) waits for every rank first: a
+    rank that tears gloo's connections down while a peer still uses them makes that peer abort
+    ("terminate called without an active exception"). After an error, ranks may be in different
+    collectives, so no barrier then."""
     if is_distributed():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

@@ -412,16 +412,18 @@ def train(cfg: RunConfig) -> dict:
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     folder = prepare(cfg)
+    finished = False
     try:
         s = setup(cfg, info, folder)
         last = run_steps(s, resume(s))
         final = export_final(s)
         if info.is_main:
             log.info("final model: %s (last step: %s)", final, last)
+        finished = True
         return {"final": str(final) if final else None, "last": last}
     finally:
         folder.close()
-        runtime.cleanup()
+        runtime.cleanup(synchronize=finished)
 
 
 def main(cfg: RunConfig) -> int:
