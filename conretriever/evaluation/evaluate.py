@@ -364,6 +364,7 @@ def run(settings: EvalSettings) -> int:
             )
     if info.is_main:
         _write_outputs(out, settings, embedder, results)
+    runtime.cleanup()  # every rank waits for rank 0's writes, then leaves the group together
     return 1 if failed else 0
 
 
