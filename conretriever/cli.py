@@ -62,6 +62,11 @@ COMMANDS: dict[str, Command] = {
         "conretriever.data.convert:run",
         "Hugging Face / BEIR / MS MARCO-style datasets -> training JSONL",
     ),
+    "average": Command(
+        "conretriever.model.average:AverageSettings",
+        "conretriever.model.average:run",
+        "average the weights of saved model folders (checkpoint averaging, model merging)",
+    ),
     "compare": Command(
         "conretriever.evaluation.compare:CompareSettings",
         "conretriever.evaluation.compare:run",

@@ -94,7 +94,7 @@ def test_config_yaml_then_flags(tmp_path):
         "train:\n  learning_rate: 5.0e-5\n  temperature: 0.01\nmodel:\n  lora_r: 8\n"
     )
     cfg = parse_config(["--config", str(cfg_file), "--temperature", "0.05", "--use_lora", "no"])
-    assert cfg.train.learning_rate == 5e-5 and cfg.train.temperature == 0.05
+    assert cfg.train.learning_rate == 5e-5 and cfg.loss.temperature == 0.05
     assert cfg.model.lora.r == 8 and cfg.model.use_lora is False
     cfg_file.write_text("train:\n  learning_rat: 1\n")
     with pytest.raises(

@@ -117,7 +117,7 @@ def test_grad_cache_with_distillation_and_matryoshka_equals_the_plain_step(tiny_
     teacher = torch.randn(6, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     settings = LossSettings(
         temperature=0.05,
-        cross_device=False,
+        cross_device_negatives=False,
         false_negative_margin=margin,
         matryoshka_dims=(8, 16),
         distil_weight=0.7,

@@ -81,7 +81,7 @@ def test_resume_refuses_a_changed_trajectory_and_force_applies_the_new_values(
     assert cli(train_args(tiny_decoder, out, *base, *changed, "--resume", "true")) == 2
     line = error_line(capsys, "train")
     assert "train.learning_rate: 0.001 -> 0.002" in line
-    assert "train.temperature: 0.02 -> 0.05" in line and "--resume force" in line
+    assert "loss.temperature: 0.02 -> 0.05" in line and "--resume force" in line
     assert (out / "config.yaml").read_text() == saved  # nothing rewritten by a refused run
     assert cli(train_args(tiny_decoder, out, *base, *changed, "--resume", "force")) == 0
     lr = {r["step"]: r["lr"] for r in rows(out)}

@@ -88,7 +88,11 @@ def _usage(folder: Path, settings: dict, instruction: str | None) -> list[str]:
 
 
 def _recipe(config: dict, settings: dict) -> list[str]:
+    from conretriever.training.config import upgrade_saved
+
+    config = upgrade_saved(config)
     m, d, t = config.get("model", {}), config.get("data", {}), config.get("train", {})
+    objective = config.get("loss", {})
     lora = m.get("lora", {})
     rows = [
         ("base model", m.get("model_name_or_path")),
@@ -103,7 +107,7 @@ def _recipe(config: dict, settings: dict) -> list[str]:
         ("steps / epochs", f"{t.get('max_steps')} / {t.get('num_train_epochs')}"),
         ("learning rate, schedule, warmup",
          f"{t.get('learning_rate')}, {t.get('lr_scheduler')}, {t.get('warmup_steps')}"),
-        ("temperature (logits = cos / tau)", t.get("temperature")),
+        ("temperature (logits = cos / tau)", objective.get("temperature")),
         ("GradCache chunk (rows / tokens)", f"{t.get('chunk_size')} / {t.get('chunk_tokens')}"),
         ("mixed precision", t.get("mixed_precision")),
         ("seed", t.get("seed")),

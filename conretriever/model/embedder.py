@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from conretriever.errors import ConfigError
 from conretriever.model import export
 from conretriever.model.prompts import format_passage, format_query
 from conretriever.model.settings import EmbedderSettings, LoraSettings
@@ -156,18 +157,22 @@ class Embedder(nn.Module):
             lora = LoraSettings(**lora)
         path = resolve_model(spec)
         config = AutoConfig.from_pretrained(path)
+        defaults = EmbedderSettings.defaults_for(
+            decoder=is_decoder_config(config),
+            bidirectional=bool(getattr(config, "use_bidirectional_attention", False)),
+        )
         base = export.saved_settings(path)
-        if base is None:
-            base = EmbedderSettings.defaults_for(decoder=is_decoder_config(config))
-        else:  # a saved file may leave fields out: fill them as for a new model
-            base = base.over(EmbedderSettings.defaults_for(decoder=is_decoder_config(config)))
+        # a saved file may leave fields out: fill them as for a new model
+        base = defaults if base is None else base.over(defaults)
         effective = settings.over(base) if settings is not None else base
+        if effective.bidirectional != defaults.bidirectional:
+            config = _with_attention(config, path, bool(effective.bidirectional), spec)
 
         dev = torch.device(device) if device else _default_device()
         kwargs = {"dtype": resolve_dtype(dtype, dev)}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        backbone = AutoModel.from_pretrained(path, **kwargs)
+        backbone = AutoModel.from_pretrained(path, config=config, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if gradient_checkpointing:
             set_activation_checkpointing(backbone, True)
@@ -517,6 +522,20 @@ def apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
             "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
         )
         return get_peft_model(backbone, config)
+
+
+def _with_attention(config, path, bidirectional: bool, spec):
+    """The architecture config reloaded with ``use_bidirectional_attention`` set (passed to the
+    config's constructor, which derives other fields from it: Gemma-3 halves its sliding window
+    into a window on both sides). Refused, with one line, for architectures without the option."""
+    from transformers import AutoConfig
+
+    if not hasattr(config, "use_bidirectional_attention"):
+        raise ConfigError(
+            f"--bidirectional: {spec} ({type(config).__name__}) has no bidirectional attention "
+            "option; it exists for Gemma-3 (use_bidirectional_attention)"
+        )
+    return AutoConfig.from_pretrained(path, use_bidirectional_attention=bidirectional)
 
 
 def _default_device() -> torch.device:

@@ -132,11 +132,13 @@ def save_folder(
 
 
 def _settings_dict(settings: EmbedderSettings) -> dict:
-    """What ``conretriever.json`` holds; ``truncate_dim`` only when it truncates, so folders
+    """What ``conretriever.json`` holds; ``truncate_dim`` only when it truncates and
+    ``bidirectional`` only when true, so folders
     saved before the setting existed and those saved since without it are the same bytes."""
     values = asdict(settings)
-    if not values.get("truncate_dim"):
-        values.pop("truncate_dim", None)
+    for optional in ("truncate_dim", "bidirectional"):  # written only when set (same reason)
+        if not values.get(optional):
+            values.pop(optional, None)
     return values
 
 

@@ -19,8 +19,11 @@ and switched on only inside :func:`packed_attention`; transformers builds no mas
 implementation it does not know (the boundaries replace the mask). On CUDA in bf16/fp16 it
 runs ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention's varlen kernel, part of
 PyTorch >= 2.10); anywhere else a loop of causal SDPA calls, one per text: exact and used by
-the CPU tests, not fast. Only decoders (causal attention) are packed; encoders keep padding.
-Inference only: attention dropout is not applied.
+the CPU tests, not fast. A decoder switched to bidirectional attention (Gemma-3's
+``use_bidirectional_attention``: every token sees its whole text, or the window around it) is
+packed the same way, with non-causal attention inside each text; it always takes the loop
+(the varlen kernel call here is the causal one). Encoders keep padding. Attention dropout is
+not applied (the decoders packed here train without it).
 """
 
 from __future__ import annotations
@@ -87,12 +90,15 @@ def pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> to
     raise ValueError(f"unknown pooling {mode!r}; use last, mean or cls")
 
 
-def _band_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+def _band_mask(length: int, window: int, device: torch.device, causal: bool = True) -> torch.Tensor:
     """[L, L] bool: query i sees key j iff j <= i and i - j < window (transformers' sliding
-    window: the token itself and the ``window - 1`` before it)."""
+    window: the token itself and the ``window - 1`` before it); not ``causal``: iff
+    |i - j| < window (transformers' bidirectional window, Gemma-3's
+    ``use_bidirectional_attention``)."""
     i = torch.arange(length, device=device).unsqueeze(1)
     j = torch.arange(length, device=device).unsqueeze(0)
-    return (j <= i) & (i - j < window)
+    near = (i - j).abs() < window
+    return near & (j <= i) if causal else near
 
 
 def _packed_attention_forward(
@@ -119,18 +125,20 @@ def _packed_attention_forward(
         )
     if attention_mask is not None:
         raise RuntimeError(f"{ATTN_NAME} attention got a padding mask; packed rows have none")
-    if kwargs.get("softcap") is not None or not getattr(module, "is_causal", True):
-        # Gemma-2's logit soft-capping / bidirectional layers: not what the varlen kernel computes
+    if kwargs.get("softcap") is not None:
+        # Gemma-2's logit soft-capping: not what the varlen kernel computes
         raise NotImplementedError(
-            f"{ATTN_NAME} attention supports plain causal attention only; encode with packed=False"
+            f"{ATTN_NAME} attention does not support logit soft-capping; encode with packed=False"
         )
+    causal = getattr(module, "is_causal", True)  # False: bidirectional (Gemma-3's option)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     if k.shape[1] != q.shape[1]:  # grouped-query attention: query head h reads kv head h // rep
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     window = sliding_window if sliding_window and sliding_window < max_len else None
     varlen_attn = _varlen_attn()
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None:
+    fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None
+    if fast and causal:  # bidirectional layers take the per-text loop below (exact, slower)
         out = varlen_attn(
             q.contiguous(),
             k.contiguous(),
@@ -148,10 +156,10 @@ def _packed_attention_forward(
         for start, end in zip(bounds[:-1], bounds[1:], strict=True):
             qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
             if window and end - start > window:
-                mask = _band_mask(end - start, window, q.device)
+                mask = _band_mask(end - start, window, q.device, causal)
                 res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling)
             else:
-                res = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling)
+                res = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scaling)
             out[start:end] = res.transpose(0, 1)
     return out.unsqueeze(0), None
 

@@ -47,10 +47,16 @@ class EmbedderSettings:
     truncate_dim: int | None = opt(
         None, ge=0, help="keep the first N dims of each vector, re-normalised (Matryoshka; 0: all)"
     )
+    bidirectional: bool | None = opt(
+        None,
+        help="decoder attention sees the whole text (Gemma-3's use_bidirectional_attention); "
+        "none: the model's own config",
+    )
 
     @classmethod
-    def defaults_for(cls, decoder: bool) -> EmbedderSettings:
-        """Every field concrete: what a model with no saved settings gets."""
+    def defaults_for(cls, decoder: bool, bidirectional: bool = False) -> EmbedderSettings:
+        """Every field concrete: what a model with no saved settings gets (``bidirectional``:
+        what its architecture config says)."""
         return cls(
             pooling="last" if decoder else "mean",
             normalize=True,
@@ -59,6 +65,7 @@ class EmbedderSettings:
             query_max_length=DEFAULT_MAX_LENGTH,
             doc_max_length=DEFAULT_MAX_LENGTH,
             truncate_dim=0,
+            bidirectional=bidirectional,
         )
 
     def over(self, base: EmbedderSettings) -> EmbedderSettings:

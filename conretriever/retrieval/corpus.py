@@ -61,6 +61,8 @@ def model_fingerprint(embedder) -> str:
     if is_dataclass(settings):
         # the store keeps full vectors: truncation is applied when they are read
         values = {k: v for k, v in asdict(settings).items() if k != "truncate_dim"}
+        if not values.get("bidirectional"):  # fingerprints from before the setting existed
+            values.pop("bidirectional", None)
         digest.update(json.dumps(values, sort_keys=True).encode())
     tokenizer = getattr(embedder, "tokenizer", None)
     if tokenizer is not None:

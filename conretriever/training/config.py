@@ -1,10 +1,12 @@
 """Every knob of a training run, as typed dataclasses: parsed once, validated, saved with the run.
 
-A run has three sections: ``model`` (what to load and how: ``model.embedder`` is the
+A run has these sections: ``model`` (what to load and how: ``model.embedder`` is the
 :class:`~conretriever.model.settings.EmbedderSettings` and ``model.lora`` the
 :class:`~conretriever.model.settings.LoraSettings`, the same classes the model itself uses),
-``data`` and ``train``. Values come from, in increasing priority: the defaults below, a YAML file
-(``--config FILE``; sections nested, or flat names anywhere) and flags. Flags are flat, named like
+``data``, ``train``, ``loss`` (the objective: :class:`~conretriever.training.loss.LossSettings`,
+the class the loss itself takes) and ``evaluation``. Values come from, in increasing priority:
+the defaults below, a YAML file (``--config FILE``; sections nested, or flat names anywhere) and
+flags. Flags are flat, named like
 the fields (``--learning_rate 1e-4``, ``--use_lora false``, ``--query_max_length 64``; LoRA's
 carry a ``lora_`` prefix: ``--lora_r 8``), which keeps the seed project's flag names working;
 the dashed spelling works too. Every value is checked when it is read (``conretriever.options``).
@@ -24,6 +26,7 @@ import yaml
 from conretriever.errors import ConfigError
 from conretriever.model.settings import EmbedderSettings, LoraSettings
 from conretriever.options import opt, parse, to_dict
+from conretriever.training.loss import LossSettings
 
 DESCRIPTION = "Contrastive training of an LLM retriever (python, or torchrun for many processes)."
 
@@ -101,26 +104,6 @@ class TrainConfig:
     warmup_steps: int = opt(0, ge=0, help="linear warmup steps")
     lr_scheduler: Literal["linear", "cosine", "constant"] = opt("linear", help="decay after warmup")
     max_grad_norm: float = opt(1.0, gt=0, help="gradient clipping (L2 norm)")
-    temperature: float = opt(
-        0.02, gt=0, help="tau, a divisor: logits = cosine / tau (scale 1 / tau)"
-    )
-    cross_device_negatives: bool = opt(True, help="every rank's documents are negatives too")
-    false_negative_margin: float | None = opt(
-        None, help="mask candidates scoring above the positive + MARGIN (Qwen3-Embedding: 0.1)"
-    )
-    loss_query_query: bool = opt(False, help="other queries as negatives too (improved InfoNCE)")
-    loss_doc_doc: bool = opt(False, help="other documents seen from the positive as negatives")
-    matryoshka_dims: list[int] = opt(
-        default_factory=list, ge=1, help="also train these leading dims (e.g. 64 128 256 512)"
-    )
-    matryoshka_weights: list[float] = opt(
-        default_factory=list, ge=0, help="one per matryoshka dim (default 1 each; full dim: 1)"
-    )
-    contrastive_weight: float = opt(1.0, ge=0, help="weight of InfoNCE in the total")
-    distil_weight: float = opt(
-        0.0, ge=0, help="weight of the KL to teacher scores (rows need pos_scores/neg_scores)"
-    )
-    distil_temperature: float = opt(1.0, gt=0, help="teacher softmax temperature")
     seed: int = opt(42)
     mixed_precision: Literal["auto", "bf16", "no"] = opt(
         "auto", help="auto: bf16 where the GPU/CPU computes it natively, else fp32"
@@ -128,6 +111,12 @@ class TrainConfig:
     logging_steps: int = opt(1, ge=1, help="metrics row every N steps")
     save_steps: int = opt(0, ge=0, help="sharded checkpoint every N steps (0: none)")
     save_total_limit: int = opt(2, ge=-1, help="checkpoints kept (-1: all)")
+    export_steps: int = opt(
+        0,
+        ge=0,
+        help="also export a model folder export-<step>/ every N steps, to average "
+        "(conretriever average); 0: final/ only",
+    )
     max_bad_steps: int = opt(
         0, ge=0, help="non-finite loss/gradient steps skipped before the run stops"
     )
@@ -142,13 +131,6 @@ class TrainConfig:
             )
         if self.max_steps == 0:
             raise ConfigError("--max_steps: 0 would train nothing; use -1 (epochs) or >= 1")
-        if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims):
-            raise ConfigError(
-                f"--matryoshka_weights: {len(self.matryoshka_weights)} weights for "
-                f"{len(self.matryoshka_dims)} --matryoshka_dims"
-            )
-        if self.contrastive_weight == 0 and self.distil_weight == 0:
-            raise ConfigError("--contrastive_weight and --distil_weight are both 0: no loss")
 
 
 @dataclass
@@ -178,6 +160,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossSettings = field(default_factory=LossSettings)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
@@ -197,14 +180,45 @@ NOT_TRAJECTORY = {
     ("train", "logging_steps"),
     ("train", "save_steps"),
     ("train", "save_total_limit"),
+    ("train", "export_steps"),
     ("train", "report_to"),
     ("train", "max_bad_steps"),
 }
 
 
+# Where settings of earlier versions now live: (old section, old key) -> (section, key). The loss
+# settings were fields of ``train`` (two with a ``loss_`` prefix) until they became the ``loss``
+# section; a saved config.yaml of such a run is read through :func:`upgrade_saved`.
+MOVED = {
+    ("train", "temperature"): ("loss", "temperature"),
+    ("train", "cross_device_negatives"): ("loss", "cross_device_negatives"),
+    ("train", "false_negative_margin"): ("loss", "false_negative_margin"),
+    ("train", "loss_query_query"): ("loss", "query_query"),
+    ("train", "loss_doc_doc"): ("loss", "doc_doc"),
+    ("train", "matryoshka_dims"): ("loss", "matryoshka_dims"),
+    ("train", "matryoshka_weights"): ("loss", "matryoshka_weights"),
+    ("train", "contrastive_weight"): ("loss", "contrastive_weight"),
+    ("train", "distil_weight"): ("loss", "distil_weight"),
+    ("train", "distil_temperature"): ("loss", "distil_temperature"),
+}
+
+
+def upgrade_saved(config: dict) -> dict:
+    """A saved config dict (``config.yaml``) with every key where this version keeps it (see
+    :data:`MOVED`); the one place old layouts are mapped."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for (old_section, old_key), (section, key) in MOVED.items():
+        old = out.get(old_section)
+        if isinstance(old, dict) and old_key in old:
+            out.setdefault(section, {})[key] = old.pop(old_key)
+    return out
+
+
 def trajectory(config: dict) -> dict[str, object]:
-    """``section.field`` -> value of every trajectory setting in a config dict (nested)."""
+    """``section.field`` -> value of every trajectory setting in a config dict (nested; an
+    earlier version's layout is upgraded first)."""
     out: dict[str, object] = {}
+    config = upgrade_saved(config)
 
     def walk(node: dict, path: tuple[str, ...]) -> None:
         for key, value in node.items():

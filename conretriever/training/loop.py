@@ -42,10 +42,11 @@ from conretriever.runtime import DistInfo
 from conretriever.training import checkpoint
 from conretriever.training.config import RunConfig
 from conretriever.training.distributed import shard_model
-from conretriever.training.loss import LossSettings, training_loss
+from conretriever.training.loss import training_loss
 from conretriever.training.monitor import BEST_NAME, Monitor
 from conretriever.training.run_folder import RunFolder, prepare
 from conretriever.training.step import StepResult, train_step
+from conretriever.training.teacher import TeacherVectors
 from conretriever.training.tracking import RunLog, peak_memory_mb
 
 log = logging.getLogger("conretriever.train")
@@ -109,6 +110,7 @@ class Setup:
     bf16: bool
     packed: bool
     monitor: Monitor
+    teacher: TeacherVectors | None = None  # embedding distillation's teacher vectors
 
     @property
     def sharded(self) -> bool:
@@ -131,7 +133,7 @@ def _data(cfg: RunConfig, info: DistInfo):
         seed=t.seed,
         batch_same_task=cfg.data.batch_same_task,
     )
-    if t.distil_weight > 0:  # every row must carry what distillation reads, known before training
+    if cfg.loss.distil_weight > 0:  # every row must carry what distillation reads
         for rows in data.values():
             for ex in rows:
                 if ex.pos_scores is None or ex.neg_scores is None or not ex.negatives:
@@ -203,8 +205,16 @@ def setup(cfg: RunConfig, info: DistInfo, folder: RunFolder) -> Setup:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, total, t.lr_scheduler)
     )
-    return Setup(cfg, info, folder, registry, data, sampler, total, model, params, optimizer,
-                 scheduler, bf16, packed, monitor)  # fmt: skip
+    teacher = None
+    if cfg.loss.embed_distil_weight > 0:
+        from conretriever.evaluation.evaluate import default_cache_dir
+
+        teacher = TeacherVectors.build(cfg.loss.embed_distil_model, data, registry, info.device,
+                                       cache_dir=default_cache_dir())  # fmt: skip
+    return Setup(cfg=cfg, info=info, folder=folder, registry=registry, data=data,
+                 sampler=sampler, total_steps=total, model=model, params=params,
+                 optimizer=optimizer, scheduler=scheduler, bf16=bf16, packed=packed,
+                 monitor=monitor, teacher=teacher)  # fmt: skip
 
 
 def resume(s: Setup) -> int:
@@ -232,30 +242,15 @@ def resume(s: Setup) -> int:
     return start
 
 
-def loss_settings(cfg: RunConfig) -> LossSettings:
-    t = cfg.train
-    return LossSettings(
-        temperature=t.temperature,
-        cross_device=t.cross_device_negatives,
-        false_negative_margin=t.false_negative_margin,
-        query_query=t.loss_query_query,
-        doc_doc=t.loss_doc_doc,
-        matryoshka_dims=tuple(t.matryoshka_dims),
-        matryoshka_weights=tuple(t.matryoshka_weights),
-        contrastive_weight=t.contrastive_weight,
-        distil_weight=t.distil_weight,
-        distil_temperature=t.distil_temperature,
-    )
-
-
 def objective(cfg: RunConfig, batch: dict):
     """The loss of one batch, as a function of its query and document embeddings."""
-    settings = loss_settings(cfg)
+    settings = cfg.loss
     ids = batch["doc_text_ids"] if cfg.data.mask_false_negatives else None
     teacher = batch.get("teacher_scores")
+    vectors = batch.get("teacher_vectors")
 
     def loss(q: torch.Tensor, d: torch.Tensor):
-        return training_loss(q, d, settings, ids, teacher)
+        return training_loss(q, d, settings, ids, teacher, vectors)
 
     return loss
 
@@ -268,7 +263,9 @@ def one_step(s: Setup, step: int, plan: list) -> StepResult:
     local = plan[batch_index][info.rank * b : (info.rank + 1) * b]
     items = build_items(local, s.data, s.registry, s.cfg.data.n_hard_negative, t.seed, epoch,
                         batch_index, slot_offset=info.rank * b)  # fmt: skip
-    batch = collate(items, s.model, with_teacher=t.distil_weight > 0)
+    batch = collate(items, s.model, with_teacher=s.cfg.loss.distil_weight > 0)
+    if s.teacher is not None:
+        batch["teacher_vectors"] = s.teacher.for_items(items)
     return train_step(
         s.model,
         batch,
@@ -324,6 +321,8 @@ def run_steps(s: Setup, start: int) -> dict:
                 postfix.update(_evaluate(s, step + 1, runlog))
             if t.save_steps and (step + 1) % t.save_steps == 0 and step + 1 < s.total_steps:
                 _save(s, step + 1)
+            if t.export_steps and (step + 1) % t.export_steps == 0 and step + 1 < s.total_steps:
+                export(s, f"export-{step + 1}")
             bar.set_postfix(**postfix)
             bar.update(1)
     finally:
@@ -383,10 +382,9 @@ def _load_best(s: Setup) -> None:
                  s.monitor.best["metric"], s.monitor.best["score"])  # fmt: skip
 
 
-def export_final(s: Setup) -> Path | None:
-    """Merge LoRA and write ``final/`` (rank 0); gathers the full weights first under FSDP."""
-    if s.cfg.evaluation.export == "best":
-        _load_best(s)
+def export(s: Setup, name: str) -> Path | None:
+    """Merge LoRA and write the model folder ``<output_dir>/<name>`` (rank 0); gathers the full
+    weights first under FSDP. Returns the folder on rank 0."""
     state = None
     if s.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -399,11 +397,18 @@ def export_final(s: Setup) -> Path | None:
     if runtime.is_main():
         weights = state.values() if state is not None else s.model.state_dict().values()
         if not all(torch.isfinite(w).all() for w in weights if w.is_floating_point()):
-            raise TrainingError("the trained weights hold NaN or infinity; final/ not written")
-        path = s.model.save(s.folder.path / "final", state_dict=state)
+            raise TrainingError(f"the trained weights hold NaN or infinity; {name}/ not written")
+        path = s.model.save(s.folder.path / name, state_dict=state)
         write_card(path, s.folder.path)
     runtime.barrier()
     return path
+
+
+def export_final(s: Setup) -> Path | None:
+    """``final/``: the last weights, or with ``export: best`` the best evaluated ones."""
+    if s.cfg.evaluation.export == "best":
+        _load_best(s)
+    return export(s, "final")
 
 
 def train(cfg: RunConfig) -> dict:

@@ -33,21 +33,45 @@ the positive, ``s(d_i+, d_j)``; the margin mask applies to them too.
 embedding and its first ``k`` dimensions, re-normalised, for each ``k``: one forward, every
 prefix trained to be an embedding of its own.
 
-**Distillation** (``distil_weight`` > 0): rows carry teacher scores of their positive and hard
-negatives; for each query the KL divergence ``KL(p_teacher || p_student)`` between the
+**Score distillation** (``distil_weight`` > 0): rows carry teacher scores of their positive and
+hard negatives; for each query the KL divergence ``KL(p_teacher || p_student)`` between the
 teacher's softmax (``scores / distil_temperature``) and the student's (cosine / tau) over the
 query's own candidates (its positive and its hard negatives: they travel with the query, so no
-gather is needed). Its backward is the local mean: FSDP's gradient average over ranks makes it
-the global mean. The total is ``contrastive_weight * InfoNCE + distil_weight * KL``.
+gather is needed). The teacher's temperature matters as much as the student's: a cosine teacher
+(``conretriever mine --output_scores`` writes cosines) has scores a few hundredths apart, so at
+a temperature of 1 its softmax is nearly uniform and the KL would pull the positive's score
+down to the negatives'. The default (``distil_temperature`` none) is therefore the student's own
+tau: the teacher's cosines are read on the scale the student is trained on. Each step logs the
+teacher's mean entropy as a share of the uniform distribution's (``distil_teacher_entropy``, 1 =
+uniform) and how often its top candidate is the labelled positive
+(``distil_teacher_agreement``). Its backward is the local mean: FSDP's gradient average over
+ranks makes it the global mean.
+
+**Embedding distillation** (``embed_distil_weight`` > 0, teacher ``embed_distil_model``: any
+embedder spec, e.g. ``embedded:minilm``): the teacher's vectors of every training text are
+computed once before training (``training.teacher``), and the student is matched to the
+teacher's *similarity structure*, which needs no projection between their dimensions: for each
+query of the global batch, over every document of the global batch (the in-batch, hard and
+cross-device candidates of InfoNCE), ``KL(softmax(T_i / t_t) || softmax(S_i / tau))`` with
+``S = q d^T`` the student's cosines, ``T`` the teacher's, and ``t_t`` =
+``embed_distil_temperature`` (none: tau). Like InfoNCE it is computed on the gathered batch, the
+same value on every rank, and multiplied by ``world`` for backward. The teacher is never saved
+with the student: there is nothing to drop at export.
+
+The total is ``contrastive_weight * InfoNCE + distil_weight * KL_scores +
+embed_distil_weight * KL_similarities``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from conretriever.errors import ConfigError
+from conretriever.options import opt
 from conretriever.training.distributed import all_gather_no_grad, all_gather_with_grad, world_size
 
 
@@ -59,20 +83,72 @@ class LossOutput:
     stats: dict = field(default_factory=dict)  # e.g. masked_share, distil_kl (for metrics)
 
 
-@dataclass(frozen=True)
+@dataclass
 class LossSettings:
-    """What the objective is; built from the run config by the training loop."""
+    """What the objective is: the ``loss`` section of a run config (flags: ``--temperature``,
+    ``--distil_weight``, ...; see the module docstring for each term)."""
 
-    temperature: float = 0.02
-    cross_device: bool = True
-    false_negative_margin: float | None = None
-    query_query: bool = False
-    doc_doc: bool = False
-    matryoshka_dims: tuple[int, ...] = ()
-    matryoshka_weights: tuple[float, ...] = ()
-    contrastive_weight: float = 1.0
-    distil_weight: float = 0.0
-    distil_temperature: float = 1.0
+    temperature: float = opt(
+        0.02, gt=0, help="tau, a divisor: logits = cosine / tau (scale 1 / tau)"
+    )
+    cross_device_negatives: bool = opt(True, help="every rank's documents are negatives too")
+    false_negative_margin: float | None = opt(
+        None, help="mask candidates scoring above the positive + MARGIN (Qwen3-Embedding: 0.1)"
+    )
+    query_query: bool = opt(
+        False, aliases=("loss_query_query",), help="other queries as negatives too (GTE)"
+    )
+    doc_doc: bool = opt(
+        False, aliases=("loss_doc_doc",), help="other documents seen from the positive too"
+    )
+    matryoshka_dims: list[int] = opt(
+        default_factory=list, ge=1, help="also train these leading dims (e.g. 64 128 256 512)"
+    )
+    matryoshka_weights: list[float] = opt(
+        default_factory=list, ge=0, help="one per matryoshka dim (default 1 each; full dim: 1)"
+    )
+    contrastive_weight: float = opt(1.0, ge=0, help="weight of InfoNCE in the total")
+    distil_weight: float = opt(
+        0.0, ge=0, help="weight of the KL to teacher scores (rows need pos_scores/neg_scores)"
+    )
+    distil_temperature: float | None = opt(
+        None, gt=0, help="teacher scores' softmax temperature; none: tau (right for cosines)"
+    )
+    embed_distil_model: str | None = opt(
+        None, help="teacher embedder spec for embedding distillation (e.g. embedded:minilm)"
+    )
+    embed_distil_weight: float = opt(
+        0.0, ge=0, help="weight of the KL to the teacher's in-batch similarities"
+    )
+    embed_distil_temperature: float | None = opt(
+        None, gt=0, help="teacher similarities' softmax temperature; none: tau"
+    )
+
+    def validate(self) -> None:
+        if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims):
+            raise ConfigError(
+                f"--matryoshka_weights: {len(self.matryoshka_weights)} weights for "
+                f"{len(self.matryoshka_dims)} --matryoshka_dims"
+            )
+        if (
+            self.contrastive_weight == 0
+            and self.distil_weight == 0
+            and (self.embed_distil_weight == 0)
+        ):
+            raise ConfigError("--contrastive_weight and both distillation weights are 0: no loss")
+        if self.embed_distil_weight > 0 and not self.embed_distil_model:
+            raise ConfigError(
+                "--embed_distil_weight > 0 needs --embed_distil_model (a teacher embedder spec, "
+                "e.g. embedded:minilm)"
+            )
+
+    @property
+    def score_teacher_temperature(self) -> float:
+        return self.distil_temperature or self.temperature
+
+    @property
+    def embed_teacher_temperature(self) -> float:
+        return self.embed_distil_temperature or self.temperature
 
 
 def _labels(n_queries: int, b: int, docs_per_rank: int, device) -> torch.Tensor:
@@ -159,6 +235,17 @@ def matryoshka_loss(q, d, dims, weights, **contrastive) -> LossOutput:
     return LossOutput(loss, backward, full.accuracy, full.stats)
 
 
+def teacher_stats(teacher_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """How informative a teacher's target is: its mean entropy as a share of the uniform
+    distribution's (1: uniform, it teaches nothing; 0: one-hot) and the share of rows whose
+    highest-scored candidate is the labelled positive."""
+    with torch.no_grad():
+        log_p = F.log_softmax(teacher_logits.double(), dim=1)
+        entropy = -(log_p.exp() * log_p).sum(1) / math.log(teacher_logits.shape[1])
+        agree = (teacher_logits.argmax(dim=1) == labels).double().mean()
+    return {"entropy": float(entropy.mean()), "agreement": float(agree)}
+
+
 def distillation_kl(q: torch.Tensor, d: torch.Tensor, teacher: torch.Tensor, temperature: float,
                     distil_temperature: float) -> torch.Tensor:  # fmt: skip
     """Mean over local queries of KL(softmax(teacher / T_t) || softmax(student / tau)), the
@@ -173,11 +260,53 @@ def distillation_kl(q: torch.Tensor, d: torch.Tensor, teacher: torch.Tensor, tem
     return F.kl_div(F.log_softmax(student, dim=1), target, log_target=True, reduction="batchmean")
 
 
-def training_loss(q, d, settings: LossSettings, doc_text_ids=None, teacher=None) -> LossOutput:
-    """The run's objective on one batch's embeddings (see the module docstring)."""
+def similarity_distillation(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    teacher_q: torch.Tensor,
+    teacher_d: torch.Tensor,
+    temperature: float,
+    teacher_temperature: float,
+    cross_device: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Embedding distillation by similarity matching (see the module docstring).
+
+    ``q`` [B, dim] / ``d`` [B * (1 + n), dim]: the student's local unit vectors, laid out as in
+    :func:`contrastive_loss`; ``teacher_q`` [B, dim_t] / ``teacher_d``: the teacher's unit vectors
+    of the same texts (any ``dim_t``). Returns (global mean KL, the loss to call backward on,
+    teacher stats)."""
+    world = world_size() if cross_device else 1
+    b, docs_per_rank = q.shape[0], d.shape[0]
+    if world > 1:
+        q, d = all_gather_with_grad(q), all_gather_with_grad(d)
+        teacher_q, teacher_d = all_gather_no_grad(teacher_q), all_gather_no_grad(teacher_d)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, d = q.to(dtype), d.to(dtype)
+    teacher = (teacher_q.to(q) @ teacher_d.to(q).T) / teacher_temperature
+    student = (q @ d.T) / temperature
+    target = F.log_softmax(teacher, dim=1)
+    kl = F.kl_div(F.log_softmax(student, dim=1), target, log_target=True, reduction="batchmean")
+    stats = teacher_stats(teacher, _labels(q.shape[0], b, docs_per_rank, q.device))
+    return kl, kl * world, stats
+
+
+def _global_mean(value: torch.Tensor) -> float:
+    shown = value.detach().clone()
+    if world_size() > 1:
+        torch.distributed.all_reduce(shown)
+        shown /= world_size()
+    return float(shown)
+
+
+def training_loss(q, d, settings: LossSettings, doc_text_ids=None, teacher=None,
+                  teacher_vectors=None) -> LossOutput:  # fmt: skip
+    """The run's objective on one batch's embeddings (see the module docstring).
+    ``teacher``: [B, 1 + n] scores (score distillation); ``teacher_vectors``: the teacher's
+    (query, document) vectors of the batch's texts (embedding distillation)."""
     s = settings
     contrastive = dict(temperature=s.temperature, doc_text_ids=doc_text_ids,
-                       cross_device=s.cross_device, false_negative_margin=s.false_negative_margin,
+                       cross_device=s.cross_device_negatives,
+                       false_negative_margin=s.false_negative_margin,
                        query_query=s.query_query, doc_doc=s.doc_doc)  # fmt: skip
     if s.matryoshka_dims:
         out = matryoshka_loss(q, d, s.matryoshka_dims, s.matryoshka_weights, **contrastive)
@@ -187,12 +316,24 @@ def training_loss(q, d, settings: LossSettings, doc_text_ids=None, teacher=None)
     if s.distil_weight > 0:
         if teacher is None:
             raise ValueError("distil_weight > 0 needs teacher scores in the batch")
-        kl = distillation_kl(q, d, teacher, s.temperature, s.distil_temperature)
-        shown = kl.detach().clone()
-        if world_size() > 1:
-            torch.distributed.all_reduce(shown)
-            shown /= world_size()
-        out.stats["distil_kl"] = round(float(shown), 6)
+        t_t = s.score_teacher_temperature
+        kl = distillation_kl(q, d, teacher, s.temperature, t_t)
+        shown = _global_mean(kl)
+        labels = torch.zeros(teacher.shape[0], dtype=torch.long)
+        for key, value in teacher_stats(teacher / t_t, labels).items():
+            out.stats[f"distil_teacher_{key}"] = round(value, 4)
+        out.stats["distil_kl"] = round(shown, 6)
         loss = loss + s.distil_weight * shown
         backward = backward + s.distil_weight * kl  # local mean: FSDP averages over ranks
+    if s.embed_distil_weight > 0:
+        if teacher_vectors is None:
+            raise ValueError("embed_distil_weight > 0 needs the teacher's vectors of the batch")
+        kl, kl_backward, stats = similarity_distillation(
+            q, d, *teacher_vectors, s.temperature, s.embed_teacher_temperature,
+            cross_device=s.cross_device_negatives,
+        )  # fmt: skip
+        out.stats["embed_kl"] = round(float(kl.detach()), 6)
+        out.stats.update({f"embed_teacher_{k}": round(v, 4) for k, v in stats.items()})
+        loss = loss + s.embed_distil_weight * kl.detach()
+        backward = backward + s.embed_distil_weight * kl_backward
     return LossOutput(loss, backward, out.accuracy, out.stats)

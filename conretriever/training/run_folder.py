@@ -51,7 +51,7 @@ RUN_OUTPUTS = (
     "comparison.md",
     "report",
 )
-RUN_OUTPUT_GLOBS = ("checkpoint-*", "eval_*")
+RUN_OUTPUT_GLOBS = ("checkpoint-*", "export-*", "eval_*")
 
 
 @dataclass
@@ -99,7 +99,7 @@ def _lock(out: Path):
 
 def _remove_leftovers(out: Path) -> None:
     """Temporary folders of killed runs: safe to delete, we hold the folder's lock."""
-    for tmp in [*out.glob("checkpoint-*.tmp"), out / "final.tmp"]:
+    for tmp in [*out.glob("checkpoint-*.tmp"), *out.glob("export-*.tmp"), out / "final.tmp"]:
         if tmp.exists():
             log.info("removing %s, left by a run that was killed", tmp)
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,96 @@
+"""The teacher of embedding distillation: its vectors of every training text, computed once.
+
+Before the first step, the teacher embedder (``loss.embed_distil_model``, any model spec) encodes
+every distinct text the run can put in a batch: each row's query (with the instruction the row
+is trained with, in the teacher's own prompt format) and each positive and hard negative (as a
+passage). A batch then only looks its texts up: the teacher never runs during training, and
+its weights are freed before training starts.
+
+Passages go through the verified embedding store (``retrieval.store``, under the evaluation's
+cache folder, ``$CONRETRIEVER_CACHE/embeddings``): a second run with the same teacher and data
+reads them back instead of encoding them again, and a damaged shard is re-encoded. Queries are
+encoded in memory each run (they are short, and a query's vector depends on its instruction,
+which the store's text keys do not carry).
+
+Every rank holds the whole table (the teacher's vectors are small: 384 floats per text for
+all-MiniLM-L6-v2), so any rank can look up any slot of its batch.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from conretriever import runtime
+
+log = logging.getLogger("conretriever.teacher")
+
+
+class TeacherVectors:
+    """Text -> the teacher's unit vector, for the queries and documents of a training set."""
+
+    def __init__(self, query_index: dict, query_vectors: np.ndarray, doc_index: dict,
+                 doc_vectors: np.ndarray, spec: str):  # fmt: skip
+        self.query_index, self.query_vectors = query_index, query_vectors
+        self.doc_index, self.doc_vectors = doc_index, doc_vectors
+        self.spec = spec
+
+    @property
+    def dim(self) -> int:
+        return int(self.doc_vectors.shape[1])
+
+    @classmethod
+    def build(cls, spec: str, data: dict, registry, device: torch.device, cache_dir=None,
+              show_progress: bool = True) -> TeacherVectors:  # fmt: skip
+        """Encode every query and document of ``data`` ({task: [Example]}) with ``spec``."""
+        from conretriever.model.embedder import Embedder
+        from conretriever.retrieval.corpus import encode_corpus, encode_sharded
+
+        teacher = Embedder.from_pretrained(spec, device=device)
+        teacher.eval()
+        by_instruction: dict[str | None, dict[str, None]] = {}
+        docs: dict[str, None] = {}
+        for task, rows in data.items():
+            for ex in rows:
+                instruction = ex.instruction or registry.instruction(task)
+                by_instruction.setdefault(instruction, {})[ex.query] = None
+                docs.update(dict.fromkeys(ex.positives))
+                docs.update(dict.fromkeys(ex.negatives))
+        query_index: dict[tuple[str | None, str], int] = {}
+        parts = []
+        for instruction, queries in by_instruction.items():
+            texts = list(queries)
+            parts.append(encode_sharded(teacher, texts, role="query", instruction=instruction,
+                                        show_progress=show_progress))  # fmt: skip
+            base = len(query_index)
+            query_index.update({(instruction, q): base + i for i, q in enumerate(texts)})
+        doc_texts = list(docs)
+        vectors = encode_corpus(teacher, doc_texts, cache_dir=cache_dir,
+                                show_progress=show_progress).to_array()  # fmt: skip
+        if runtime.is_distributed():  # encode_corpus gives this rank's slice: share them all
+            pieces: list = [None] * runtime.world_size()
+            torch.distributed.all_gather_object(pieces, vectors)
+            vectors = np.concatenate(pieces, axis=0)
+        doc_index = {text: i for i, text in enumerate(doc_texts)}
+        query_vectors = np.concatenate(parts, axis=0) if parts else np.zeros((0, teacher.dim))
+        del teacher
+        gc.collect()
+        if runtime.is_main():
+            log.info("teacher %s: %d queries and %d documents encoded (dim %d)", spec,
+                     len(query_index), len(doc_index), vectors.shape[1])  # fmt: skip
+        return cls(query_index, query_vectors.astype(np.float32), doc_index,
+                   np.ascontiguousarray(vectors, dtype=np.float32), spec)  # fmt: skip
+
+    def for_items(self, items: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's vectors of a rank's batch items, laid out as ``collate`` lays out the
+        student's: queries [B, dim_t]; documents [B * (1 + n), dim_t] (positives, then each
+        query's negatives)."""
+        q_rows = [self.query_index[(it.instruction, it.query)] for it in items]
+        texts = [it.positive for it in items] + [n for it in items for n in it.negatives]
+        d_rows = [self.doc_index[t] for t in texts]
+        return (torch.from_numpy(self.query_vectors[q_rows]),
+                torch.from_numpy(self.doc_vectors[d_rows]))  # fmt: skip

@@ -1,0 +1,289 @@
+"""The CPU recipe's ingredients: a distillation target that teaches, embedding distillation
+(gradients against float64 hand computations, GradCache against the full batch), Gemma-3's
+bidirectional attention (packed == padded, saved folders load identically in
+sentence-transformers), checkpoint averaging, and old run configs still resuming."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_decoder_dir, randomize_lora_b
+
+from conretriever.errors import ConfigError, DataError
+from conretriever.model.embedder import Embedder
+from conretriever.model.settings import LoraSettings
+from conretriever.training.config import RunConfig, trajectory, upgrade_saved
+from conretriever.training.grad_cache import grad_cache_step
+from conretriever.training.loss import (
+    LossSettings,
+    similarity_distillation,
+    teacher_stats,
+    training_loss,
+)
+
+
+def unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+
+# ----- 1. score distillation: the teacher's target -----------------------------------------------
+def test_a_cosine_teacher_at_the_default_temperature_puts_most_mass_on_the_positive():
+    """MiniLM-like cosines (positive 0.62, mined negatives 0.45-0.55): read at the student's
+    tau (the default) the target is peaked on the positive; at the old default of 1.0 it was
+    nearly uniform, which pulls the positive's score down to the negatives'."""
+    settings = LossSettings()
+    scores = torch.tensor([[0.62, 0.55, 0.50, 0.45]], dtype=torch.float64)
+    target = (scores / settings.score_teacher_temperature).softmax(1)[0]
+    assert settings.score_teacher_temperature == settings.temperature == 0.02
+    assert target[0] > 0.9
+    old = (scores / 1.0).softmax(1)[0]
+    assert old[0] < 0.3 and old.max() - old.min() < 0.05  # the old default: near uniform
+    stats = teacher_stats(scores / 0.02, torch.zeros(1, dtype=torch.long))
+    old_stats = teacher_stats(scores / 1.0, torch.zeros(1, dtype=torch.long))
+    assert stats["agreement"] == 1.0 and stats["entropy"] < 0.25 < 0.99 < old_stats["entropy"]
+
+
+def test_teacher_entropy_and_agreement_are_logged_each_step():
+    b, n = 4, 2
+    q, d = unit(b, 8), unit(b * (1 + n), 8, seed=1)
+    teacher = torch.tensor([[0.7, 0.5, 0.4]] * 3 + [[0.3, 0.6, 0.2]], dtype=torch.float64)
+    out = training_loss(q, d, LossSettings(cross_device_negatives=False, distil_weight=1.0),
+                        teacher=teacher)  # fmt: skip
+    assert out.stats["distil_teacher_agreement"] == 0.75  # the last row ranks a negative first
+    log_p = (teacher / 0.02).log_softmax(1)
+    expected = float((-(log_p.exp() * log_p).sum(1) / math.log(1 + n)).mean())
+    assert out.stats["distil_teacher_entropy"] == pytest.approx(expected, abs=1e-4)
+
+
+# ----- 2. embedding distillation -----------------------------------------------------------------
+def test_similarity_distillation_gradient_equals_the_float64_hand_computation():
+    """KL(softmax(T / t) || softmax(S / tau)) over the batch's documents, S = q d^T:
+    dL/dS = (softmax(S / tau) - softmax(T / t)) / (N tau), so dL/dq = dL/dS d and
+    dL/dd = dL/dS^T q. The teacher's dimension (5) differs from the student's (8)."""
+    b, n, tau, t_t = 3, 1, 0.05, 0.1
+    q = unit(b, 8).requires_grad_()
+    d = unit(b * (1 + n), 8, seed=1).requires_grad_()
+    tq, td = unit(b, 5, seed=2), unit(b * (1 + n), 5, seed=3)
+    kl, backward, stats = similarity_distillation(q, d, tq, td, tau, t_t, cross_device=False)
+    backward.backward()
+    s, t = (q.detach() @ d.detach().T) / tau, (tq @ td.T) / t_t
+    p_s, p_t = s.softmax(1), t.softmax(1)
+    expected = (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+    torch.testing.assert_close(kl.detach(), expected, atol=1e-12, rtol=1e-12)
+    g_s = (p_s - p_t) / (b * tau)
+    torch.testing.assert_close(q.grad, g_s @ d.detach(), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(d.grad, g_s.T @ q.detach(), atol=1e-12, rtol=1e-10)
+    assert 0 <= stats["entropy"] <= 1 and 0 <= stats["agreement"] <= 1
+
+
+def test_embedding_distillation_of_the_students_own_vectors_is_zero():
+    q, d = unit(4, 8), unit(8, 8, seed=1)
+    kl, _, stats = similarity_distillation(q, d, q, d, 0.05, 0.05, cross_device=False)
+    assert float(kl) == pytest.approx(0.0, abs=1e-12)
+
+
+def _model(path):
+    torch.manual_seed(0)
+    emb = Embedder.from_pretrained(path, device="cpu", dtype=torch.float64,
+                                   lora=LoraSettings(r=4, alpha=8, dropout=0.0))  # fmt: skip
+    randomize_lora_b(emb)
+    emb.train()
+    return emb
+
+
+def test_grad_cache_with_embedding_distillation_equals_the_full_batch(tiny_decoder):
+    ref = _model(tiny_decoder)
+    cached = copy.deepcopy(ref)
+    queries = [f"query {i} about {w}" for i, w in enumerate("abcdef")]
+    docs = [f"document {i} on {w}" for i, w in enumerate("abcdef")]
+    negs = [f"other text {i}" for i in range(6)]
+    q, d = ref.tokenize(queries, 32), ref.tokenize(docs + negs, 32)
+    teacher_vectors = (unit(6, 5, seed=4), unit(12, 5, seed=5))
+    scores = torch.randn(6, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    settings = LossSettings(temperature=0.05, cross_device_negatives=False, distil_weight=0.5,
+                            embed_distil_model="teacher", embed_distil_weight=0.7,
+                            embed_distil_temperature=0.1)  # fmt: skip
+
+    def loss(a, b):
+        return training_loss(a, b, settings, None, scores, teacher_vectors)
+
+    def grads(model, chunk):
+        out = grad_cache_step(model, q, d, loss, chunk, torch.device("cpu"))
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    out_ref, g_ref = grads(ref, 0)
+    out, g = grads(cached, 2)
+    torch.testing.assert_close(out.loss, out_ref.loss, atol=1e-9, rtol=1e-9)
+    assert out.stats["embed_kl"] > 0 and all(v.abs().sum() > 0 for v in g.values())
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_embedding_distillation_needs_a_teacher():
+    from conretriever.training.config import parse_config
+
+    with pytest.raises(ConfigError, match="--embed_distil_weight > 0 needs --embed_distil_model"):
+        parse_config(["--embed_distil_weight", "1"])
+
+
+def test_training_with_an_embedding_teacher_logs_its_terms(tiny_decoder, tiny_encoder, tmp_path,
+                                                           monkeypatch):  # fmt: skip
+    from conretriever.cli import main as cli
+
+    monkeypatch.setenv("CONRETRIEVER_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"query": f"question {i}", "positive": [f"answer {i}"], "negative": [f"wrong {i}"]}
+            for i in range(8)]  # fmt: skip
+    (data / "nq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["train", "--model_name_or_path", str(tiny_decoder), "--train_data", str(data),
+            "--per_device_train_batch_size", "4", "--max_steps", "2", "--report_to", "none",
+            "--embed_distil_model", str(tiny_encoder), "--embed_distil_weight", "0.5",
+            "--chunk_size", "2"]  # fmt: skip
+    assert cli([*base, "--output_dir", str(tmp_path / "run")]) == 0
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+    assert all(r["embed_kl"] > 0 and 0 <= r["embed_teacher_agreement"] <= 1 for r in metrics)
+    assert list((tmp_path / "cache").rglob("*.emb.npy")), "teacher passages not in the store"
+
+
+# ----- 3. bidirectional attention ----------------------------------------------------------------
+def _gemma(path, window: int | None = None):
+    from transformers import AutoConfig, AutoModel
+
+    make_decoder_dir(path, arch="gemma3")
+    if window:
+        config = AutoConfig.from_pretrained(path)
+        config.sliding_window = window
+        config.layer_types = ["sliding_attention", "full_attention"]
+        torch.manual_seed(1)
+        AutoModel.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+def _texts(n, seed=0):
+    words = "bidirectional attention sees the whole text in every layer now".split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(words, k=rng.choice([1, 3, 9, 20]))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_bidirectional_packed_equals_padded_and_differs_from_causal(tmp_path, window):
+    folder = _gemma(tmp_path / "g", window)
+    texts = _texts(12)
+    bi = Embedder.from_pretrained(folder, {"bidirectional": True, "pooling": "mean"},
+                                  device="cpu", dtype="float32")  # fmt: skip
+    assert bi.base_model.config.use_bidirectional_attention
+    padded = bi.encode(texts, role="passage", packed=False)
+    packed = bi.encode(texts, role="passage", packed=True, max_tokens=200)
+    np.testing.assert_allclose(packed, padded, atol=1e-5, rtol=0)
+    causal = Embedder.from_pretrained(folder, {"pooling": "mean"}, device="cpu", dtype="float32")
+    assert np.abs(causal.encode(texts, role="passage") - padded).max() > 1e-3
+
+
+def test_bidirectional_mean_folder_loads_identically_everywhere(tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    folder = _gemma(tmp_path / "g")
+    emb = Embedder.from_pretrained(folder, {"bidirectional": True, "pooling": "mean"},
+                                   {"r": 4, "alpha": 8, "dropout": 0.0}, device="cpu",
+                                   dtype="float32")  # fmt: skip
+    randomize_lora_b(emb)
+    texts = _texts(6)
+    ours = emb.encode(texts, role="passage")
+    ours_q = emb.encode(texts, role="query")
+    out = emb.save(tmp_path / "saved")
+    saved = json.loads((out / "conretriever.json").read_text())
+    assert saved["bidirectional"] is True and saved["pooling"] == "mean"
+    again = Embedder.from_pretrained(out, device="cpu", dtype="float32")
+    assert again.settings.bidirectional and again.base_model.config.use_bidirectional_attention
+    np.testing.assert_allclose(again.encode(texts, role="passage"), ours, atol=1e-5)
+    model = st.SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(model.encode(texts), ours, atol=1e-5)
+    np.testing.assert_allclose(model.encode(texts, prompt_name="query"), ours_q, atol=1e-5)
+
+
+def test_bidirectional_is_refused_for_architectures_without_it(tiny_decoder):
+    with pytest.raises(ConfigError, match="--bidirectional: .* has no bidirectional attention"):
+        Embedder.from_pretrained(tiny_decoder, {"bidirectional": True}, device="cpu")
+
+
+# ----- 4. checkpoint averaging -------------------------------------------------------------------
+def _saved(path, tiny_decoder, seed):
+    torch.manual_seed(seed)
+    emb = Embedder.from_pretrained(tiny_decoder, None, {"r": 4, "alpha": 8, "dropout": 0.0},
+                                   device="cpu", dtype="float32")  # fmt: skip
+    randomize_lora_b(emb)
+    return emb.save(path)
+
+
+def test_average_is_the_mean_of_the_merged_weights(tiny_decoder, tmp_path):
+    from safetensors.torch import load_file
+
+    from conretriever.cli import main as cli
+
+    a, b = _saved(tmp_path / "a", tiny_decoder, 1), _saved(tmp_path / "b", tiny_decoder, 2)
+    out = tmp_path / "avg"
+    assert cli(["average", str(a), str(b), "--output", str(out), "--weights", "1", "3"]) == 0
+    wa, wb, wo = (load_file(str(p / "model.safetensors")) for p in (a, b, out))
+    assert set(wo) == set(wa)
+    for name in wa:
+        torch.testing.assert_close(wo[name], 0.25 * wa[name] + 0.75 * wb[name])
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # the inputs really differ
+    loaded = Embedder.from_pretrained(out, device="cpu", dtype="float32")
+    assert loaded.encode(["a text"]).shape == (1, loaded.dim)
+    assert cli(["average", str(a), str(b), "--output", str(out)]) == 2  # exists: refused
+
+
+def test_average_refuses_folders_of_different_models(tiny_decoder, tiny_encoder, tmp_path, capsys):
+    from conretriever.cli import main as cli
+
+    a = _saved(tmp_path / "a", tiny_decoder, 1)
+    enc = Embedder.from_pretrained(tiny_encoder, device="cpu").save(tmp_path / "enc")
+    capsys.readouterr()  # the loads' progress bars
+    assert cli(["average", str(a), str(enc), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(enc) in err[0] and "differ" in err[0]
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(DataError, match="no model.safetensors"):
+        from conretriever.model.average import average_folders
+
+        average_folders([a, tmp_path], tmp_path / "o2")
+
+
+def test_export_steps_writes_folders_to_average(tiny_decoder, tmp_path):
+    from conretriever.cli import main as cli
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"query": f"q {i}", "positive": [f"p {i}"], "negative": [f"n {i}"]} for i in range(8)]
+    (data / "nq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    assert cli(["train", "--model_name_or_path", str(tiny_decoder), "--train_data", str(data),
+                "--per_device_train_batch_size", "4", "--max_steps", "4", "--report_to", "none",
+                "--export_steps", "2", "--output_dir", str(run)]) == 0  # fmt: skip
+    assert sorted(p.name for p in run.glob("export-*")) == ["export-2"]
+    assert cli(["average", str(run / "export-2"), str(run / "final"), "--output",
+                str(tmp_path / "avg")]) == 0  # fmt: skip
+
+
+# ----- the loss section: old run configs ---------------------------------------------------------
+def test_a_run_saved_with_the_old_layout_has_the_same_trajectory():
+    new = RunConfig().to_dict()
+    old = copy.deepcopy(new)
+    loss = old.pop("loss")
+    old["train"].update({k: v for k, v in loss.items() if not k.startswith("embed_")})
+    old["train"]["loss_query_query"] = old["train"].pop("query_query")
+    old["train"]["loss_doc_doc"] = old["train"].pop("doc_doc")
+    assert "temperature" in old["train"] and "loss" not in old
+    upgraded = upgrade_saved(old)
+    assert upgraded["loss"]["query_query"] is False and "temperature" not in upgraded["train"]
+    a, b = trajectory(old), trajectory(new)
+    assert {k: v for k, v in b.items() if not k.startswith("loss.embed_")} == a
