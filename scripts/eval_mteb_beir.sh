@@ -19,6 +19,7 @@ OUTPUT_DIR="${OUTPUT_DIR:-eval_results}"  # <task>.json, summary.md, settings.js
 BATCH_SIZE="${BATCH_SIZE:-}"              # most texts per forward (empty: the CLI's default)
 NPROC="${NPROC:-1}"                       # >1: torchrun, one process per GPU, corpus sharded
 EXTRA_ARGS="${EXTRA_ARGS:-}"              # passed through, e.g. "--max_queries 100 --no_cache"
+MODEL_FLAG="${MODEL_FLAG:---model}"       # --base_model_of: the first argument is a run folder
 
 if [[ $# -lt 1 ]]; then
   sed -n '2,12p' "$0" >&2
@@ -34,7 +35,7 @@ for arg in "$@"; do
   if [[ -d "$arg" ]]; then dirs+=("$arg"); else tasks+=("$arg"); fi
 done
 
-args=(--model "$model" --output_dir "$OUTPUT_DIR")
+args=("$MODEL_FLAG" "$model" --output_dir "$OUTPUT_DIR")
 [[ -n "$BATCH_SIZE" ]] && args+=(--batch_size "$BATCH_SIZE")
 [[ ${#dirs[@]} -gt 0 ]] && args+=(--beir_dir "${dirs[@]}")
 [[ ${#tasks[@]} -gt 0 ]] && args+=(--tasks "${tasks[@]}")

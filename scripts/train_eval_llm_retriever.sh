@@ -51,21 +51,16 @@ echo "== trained in $(( $(date +%s) - start )) s"
 # shellcheck disable=SC2206  # EVAL_DATA is a space-separated list on purpose
 eval_targets=($EVAL_DATA)
 [[ ${#eval_targets[@]} -gt 0 ]] || exit 0
-# Evaluate the untrained model with the lengths the trained one uses (its saved settings).
-read -r base_model qlen dlen < <(python -c "import json, sys, yaml
-run = yaml.safe_load(open(sys.argv[1] + '/config.yaml'))
-saved = json.load(open(sys.argv[1] + '/final/conretriever.json'))
-print(run['model']['model_name_or_path'], saved['query_max_length'], saved['doc_max_length'])" \
-  "$OUTPUT_DIR")
-lengths="--query_max_length $qlen --doc_max_length $dlen --overwrite"
 echo "== evaluate the trained model on: ${EVAL_DATA}"
 OUTPUT_DIR="$OUTPUT_DIR/eval_trained" NPROC="$EVAL_NPROC" EXTRA_ARGS="--overwrite" \
   bash scripts/eval_mteb_beir.sh "$OUTPUT_DIR/final" "${eval_targets[@]}"
 runs=("trained=$OUTPUT_DIR/eval_trained")
 if [[ "$EVAL_BASE" == "1" ]]; then
-  echo "== evaluate the untrained model ($base_model) the same way"
-  OUTPUT_DIR="$OUTPUT_DIR/eval_base" NPROC="$EVAL_NPROC" EXTRA_ARGS="$lengths" \
-    bash scripts/eval_mteb_beir.sh "$base_model" "${eval_targets[@]}"
+  # --base_model_of: the run's base model, with the settings (lengths, prompts, pooling) its
+  # final/ model was trained with
+  echo "== evaluate the untrained base model the same way"
+  OUTPUT_DIR="$OUTPUT_DIR/eval_base" NPROC="$EVAL_NPROC" EXTRA_ARGS="--overwrite" \
+    MODEL_FLAG=--base_model_of bash scripts/eval_mteb_beir.sh "$OUTPUT_DIR" "${eval_targets[@]}"
   runs=("untrained=$OUTPUT_DIR/eval_base" "${runs[@]}")
 fi
 if [[ -n "$REFERENCE" ]]; then

@@ -334,3 +334,50 @@ def test_minilm_on_full_scifact_matches_mteb(shared_data):
     metrics = ev.evaluate_beir_dir(model, shared_data / "scifact", show_progress=False)
     assert metrics["n_queries"] == 300
     assert 64.21 <= 100 * metrics["ndcg_at_10"] <= 64.81
+
+
+def test_eval_records_the_lengths_it_used_and_the_base_model_of_a_run(tiny_decoder, tmp_path):
+    """The model options of ``eval`` are the ``EmbedderSettings`` train has: what is given is
+    what encodes, and settings.json records it; ``--base_model_of RUN`` evaluates the run's
+    base model with its final/ model's settings."""
+    import yaml
+
+    from conretriever.cli import main as cli
+    from conretriever.model.embedder import Embedder
+
+    lengths = {"query_max_length": 40, "doc_max_length": 50}
+    model = Embedder.from_pretrained(tiny_decoder, lengths, device="cpu")
+    model_dir = model.save(tmp_path / "run" / "final")
+    (tmp_path / "run" / "config.yaml").write_text(
+        yaml.safe_dump({"model": {"model_name_or_path": str(tiny_decoder)}})
+    )
+    folder = write_beir(tmp_path / "nfcorpus", DOCS, QUERIES, QRELS)
+    common = ["--beir_dir", str(folder), "--no_cache", "--no_progress"]
+    out = tmp_path / "a"
+    assert cli(["eval", "--model", str(model_dir), "--query_max_length", "32",
+                "--output_dir", str(out), *common]) == 0  # fmt: skip
+    used = json.loads((out / "settings.json").read_text())["embedder_settings"]
+    assert used["query_max_length"] == 32 and used["doc_max_length"] == 50
+    base = tmp_path / "b"
+    assert cli(["eval", "--base_model_of", str(tmp_path / "run"), "--output_dir", str(base),
+                "--doc_max_length", "24", *common]) == 0  # fmt: skip
+    record = json.loads((base / "settings.json").read_text())
+    assert record["model"] == str(tiny_decoder)
+    assert record["embedder_settings"]["query_max_length"] == 40  # the trained model's
+    assert record["embedder_settings"]["doc_max_length"] == 24  # the flag's
+
+
+def test_eval_encode_and_mine_take_the_model_options_train_has():
+    from conretriever.data.mining import MineSettings
+    from conretriever.model.settings import EmbedderSettings
+    from conretriever.options import options
+    from conretriever.retrieval.encode_file import EncodeSettings
+    from conretriever.training.config import RunConfig
+
+    model_options = {o.name for o in options(EmbedderSettings)}
+    train = {o.name for o in options(RunConfig)}
+    assert model_options <= train
+    for cls in (ev.EvalSettings, EncodeSettings, MineSettings):
+        names = {o.name for o in options(cls)}
+        assert model_options <= names, cls.__name__
+        assert "max_length" not in names  # one spelling: --query_max_length / --doc_max_length

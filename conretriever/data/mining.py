@@ -56,6 +56,7 @@ from conretriever.data.tasks import TaskRegistry
 from conretriever.data.training import Example, read_task_file, task_name
 from conretriever.errors import ConfigError, DataError
 from conretriever.files import atomic_files, refuse_existing
+from conretriever.model.settings import EmbedderSettings
 from conretriever.options import opt
 
 NEAR_THRESHOLD_BANDS = (0.9, 0.95, 0.98)  # report how many candidates sit above each
@@ -94,8 +95,7 @@ class MineSettings:
     task: str | None = opt(None, help="task for the registry instruction (none: the file name)")
     instruction: str | None = opt(None, help="query instruction for every row")
     batch_size: int = opt(256, ge=1, help="most texts per forward")
-    max_length: int | None = opt(None, ge=1, help="passage tokens (none: the model's)")
-    truncate_dim: int | None = opt(None, ge=0, help="mine with the first N dims (Matryoshka)")
+    embedder: EmbedderSettings = opt(default_factory=EmbedderSettings)
     cache_dir: Path | None = opt(None, help="corpus embedding cache folder (none: no cache)")
     search_memory_gb: float = opt(
         2.0, gt=0, help="memory for the corpus blocks being scored (any corpus size)"
@@ -233,7 +233,7 @@ def _positive_vectors(embedder, rows, corpus, doc_index, settings) -> tuple[np.n
         vectors.update(zip(in_corpus, found, strict=True))
     if encode:
         emb = encode_sharded(embedder, encode, role="passage", batch_size=settings.batch_size,
-                             max_length=settings.max_length, show_progress=False)  # fmt: skip
+                             show_progress=False)  # fmt: skip
         vectors.update(zip(encode, emb, strict=True))
     width = max(len(ex.positives) for ex in rows)
     out = np.zeros((len(rows), width, corpus.dim), np.float32)
@@ -344,14 +344,12 @@ def mine(settings: MineSettings, embedder=None, registry: TaskRegistry | None = 
         from conretriever.model.embedder import Embedder
 
         embedder = Embedder.from_pretrained(
-            settings.model,
-            {"truncate_dim": settings.truncate_dim},
-            device=runtime.init_distributed().device,
+            settings.model, settings.embedder, device=runtime.init_distributed().device
         )
     report.seconds["load"] = round(time.perf_counter() - timer, 2)
     timer = time.perf_counter()
     corpus = encode_corpus(embedder, corpus_texts, batch_size=settings.batch_size,
-                           max_length=settings.max_length, cache_dir=settings.cache_dir,
+                           cache_dir=settings.cache_dir,
                            show_progress=settings.progress,
                            memory_gb=settings.search_memory_gb)  # fmt: skip
     report.seconds["encode_corpus"] = round(time.perf_counter() - timer, 2)

@@ -60,6 +60,7 @@ from conretriever.evaluation.mteb_bridge import evaluate_with_mteb, local_mteb_t
 from conretriever.files import refuse_existing, write_json
 from conretriever.model.card import record_eval
 from conretriever.model.prompts import query_prefix
+from conretriever.model.settings import EmbedderSettings
 from conretriever.options import opt, to_dict
 from conretriever.retrieval.corpus import encode_corpus, encode_sharded, model_fingerprint
 from conretriever.retrieval.search import build_index, index_search, recall_at_k, search
@@ -79,17 +80,18 @@ class EvalSettings:
     """One evaluation run: ``conretriever eval`` flags, or :func:`evaluate_beir_dir` arguments.
     Saved in ``settings.json`` beside the results."""
 
-    model: str | None = opt(None, required=True, help="model dir, HF id or embedded:<name>")
+    model: str | None = opt(None, help="model dir, HF id or embedded:<name> (or --base_model_of)")
+    base_model_of: str | None = opt(
+        None,
+        help="a training run folder: evaluate its untrained base model with the settings its "
+        "final/ model was trained with (the 'did training help' baseline); instead of --model",
+    )
     tasks: list[str] = opt(default_factory=list, help="MTEB task names or presets beir15, small")
     beir_dir: list[str] = opt(default_factory=list, help="local BEIR folders (offline)")
     output_dir: str = opt("eval_results", help="<task>.json, summary.md and settings.json")
     overwrite: bool = opt(False, help="replace results already in output_dir")
     batch_size: int = opt(256, ge=1, help="most texts per forward (the token budget binds first)")
-    query_max_length: int | None = opt(None, ge=1, help="none: the model's own setting")
-    truncate_dim: int | None = opt(
-        None, ge=0, help="evaluate the first N dims, re-normalised (Matryoshka; none: the model's)"
-    )
-    doc_max_length: int | None = opt(None, ge=1, help="none: the model's own setting")
+    embedder: EmbedderSettings = opt(default_factory=EmbedderSettings)
     instruction: str | None = opt(None, help="one instruction for every task (none: e5's)")
     cache: bool = opt(True, help="read and write the corpus embedding cache")
     cache_dir: str | None = opt(None, help="none: $CONRETRIEVER_CACHE/embeddings")
@@ -117,8 +119,39 @@ class EvalSettings:
     progress: bool = opt(True, help="progress bar / lines while encoding")
 
     def validate(self) -> None:
-        if self.model is not None and not self.tasks and not self.beir_dir:
+        if self.model is not None and self.base_model_of is not None:
+            raise ConfigError("give --model or --base_model_of, not both")
+        if self.model is None and self.base_model_of is None:
+            raise ConfigError("--model is required (or --base_model_of RUN_DIR)")
+        if (self.model is not None or self.base_model_of) and not self.tasks and not self.beir_dir:
             raise ConfigError("give --tasks and/or --beir_dir")
+
+    def model_and_settings(self) -> tuple[str, EmbedderSettings]:
+        """The model spec to load and the embedder settings to load it with: ``--model`` and
+        the flags given; or, with ``--base_model_of RUN``, the run's base model (its
+        ``config.yaml``) with its ``final/`` model's settings, the flags given overriding."""
+        if self.base_model_of is None:
+            if self.model is None:
+                raise ConfigError("--model is required (or --base_model_of RUN_DIR)")
+            return self.model, self.embedder
+        import yaml
+
+        from conretriever.model.export import saved_settings
+        from conretriever.training.config import upgrade_saved
+
+        run = Path(self.base_model_of)
+        config, final = run / "config.yaml", run / "final"
+        if not config.is_file() or not final.is_dir():
+            raise ConfigError(
+                f"--base_model_of {run}: not a finished training run (needs config.yaml and final/)"
+            )
+        try:
+            saved = upgrade_saved(yaml.safe_load(config.read_text()) or {})
+            base = saved["model"]["model_name_or_path"]
+        except (yaml.YAMLError, KeyError, TypeError) as err:
+            raise ConfigError(f"{config}: no model.model_name_or_path ({err})") from None
+        trained = saved_settings(str(final)) or EmbedderSettings()
+        return str(base), self.embedder.over(trained)
 
     def resolved_cache_dir(self) -> Path | None:
         if not self.cache:
@@ -150,7 +183,6 @@ def search_run(
         embedder,
         data.corpus_texts,
         batch_size=settings.batch_size,
-        max_length=settings.doc_max_length,
         cache_dir=settings.resolved_cache_dir(),
         store_dtype=settings.store_dtype,
         show_progress=settings.progress,
@@ -162,7 +194,6 @@ def search_run(
         role="query",
         instruction=instruction,
         batch_size=settings.batch_size,
-        max_length=settings.query_max_length,
         show_progress=settings.progress,
     )
     scores, indices = _ranked(query_emb, corpus, settings, ann)
@@ -339,13 +370,13 @@ def run(settings: EvalSettings) -> int:
     names = [d.name for d in folders] + [t.metadata.name for t in named]
     planned = [out / f"{name}.json" for name in names]
     refuse_existing(planned, settings.overwrite, "evaluation result")
-    overrides = {"truncate_dim": settings.truncate_dim}
-    embedder = Embedder.from_pretrained(settings.model, overrides, dtype=settings.dtype,
+    spec, embedder_settings = settings.model_and_settings()
+    embedder = Embedder.from_pretrained(spec, embedder_settings, dtype=settings.dtype,
                                         device=info.device)  # fmt: skip
     results = []
     for data in folders:
         if settings.engine == "mteb" and not data.subsets:
-            found = evaluate_with_mteb(embedder, [local_mteb_task(data)], settings, settings.model)
+            found = evaluate_with_mteb(embedder, [local_mteb_task(data)], settings, spec)
             results.append({**found[0], "source": data.source})
         else:
             results.append(_evaluate_data(embedder, data, settings))
@@ -354,7 +385,7 @@ def run(settings: EvalSettings) -> int:
     failed = []
     for task in named:  # one at a time: a task that cannot download does not stop the others
         try:
-            results += evaluate_with_mteb(embedder, [task], settings, settings.model)
+            results += evaluate_with_mteb(embedder, [task], settings, spec)
         except (ConnectionError, OSError) as err:
             failed.append(task.metadata.name)
             print(
@@ -363,17 +394,18 @@ def run(settings: EvalSettings) -> int:
                 file=sys.stderr,
             )
     if info.is_main:
-        _write_outputs(out, settings, embedder, results)
+        _write_outputs(out, settings, spec, embedder, results)
     runtime.cleanup()  # every rank waits for rank 0's writes, then leaves the group together
     return 1 if failed else 0
 
 
-def _write_outputs(out: Path, settings: EvalSettings, embedder, results: list[dict]) -> None:
+def _write_outputs(out: Path, settings: EvalSettings, spec: str, embedder, results: list[dict]
+                   ) -> None:  # fmt: skip
     for r in results:
         write_json(out / f"{r['task']}.json", r)
     fmt = embedder.settings.prompt_format
     record = {
-        "model": settings.model,
+        "model": spec,
         "model_fingerprint": model_fingerprint(embedder),
         "embedder_settings": asdict(embedder.settings),
         "eval_settings": to_dict(settings),
@@ -385,8 +417,8 @@ def _write_outputs(out: Path, settings: EvalSettings, embedder, results: list[di
         "world_size": runtime.world_size(),
     }
     write_json(out / "settings.json", record)
-    if Path(settings.model).is_dir():  # a saved model folder: its card lists these results
-        record_eval(Path(settings.model), results, str(out))
+    if settings.model and Path(spec).is_dir():  # a saved model folder: its card lists these
+        record_eval(Path(spec), results, str(out))
     table = summary_table(results)
-    (out / "summary.md").write_text(f"# Retrieval evaluation: `{settings.model}`\n\n{table}")
+    (out / "summary.md").write_text(f"# Retrieval evaluation: `{spec}`\n\n{table}")
     print(table)

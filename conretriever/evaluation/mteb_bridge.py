@@ -43,8 +43,6 @@ class EvalSettings(Protocol):
     """What the bridge reads of ``conretriever.evaluation.evaluate.EvalSettings``."""
 
     batch_size: int
-    query_max_length: int | None
-    doc_max_length: int | None
     instruction: str | None
     progress: bool
     store_dtype: str
@@ -75,7 +73,6 @@ class _Bridge:
             role="query" if is_query else "passage",
             instruction=self.instruction_for(task_name) if is_query else None,
             batch_size=s.batch_size,
-            max_length=s.query_max_length if is_query else s.doc_max_length,
             show_progress=s.progress,
         )
 
@@ -87,7 +84,6 @@ class _Bridge:
             self.embedder,
             texts,
             batch_size=self.settings.batch_size,
-            max_length=self.settings.doc_max_length,
             cache_dir=self.settings.resolved_cache_dir(),
             store_dtype=self.settings.store_dtype,
             show_progress=self.settings.progress,

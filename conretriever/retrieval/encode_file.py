@@ -1,5 +1,7 @@
 """``conretriever encode``: a text file (one text per line) or a JSONL field -> a ``.npy`` matrix.
 
+The model options are the ones ``train`` has (``--query_max_length``, ``--doc_max_length``,
+``--truncate_dim``, ``--pooling``...: the ``EmbedderSettings``); the role's length applies.
 Rows of the output follow the input's non-blank lines; vectors are float32, L2-normalised when
 the model normalises. Under ``torchrun`` the texts are split over the ranks
 (``retrieval.search.encode_sharded``) and rank 0 writes the file.
@@ -16,6 +18,7 @@ import numpy as np
 from conretriever import runtime
 from conretriever.errors import DataError
 from conretriever.files import json_line, open_text, refuse_existing
+from conretriever.model.settings import EmbedderSettings
 from conretriever.options import opt
 
 
@@ -29,13 +32,11 @@ class EncodeSettings:
     role: Literal["query", "passage"] = opt("passage", help="queries get the instruction")
     instruction: str | None = opt(None, help="query instruction (none: the model's default)")
     batch_size: int = opt(256, ge=1, help="most texts per forward (the token budget binds first)")
-    max_length: int | None = opt(None, ge=1, help="tokens per text (none: the model's)")
-    truncate_dim: int | None = opt(
-        None, ge=0, help="first N dims, re-normalised (Matryoshka; 0: all; none: the model's)"
-    )
+    embedder: EmbedderSettings = opt(default_factory=EmbedderSettings)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", help="auto: bf16 where the device computes it natively"
     )
+    progress: bool = opt(True, help="progress while encoding")
 
 
 def read_texts(path: Path, field: str) -> list[str]:
@@ -69,10 +70,7 @@ def run(settings: EncodeSettings) -> int:
     refuse_existing([settings.output], settings.overwrite)
     texts = read_texts(settings.input, settings.field)
     model = Embedder.from_pretrained(
-        settings.model,
-        {"truncate_dim": settings.truncate_dim},
-        dtype=settings.dtype,
-        device=info.device,
+        settings.model, settings.embedder, dtype=settings.dtype, device=info.device
     )
     vectors = encode_sharded(
         model,
@@ -80,8 +78,7 @@ def run(settings: EncodeSettings) -> int:
         role=settings.role,
         instruction=settings.instruction,
         batch_size=settings.batch_size,
-        max_length=settings.max_length,
-        show_progress=True,
+        show_progress=settings.progress,
     )
     if info.is_main:
         settings.output.parent.mkdir(parents=True, exist_ok=True)
