@@ -59,12 +59,12 @@ ROWS: dict[str, dict] = {
     "+ bidirectional, mean pooling": {
         "train": [*EMBED, "--bidirectional", "true", "--pooling", "mean"]
     },
-    "full fine-tuning (no LoRA)": {"train": [*EMBED, "--use_lora", "false",
-                                             "--learning_rate", "2e-5"]},  # fmt: skip
     "+ checkpoint averaging (last 3)": {"average_of": "+ embedding distillation"},
     "untrained Gemma-3-270M": {"model": "embedded:gemma-3-270m",
                                "eval": ["--query_max_length", "64", "--doc_max_length", "128"]},
     "all-MiniLM-L6-v2 (reference)": {"model": "embedded:minilm", "eval": []},
+    "full fine-tuning (no LoRA)": {"train": [*EMBED, "--use_lora", "false",
+                                             "--learning_rate", "2e-5"]},
 }  # fmt: skip
 
 
