@@ -134,6 +134,16 @@ CASES = [
      "--role: 'doc' is not allowed; use one of query, passage"),
     # compare
     ("compare", ["{w}/nowhere"], "nowhere: no evaluation results"),
+    # average
+    ("average", ["{w}/good", "--output", "{w}/avg"], "give at least two model folders, got 1"),
+    ("average", ["{w}/good", "{w}/beir", "--output", "{w}/avg"],
+     "good: no model.safetensors (not a saved model folder)"),
+    ("average", ["{w}/good", "{w}/beir", "--output", "{w}/avg", "--weights", "1"],
+     "--weights: 1 weights for 2 model folders"),
+    # train: the recipe's options
+    ("train", ["--embed_distil_weight", "1"], "needs --embed_distil_model"),
+    ("train", ["--bidirectional", "true"], "has no bidirectional attention option"),
+    ("train", ["--distil_temperature", "0"], "--distil_temperature: must be > 0"),
     # synthetic data
     ("brainstorm", ["--families", "poetry"],
      "--families: 'poetry' is not allowed; use one of all, short-long"),

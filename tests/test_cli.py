@@ -94,6 +94,7 @@ BAD = {
     "decontaminate": ["--data", "/nonexistent.jsonl"],
     "convert": ["--dataset", "x.jsonl"],
     "compare": ["/nonexistent/eval_folder"],
+    "average": ["/nonexistent/a", "/nonexistent/b", "--output", "/tmp/never_avg"],
     "report": ["/nonexistent/run"],
     "brainstorm": ["--families", "poetry"],
     "generate": ["--examples_per_task", "0"],

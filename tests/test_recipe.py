@@ -19,7 +19,8 @@ from conftest import make_decoder_dir, randomize_lora_b
 from conretriever.errors import ConfigError, DataError
 from conretriever.model.embedder import Embedder
 from conretriever.model.settings import LoraSettings
-from conretriever.training.config import RunConfig, trajectory, upgrade_saved
+from conretriever.saved_config import upgrade_saved
+from conretriever.training.config import RunConfig, trajectory
 from conretriever.training.grad_cache import grad_cache_step
 from conretriever.training.loss import (
     LossSettings,

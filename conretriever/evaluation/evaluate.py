@@ -137,7 +137,7 @@ class EvalSettings:
         import yaml
 
         from conretriever.model.export import saved_settings
-        from conretriever.training.config import upgrade_saved
+        from conretriever.saved_config import upgrade_saved
 
         run = Path(self.base_model_of)
         config, final = run / "config.yaml", run / "final"

@@ -88,7 +88,7 @@ def _usage(folder: Path, settings: dict, instruction: str | None) -> list[str]:
 
 
 def _recipe(config: dict, settings: dict) -> list[str]:
-    from conretriever.training.config import upgrade_saved
+    from conretriever.saved_config import upgrade_saved
 
     config = upgrade_saved(config)
     m, d, t = config.get("model", {}), config.get("data", {}), config.get("train", {})
