@@ -96,7 +96,9 @@ def cpu_has_native_bf16() -> bool:
 
 def _device_type(device: torch.device | str | None) -> str:
     if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from conretriever.runtime import default_device
+
+        return default_device().type
     return torch.device(device).type
 
 

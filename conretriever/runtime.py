@@ -6,11 +6,18 @@ joins the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RA
 GPUs, gloo on CPUs) and picks this process's device; ``train``, ``eval``, ``encode`` and
 ``mine`` all call it, and everything else asks :func:`rank` / :func:`world_size`, which are 0 / 1
 when no group is initialised.
+
+It is also the one home of three things every stage needs: this process's default device
+(:func:`default_device`), "every rank runs as many forwards" (:func:`most_over_ranks`: under
+FSDP each forward all-gathers weights, so a rank that stops early hangs the others) and the RNG
+states (:func:`rng_state` / :func:`set_rng_state`, :func:`preserved_rng`).
 """
 
 from __future__ import annotations
 
 import os
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +43,9 @@ def init_distributed(group_of_one: bool = False) -> DistInfo:
     device); without torchrun's variables it listens on a free loopback port."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else default_device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if (world > 1 or group_of_one) and not dist.is_initialized():
         if world == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -90,3 +95,65 @@ def cleanup(synchronize: bool = True) -> None:
         if synchronize:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def default_device() -> torch.device:
+    """The current CUDA device where there is one (torchrun's ``LOCAL_RANK`` once
+    :func:`init_distributed` set it), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def most_over_ranks(*counts: int) -> tuple[int, ...]:
+    """Each count's maximum over all ranks (the counts themselves in a world of one): how many
+    forwards every rank must run so that none stops while the others still all-gather."""
+    if not is_distributed():
+        return tuple(int(c) for c in counts)
+    device = default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = torch.tensor([int(c) for c in counts], dtype=torch.int64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(int(v) for v in values.tolist())
+
+
+def rng_state(torch_only: bool = False) -> dict:
+    """Every RNG this process draws from: torch's CPU generator, the current CUDA device's, and
+    (unless ``torch_only``) Python's ``random`` and numpy's global generator, as plain values
+    (tensors, ints, lists) that ``torch.load(weights_only=True)`` reads back."""
+    state: dict = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if not torch_only:
+        import numpy as np
+
+        state["python"] = random.getstate()
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured; keys it lacks (a CUDA state on a CPU-only
+    machine, numpy's in checkpoints written before it was saved) are left as they are."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "python" in state:
+        python = state["python"]
+        random.setstate((python[0], tuple(python[1]), python[2]))
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+@contextmanager
+def preserved_rng():
+    """Every RNG as it was before the block (evaluation during training must not move the
+    training trajectory)."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)

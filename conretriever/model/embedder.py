@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from conretriever import runtime
 from conretriever.errors import ConfigError
 from conretriever.model import export
 from conretriever.model.prompts import format_passage, format_query
@@ -168,7 +169,7 @@ class Embedder(nn.Module):
         if effective.bidirectional != defaults.bidirectional:
             config = _with_attention(config, path, bool(effective.bidirectional), spec)
 
-        dev = torch.device(device) if device else _default_device()
+        dev = torch.device(device) if device else runtime.default_device()
         kwargs = {"dtype": resolve_dtype(dtype, dev)}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
@@ -461,13 +462,10 @@ def _as_many_as_every_rank(batches: list[list[int]]) -> list[list[int]]:
     """Under torchrun, as many batches as the rank with the most: an FSDP-sharded model
     all-gathers its weights in every forward, so a rank that stopped early would hang the
     others. The extra batches repeat this rank's first one and their output is discarded."""
-    from conretriever import runtime
-
     if not runtime.is_distributed() or not batches:
         return batches
-    count = torch.tensor([len(batches)])
-    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-    return batches + [batches[0]] * (int(count) - len(batches))
+    (count,) = runtime.most_over_ranks(len(batches))
+    return batches + [batches[0]] * (count - len(batches))
 
 
 def _pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -536,10 +534,6 @@ def _with_attention(config, path, bidirectional: bool, spec):
             "option; it exists for Gemma-3 (use_bidirectional_attention)"
         )
     return AutoConfig.from_pretrained(path, use_bidirectional_attention=bidirectional)
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _autocast(device: torch.device):

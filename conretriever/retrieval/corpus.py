@@ -143,10 +143,9 @@ def _equal_forwards(texts: list[str], fallback: str) -> list[str]:
     """Pad this rank's texts with repeats so every rank encodes as many (FSDP: see module)."""
     if not runtime.is_distributed():
         return texts
-    count = torch.tensor([len(texts)])
-    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    (count,) = runtime.most_over_ranks(len(texts))
     filler = texts[-1] if texts else fallback
-    return texts + [filler] * (int(count) - len(texts))
+    return texts + [filler] * (count - len(texts))
 
 
 def encode_sharded(
@@ -265,12 +264,7 @@ def _encode_chunks(embedder, store, texts, lo, to_encode, keys, chunk, batch_siz
     one (its on-disk shard is returned), else stays in memory. Every rank runs as many
     chunks of as many texts as the others (FSDP: see the module docstring)."""
     count = len(to_encode)
-    if runtime.is_distributed():
-        most = torch.tensor([count])
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        total = int(most)
-    else:
-        total = count
+    (total,) = runtime.most_over_ranks(count)
     filler = texts[lo + int(to_encode[-1])] if count else (texts[lo] if lo < len(texts) else "")
     out = []
     for begin in range(0, total, chunk):

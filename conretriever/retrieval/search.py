@@ -41,12 +41,6 @@ INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 GATHERED_BYTES = [0]  # bytes this rank sent to the top-k gathers (tests assert the size)
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def block_rows(dim: int, query_rows: int, k: int, memory_gb: float) -> int:
     """Corpus rows per block so that the block (float32), its scores against ``query_rows``
     queries (float32, plus the masks of the tie rule) and the running top-k fit the budget."""
@@ -85,7 +79,7 @@ def _merge(best: tuple, new: tuple, k: int) -> tuple:
 def _search_slice(queries: np.ndarray, corpus: CorpusVectors, k: int, memory_gb: float,
                   payload: Callable | None, first_query: int = 0):  # fmt: skip
     """Top-k of ``queries`` within this rank's slice: (scores, global ids, payload)."""
-    device = _device()
+    device = runtime.default_device()
     q = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(device)
     rows = block_rows(corpus.dim, len(q), k, memory_gb)
     best = None
@@ -222,7 +216,7 @@ def index_search(index, queries: np.ndarray, corpus: CorpusVectors, k: int):
         index.hnsw.efSearch = max(128, 2 * k_local)  # found 80% of an exact top-100 on SciFact
     scores, local = index.search(np.ascontiguousarray(queries, np.float32), max(k_local, 1))
     scores, local = scores[:, :k_local], local[:, :k_local]
-    device = _device()
+    device = runtime.default_device()
     best = (torch.from_numpy(scores).to(device),
             torch.from_numpy(local.astype(np.int64) + corpus.start).to(device), None)  # fmt: skip
     merged = _gather_ranks(best, k)

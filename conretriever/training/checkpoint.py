@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import pickle
-import random
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -118,13 +117,6 @@ def _state_options(strict: bool = True):
     return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
 def save(out: Path, step: int, model, optimizer, scheduler, run_id: str, keep: int,
          name: str | None = None, extra: dict | None = None) -> Path:  # fmt: skip
     """Write ``checkpoint-<step>`` (or ``name``; collective: every rank calls it); rotate to
@@ -143,7 +135,7 @@ def save(out: Path, step: int, model, optimizer, scheduler, run_id: str, keep: i
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
     with _single_process_quiet():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    torch.save(runtime.rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         state = {
             "step": step,
@@ -244,9 +236,5 @@ def load(path: Path, model, optimizer, scheduler) -> int:
         options=_state_options(strict=False),
     )
     scheduler.load_state_dict(state["scheduler"])
-    rng = torch.load(path / f"rng_rank{runtime.rank()}.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    runtime.set_rng_state(torch.load(path / f"rng_rank{runtime.rank()}.pt", weights_only=True))
     return int(state["step"])

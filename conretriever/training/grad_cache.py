@@ -55,6 +55,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from conretriever import runtime
 from conretriever.model.embedder import _token_budget_batches
 from conretriever.training.distributed import set_gradient_sync, world_size
 from conretriever.training.loss import LossOutput
@@ -63,17 +64,14 @@ Batch = dict[str, torch.Tensor]  # input_ids, attention_mask (right padded)
 
 
 class RandState:
-    """The RNG state of the CPU and the current CUDA device, captured and restorable."""
+    """torch's RNG states (CPU and current CUDA device) before a chunk's first forward, so its
+    second forward draws the same dropout masks (``runtime.rng_state``)."""
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.state = runtime.rng_state(torch_only=True)
 
     def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
+        runtime.set_rng_state(self.state)
 
 
 Chunk = dict  # padded: {"input_ids", "attention_mask"} [rows, longest]; packed: {"seqs": ids}
@@ -129,9 +127,8 @@ def _same_count_on_every_rank(
     hangs. Ranks hold equal row counts, so splitting chunks always gets there."""
     if world_size() == 1:
         return q_groups, d_groups
-    counts = torch.tensor([len(q_groups), len(d_groups)], device=device)
-    torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
-    return split_to_count(q_groups, int(counts[0])), split_to_count(d_groups, int(counts[1]))
+    q_count, d_count = runtime.most_over_ranks(len(q_groups), len(d_groups))
+    return split_to_count(q_groups, q_count), split_to_count(d_groups, d_count)
 
 
 def _embed(model: nn.Module, chunk: Chunk, device: torch.device, autocast) -> torch.Tensor:

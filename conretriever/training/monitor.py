@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -70,21 +68,6 @@ def subset(data: BeirData, max_queries: int | None, max_docs: int | None, seed: 
                     data.split, data.source)  # fmt: skip
 
 
-@contextmanager
-def preserved_rng():
-    """Every RNG the training loop draws from, as it was before the block."""
-    state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        torch.set_rng_state(state[0])
-        random.setstate(state[1])
-        np.random.set_state(state[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
-
-
 class Monitor:
     """Evaluation during training and the best-model record of one run."""
 
@@ -114,7 +97,7 @@ class Monitor:
         e = self.cfg.evaluation
         row: dict = {"step": step}
         per_task = {}
-        with preserved_rng(), torch.no_grad():
+        with runtime.preserved_rng(), torch.no_grad():
             for data in self.folders:
                 m = evaluate_beir_dir(model, data, batch_size=e.eval_batch_size, cache_dir=None,
                                       show_progress=False)  # fmt: skip
