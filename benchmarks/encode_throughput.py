@@ -317,7 +317,7 @@ def padded_tokens(lengths: list[int], batches: list[list[int]]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from conretriever.model.embedder import _token_budget_batches
+    from conretriever.model.batching import token_budget_batches
 
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     ] + [
         sum(lengths)
         if packed
-        else padded_tokens(lengths, _token_budget_batches(lengths, args.max_batch, b))
+        else padded_tokens(lengths, token_budget_batches(lengths, args.max_batch, b))
         for packed, b in ours
     ]
 

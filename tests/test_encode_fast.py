@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import make_decoder_dir
 
-from conretriever.model.embedder import Embedder, _pad_right, _token_budget_batches
+from conretriever.model.batching import token_budget_batches
+from conretriever.model.embedder import Embedder, _pad_right
 
 WORDS = "retrieval dense vector query passage model token batch budget sort length".split()
 
@@ -100,19 +101,19 @@ def test_batches_respect_the_token_budget(tiny_decoder):
     assert shapes[-1].shape[0] > shapes[0].shape[0]  # short texts: more per batch
 
 
-def test_token_budget_batches_cover_every_index_once():
+def testtoken_budget_batches_cover_every_index_once():
     rng = random.Random(0)
     lengths = [rng.randint(1, 100) for _ in range(500)]
-    batches = _token_budget_batches(lengths, max_sequences=32, max_tokens=1000)
+    batches = token_budget_batches(lengths, max_sequences=32, max_tokens=1000)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(500))
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
     for b in batches:
         assert len(b) <= 32 and (len(b) * lengths[b[0]] <= 1000 or len(b) == 1)
     # a text longer than the budget still gets encoded, alone
-    assert _token_budget_batches([5, 2000, 5], 8, 1000) == [[1], [0, 2]]
+    assert token_budget_batches([5, 2000, 5], 8, 1000) == [[1], [0, 2]]
     with pytest.raises(ValueError):
-        _token_budget_batches([1], 0, 10)
+        token_budget_batches([1], 0, 10)
 
 
 def test_pad_right():

@@ -17,7 +17,8 @@ import torch
 from conftest import make_decoder_dir, save_tiny_decoder
 
 import conretriever.model.packing as packing
-from conretriever.model.embedder import Embedder, _token_budget_batches
+from conretriever.model.batching import token_budget_batches
+from conretriever.model.embedder import Embedder
 
 WORDS = "packed rows restart positions attention stays inside every text".split()
 
@@ -91,7 +92,7 @@ def test_packed_batches_hold_the_real_token_budget(tiny_decoder, count_calls):
     rows = count_calls[::layers]  # one packed row length per batch
     assert sum(rows) == sum(lengths)  # every real token once, no padding at all
     assert all(t <= 300 for t in rows)
-    batches = _token_budget_batches(lengths, 256, 300, packed=True)
+    batches = token_budget_batches(lengths, 256, 300, packed=True)
     assert [sum(lengths[i] for i in b) for b in batches] == rows
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from conretriever import runtime
 from conretriever.errors import ConfigError
 from conretriever.model import export
+from conretriever.model.batching import auto_token_budget, token_budget_batches
 from conretriever.model.prompts import format_passage, format_query
 from conretriever.model.settings import EmbedderSettings, LoraSettings
 from conretriever.model.specs import resolve_model
@@ -362,7 +363,7 @@ class Embedder(nn.Module):
         elif packed and not is_decoder_config(self.base_model.config):
             raise ValueError("packed encoding needs a decoder (causal attention); use packed=False")
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
-        batches = _token_budget_batches([len(x) for x in ids], batch_size, max_tokens, packed)
+        batches = token_budget_batches([len(x) for x in ids], batch_size, max_tokens, packed)
         real = len(batches)
         batches = _as_many_as_every_rank(batches)
         if show_progress is None:
@@ -403,47 +404,6 @@ class Embedder(nn.Module):
         but holds half the weights. ``dtype`` casts the floating-point weights (e.g. bfloat16).
         """
         return export.save_folder(self, out_dir, state_dict, dtype)
-
-
-def auto_token_budget(device: torch.device) -> int:
-    """Tokens per encoding batch when the caller does not say: 16,384 on a GPU (big matmuls keep
-    it busy), 1,024 on a CPU, where big batches are SLOWER: their activations spill out of the
-    caches. Measured on 2 cores, 240 demo passages (15.4k tokens) through Gemma-3-270M: 16,384
-    -> 45 s, 2,048 -> 32 s, 1,024 -> 26-29 s in fp32 on AVX2; 23 s / 13.5 s / 12.6-15 s in bf16
-    on AVX-512; all-MiniLM-L6-v2 on 1,500 SciFact passages: 90 / 78 / 81 s (AVX2, fp32), on
-    1,000: 58-62 / 60 / 54 s (AVX-512, fp32)."""
-    return 16384 if device.type == "cuda" else 1024
-
-
-def _token_budget_batches(
-    lengths: list[int], max_sequences: int, max_tokens: int | None, packed: bool = False
-) -> list[list[int]]:
-    """Group indices of sequences with ``lengths`` (tokens) into batches, longest first.
-
-    A padded batch is padded to its first (longest) member, so its cost is
-    ``len(batch) * lengths[0]`` tokens; a packed batch (``packed=True``) costs the sum of its
-    lengths. A sequence joins the current batch while that cost stays within ``max_tokens`` and
-    the batch has fewer than ``max_sequences`` members. A single sequence longer than the budget
-    gets a batch of its own. Equal lengths keep their input order (stable sort).
-    """
-    if max_sequences < 1:
-        raise ValueError(f"batch_size must be >= 1, got {max_sequences}")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    total = 0  # real tokens in ``current``
-    for i in order:
-        if current:
-            full = len(current) >= max_sequences
-            cost = total + lengths[i] if packed else (len(current) + 1) * lengths[current[0]]
-            if full or (bool(max_tokens) and cost > max_tokens):
-                batches.append(current)
-                current, total = [], 0
-        current.append(i)
-        total += lengths[i]
-    if current:
-        batches.append(current)
-    return batches
 
 
 def truncate_vectors(vectors: np.ndarray, keep: int | None, normalize: bool = True) -> np.ndarray:

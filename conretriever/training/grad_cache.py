@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from conretriever import runtime
-from conretriever.model.embedder import _token_budget_batches
+from conretriever.model.batching import token_budget_batches
 from conretriever.training.distributed import set_gradient_sync, world_size
 from conretriever.training.loss import LossOutput
 
@@ -87,7 +87,7 @@ def plan_rows(
     > 0. Else groups of ``chunk_size`` consecutive rows (all rows in one group when 0)."""
     n = len(lengths)
     if chunk_tokens > 0:
-        return _token_budget_batches(
+        return token_budget_batches(
             lengths, chunk_size if chunk_size > 0 else n, chunk_tokens, packed
         )
     size = chunk_size if chunk_size > 0 else max(n, 1)
