@@ -48,8 +48,8 @@ COMMANDS: dict[str, Command] = {
         "encode a text/JSONL file to a .npy matrix",
     ),
     "mine": Command(
-        "conretriever.data.mining:MineSettings",
-        "conretriever.data.mining:run",
+        "conretriever.retrieval.mining:MineSettings",
+        "conretriever.retrieval.mining:run",
         "mine hard negatives with any embedder",
     ),
     "decontaminate": Command(

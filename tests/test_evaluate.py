@@ -368,10 +368,10 @@ def test_eval_records_the_lengths_it_used_and_the_base_model_of_a_run(tiny_decod
 
 
 def test_eval_encode_and_mine_take_the_model_options_train_has():
-    from conretriever.data.mining import MineSettings
     from conretriever.model.settings import EmbedderSettings
     from conretriever.options import options
     from conretriever.retrieval.encode_file import EncodeSettings
+    from conretriever.retrieval.mining import MineSettings
     from conretriever.training.config import RunConfig
 
     model_options = {o.name for o in options(EmbedderSettings)}

@@ -13,9 +13,9 @@ from torch import nn
 
 from conretriever.cli import main as cli_main
 from conretriever.data.decontam import DecontamSettings, decontaminate, normalize_text
-from conretriever.data.mining import MineSettings, mine, parse_window
 from conretriever.data.tasks import TaskRegistry
 from conretriever.data.training import DataError, read_task_file
+from conretriever.retrieval.mining import MineSettings, mine, parse_window
 
 
 class FixedEmbedder(nn.Module):

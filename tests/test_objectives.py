@@ -234,9 +234,9 @@ def test_score_fields_are_validated(tmp_path):
 
 
 def test_positive_aware_mining_rules_and_teacher_scores(tiny_encoder, tmp_path):
-    from conretriever.data.mining import MineSettings, mine
     from conretriever.data.training import read_task_file
     from conretriever.model.embedder import Embedder
+    from conretriever.retrieval.mining import MineSettings, mine
 
     corpus = [{"_id": str(i), "text": f"passage number {i} about topic {i % 4}"} for i in range(40)]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))

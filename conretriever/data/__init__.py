@@ -3,6 +3,6 @@
 ``tasks`` is the task registry (weights, instructions, the e5-mistral evaluation instructions);
 ``training`` reads task files into validated examples and plans and collates batches; ``beir``
 is the one reader of BEIR folders; ``sources`` and ``convert`` turn other datasets into task
-files; ``mining`` adds hard negatives with any embedder; ``decontam`` finds training rows that
-overlap evaluation data.
+files; ``decontam`` finds training rows that overlap evaluation data. (Mining hard negatives
+runs an embedder and a search: it is ``conretriever.retrieval.mining``.)
 """

@@ -1,5 +1,5 @@
 """Retrieval: encode a corpus once (cached on disk, sharded over ranks) and search it.
 
 Used by evaluation (``conretriever.evaluation``) and by hard-negative mining
-(``conretriever.data.mining``), so both rank documents the same way.
+(``conretriever.retrieval.mining``), so both rank documents the same way.
 """
