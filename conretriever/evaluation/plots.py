@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conretriever.errors import DataError
+from conretriever.files import output_folder, writing
 from conretriever.options import opt
 
 TRAIN_PANELS = (
@@ -139,10 +140,12 @@ def run(settings: ReportSettings) -> int:
     train, evals = {}, {}
     for name, path in names.items():
         train[name], evals[name] = read_metrics(path)
-    settings.out.mkdir(parents=True, exist_ok=True)
-    written = [training_curves(train, settings.out / "training.png")]
-    if any(evals.values()):
-        written.append(evaluation_curves(evals, settings.out / "evaluation.png"))
+    output_folder(settings.out, "--out")
+    with writing(settings.out, "--out"):
+        settings.out.mkdir(parents=True, exist_ok=True)
+        written = [training_curves(train, settings.out / "training.png")]
+        if any(evals.values()):
+            written.append(evaluation_curves(evals, settings.out / "evaluation.png"))
     for path in written:
         print(f"plot: {path}")
     return 0
