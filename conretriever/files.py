@@ -106,21 +106,7 @@ def output_folder(path: str | Path, flag: str) -> Path:
     check that tells the truth about read-only mounts, ACLs and root. Nothing is created, so
     a command that fails later leaves no empty folder behind. A full disk may still let an
     empty file be created; the writes themselves report it (:func:`writing`)."""
-    path = Path(path)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        if existing.is_symlink():  # a dangling link: mkdir would fail on it
-            raise UserError(f"{flag} {path}: {existing} is a broken symbolic link")
-        existing = existing.parent
-    if not existing.is_dir():
-        what = "is a file" if existing == path else f"{existing} is a file"
-        raise UserError(f"{flag} {path}: {what}, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise UserError(f"{flag} {path}: cannot write in {existing}: {os_reason(err)}") from None
-    return path
+    return _check_folder(Path(path), flag, Path(path))
 
 
 def output_file(path: str | Path, flag: str) -> Path:
@@ -130,8 +116,26 @@ def output_file(path: str | Path, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder, not a file")
-    output_folder(path.parent, flag)
+    _check_folder(path.parent, flag, path)
     return path
+
+
+def _check_folder(folder: Path, flag: str, named: Path) -> Path:
+    """:func:`output_folder`'s check of ``folder``; messages name ``named`` (the flag's value)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise UserError(f"{flag} {named}: {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == named else f"{existing} is a file"
+        raise UserError(f"{flag} {named}: {what}, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {named}: cannot write in {existing}: {os_reason(err)}") from None
+    return folder
 
 
 @contextmanager

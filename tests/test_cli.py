@@ -93,6 +93,7 @@ BAD = {
              "0-3"],
     "decontaminate": ["--data", "/nonexistent.jsonl"],
     "convert": ["--dataset", "x.jsonl"],
+    "average": ["/nonexistent/model", "--output", "/tmp/never_averaged"],
     "compare": ["/nonexistent/eval_folder"],
     "report": ["/nonexistent/run"],
     "brainstorm": ["--families", "poetry"],
