@@ -124,6 +124,17 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _os_error_line(err: OSError) -> str:
+    """``<file>: <reason>`` on one line for an OSError (``ConnectionError`` included)."""
+    from conretriever.files import os_reason
+
+    if err.errno is not None:
+        reason = os_reason(err)
+    else:  # e.g. a ConnectionError carrying only a message
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"{os.fsdecode(err.filename)}: {reason}" if err.filename else reason
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("CONRETRIEVER_DEBUG", "") not in ("", "0")
@@ -153,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if _is_rank0():
             print(f"conretriever {name}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the last resort (see the module docstring)
+        if debug:
+            raise
+        if _is_rank0():
+            print(f"conretriever {name}: error: {_os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"conretriever {name}: interrupted", file=sys.stderr)

@@ -18,6 +18,21 @@ the command line, Python callers, scripts and saved runs all read the same ones.
   ``choices`` (or a ``Literal`` type) and its bounds (``ge``, ``gt``, ``le``); a dataclass may add
   cross-field checks in a ``validate()`` method. Each problem is a :class:`ConfigError` naming the
   flag (or ``file: key``), the value given and what is allowed.
+* **Lists and commas.** A list option takes its items space-separated (``--tasks a b``) or, in
+  YAML, as a list. What a comma inside one item means is decided per option, never guessed
+  from the value (``opt(commas=...)``), because ``--bitext_pairs English-French,German-English``
+  read as ONE item made one task whose target language was "French,German-English":
+
+  - ``"split"``: a comma separates items too (``--fields query,positive``). The default for
+    enumerated lists (``choices``) and lists of numbers, which cannot hold a comma; declared for
+    lists of names that cannot either (MTEB task names, language pairs);
+  - ``"path"``: never split, since a comma is a legal character in a file name; an item with a
+    comma that names no existing file or folder is refused, naming the flag and showing the
+    space-separated form. The default for lists of paths (``list[Path]``);
+  - ``"keep"``: free text, taken as given (declared where a comma is part of a legitimate
+    value);
+  - any other list of strings refuses a comma in an item (``"refuse"``), so a new option cannot
+    fall into the trap silently: it must declare one of the above.
 * **Help.** ``conretriever <command> --help`` prints the command's name and one line per option
   with its default and allowed values.
 
@@ -47,6 +62,7 @@ import yaml
 from conretriever.errors import ConfigError
 
 _NONE_WORDS = ("none", "null")
+_COMMA_RULES = ("split", "path", "keep", "refuse")
 _TRUE = ("1", "true", "yes", "y", "on")
 _FALSE = ("0", "false", "no", "n", "off")
 
@@ -66,13 +82,18 @@ def opt(
     allow_nan: bool = False,
     metavar: str | None = None,
     required: bool = False,
+    commas: str | None = None,
 ):
     """A dataclass field with command-line extras (see the module docstring).
 
     ``prefix`` applies to a section field: its fields' flags get it (``lora_``). ``aliases``
     are extra flag names (without dashes). ``positional`` makes a list field the command's
     positional arguments. No default, or ``required=True`` (a default that Python callers may
-    rely on, None say, that the command line must not), makes the option required there."""
+    rely on, None say, that the command line must not), makes the option required there.
+    ``commas``: for a list, what a comma inside an item means (``split``, ``path``, ``keep``,
+    ``refuse``; see the module docstring); None derives it from the item type."""
+    if commas not in (None, *_COMMA_RULES):
+        raise AssertionError(f"opt(commas={commas!r}): use one of {', '.join(_COMMA_RULES)}")
     meta = {
         "help": help,
         "choices": tuple(choices) if choices is not None else None,
@@ -85,6 +106,7 @@ def opt(
         "allow_nan": allow_nan,
         "metavar": metavar,
         "required": required,
+        "commas": commas,
     }
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
@@ -135,6 +157,7 @@ _DEFAULT_META = {
     "allow_nan": False,
     "metavar": None,
     "required": False,
+    "commas": None,
 }
 
 
@@ -268,9 +291,43 @@ def _scalar(value: object, base: object, where: str) -> object:
     raise AssertionError(f"{where}: unsupported option type {base!r}")
 
 
-def convert(value: object, tp: object, where: str, split_commas: bool = False) -> object:
+def comma_rule(o: Option) -> str | None:
+    """What a comma inside one item of list option ``o`` means (the module docstring's
+    rules); None for an option that is not a list."""
+    base, _ = _unwrap_optional(o.type)
+    if typing.get_origin(base) is not list:
+        return None
+    if o.meta["commas"] is not None:
+        return o.meta["commas"]
+    (item,) = typing.get_args(base)
+    if _choices(o) is not None or item in (int, float):
+        return "split"
+    if item is Path:
+        return "path"
+    return "refuse"
+
+
+def _commas(items: list, rule: str, where: str) -> list:
+    """List items after the comma rule ``rule``: split, or checked (see :func:`comma_rule`)."""
+    if rule == "split":  # "--fields query,positive" == "--fields query positive"
+        return [p.strip() for v in items for p in str(v).split(",") if p.strip()]
+    for v in items:
+        if not isinstance(v, str) or "," not in v or rule == "keep":
+            continue
+        if rule == "path" and Path(v).expanduser().exists():
+            continue  # a real file or folder whose name holds a comma
+        spaced = " ".join(p.strip() for p in v.split(",") if p.strip())
+        raise ConfigError(
+            f"{where}: {v!r} holds a comma; give several items separated by spaces "
+            f"({where.split(':')[-1].strip()} {spaced})"
+            + (", or a path that exists" if rule == "path" else "")
+        )
+    return items
+
+
+def convert(value: object, tp: object, where: str, commas: str | None = None) -> object:
     """``value`` checked and converted to the annotation ``tp`` (see the module docstring);
-    ``split_commas``: list items may be comma-separated (enumerated lists)."""
+    ``commas``: a list's rule for a comma inside one item (:func:`comma_rule`; None: keep)."""
     base, optional = _unwrap_optional(tp)
     if value is None or (
         optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS
@@ -281,8 +338,7 @@ def convert(value: object, tp: object, where: str, split_commas: bool = False) -
     if typing.get_origin(base) is list:
         (item,) = typing.get_args(base)
         items = value if isinstance(value, list | tuple) else [value]
-        if split_commas:  # "--fields query,positive" == "--fields query positive"
-            items = [p.strip() for v in items for p in str(v).split(",") if p.strip()]
+        items = _commas(list(items), commas or "keep", where)
         return [convert(v, item, f"{where}[{i}]") for i, v in enumerate(items)]
     return _scalar(value, base, where)
 
@@ -315,16 +371,37 @@ def _suggest(name: str, known: list[str]) -> str:
 
 
 # ----- YAML -------------------------------------------------------------------------------------
-def read_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, what: str = "config"):
+    """The plain YAML value in ``path`` (``yaml.safe_load``); every failure is one
+    :class:`ConfigError` line naming the file and, where YAML knows it, the line:
+
+    * the file cannot be read (``<path>: cannot read <what>: ...``);
+    * a syntax error (``<path>:<line>: not valid YAML: ...``);
+    * a language-specific tag (``!!python/object/apply:os.system``...): ``safe_load`` builds
+      plain values only and refuses it; that is a refusal, not a crash, and the message says
+      which tag and that only plain values are accepted."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read config: {err}") from None
+        raise ConfigError(f"{path}: cannot read {what}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML: {getattr(err, 'problem', err)}") from None
+        problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+        if isinstance(err, yaml.constructor.ConstructorError) and "tag" in problem:
+            tag = problem.split("tag", 1)[1].strip(" '").removeprefix("tag:yaml.org,2002:")
+            raise ConfigError(
+                f"{path}{line}: YAML tag !!{tag} is not allowed; a {what} holds plain values "
+                "only (mappings, lists, strings, numbers, booleans)"
+            ) from None
+        raise ConfigError(f"{path}{line}: not valid YAML: {problem}") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A ``--config`` file: a mapping of settings (:func:`load_yaml` for the errors)."""
+    path = Path(path)
+    raw = load_yaml(path)
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -375,7 +452,7 @@ def build(cls: type, values: dict[str, tuple[object, str]]):
     for o in options(cls):
         if o.name in values:
             raw, where = values[o.name]
-            value = convert(raw, o.type, where, split_commas=_choices(o) is not None)
+            value = convert(raw, o.type, where, commas=comma_rule(o))
             _check(o, value, where)
         elif o.required:
             raise ConfigError(f"{o.flag} is required")

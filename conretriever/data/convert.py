@@ -51,7 +51,7 @@ from conretriever.data.sources import (
 from conretriever.data.tasks import BEIR_DIR_TO_TASK, TaskRegistry, eval_instruction
 from conretriever.data.training import MAX_REPORTED_ERRORS, parse_row
 from conretriever.errors import ConfigError, DataError
-from conretriever.files import atomic_files, refuse_existing
+from conretriever.files import atomic_files, output_folder, refuse_existing, writing
 from conretriever.options import opt
 from conretriever.progress import Progress
 
@@ -285,14 +285,16 @@ def convert_source(
 def convert(settings: ConvertSettings, registry: TaskRegistry | None = None) -> list[TaskReport]:
     """Convert every source; all task files appear together, or none does."""
     registry = registry or TaskRegistry.load()
+    output_folder(settings.out, "--out")  # a file there, read-only: before reading anything
     sources = resolve_sources(settings)
     names = [s.task for s in sources]
     if len(set(names)) != len(names):
         raise DataError(f"two sources map to the same task name: {names}")
     refuse_existing([settings.out / f"{n}.jsonl" for n in names], settings.overwrite, "task file")
-    settings.out.mkdir(parents=True, exist_ok=True)
     reports = []
-    with atomic_files() as stage:
+    # A full disk half-way: the staged files go, the task files already there stay as they were.
+    with writing(settings.out, "--out"), atomic_files() as stage:
+        settings.out.mkdir(parents=True, exist_ok=True)
         for source in sources:
             tmp = stage(settings.out / f"{source.task}.jsonl")
             with open(tmp, "w", encoding="utf-8") as handle:

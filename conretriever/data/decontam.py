@@ -30,7 +30,16 @@ from pathlib import Path
 
 from conretriever.data.training import parse_row, task_name
 from conretriever.errors import ConfigError, DataError
-from conretriever.files import atomic_files, json_line, open_text, refuse_existing
+from conretriever.files import (
+    atomic_files,
+    json_line,
+    open_text,
+    output_file,
+    output_folder,
+    refuse_existing,
+    write_text,
+    writing,
+)
 from conretriever.options import opt, to_dict
 
 KINDS = ("exact", "normalized", "ngram")
@@ -207,8 +216,11 @@ def decontaminate(settings: DecontamSettings, drop_out: Path | None = None) -> d
                 _scan_file(path, index, settings, tally, None)
                 continue
             final = drop_out / path.name if len(files) > 1 else drop_out
-            final.parent.mkdir(parents=True, exist_ok=True)
-            with open(stage(final), "w", encoding="utf-8") as writer:
+            with writing(drop_out, "--out"):
+                final.parent.mkdir(parents=True, exist_ok=True)
+                writer = open(stage(final), "w", encoding="utf-8")  # noqa: SIM115
+            # the training files were listed just before, so an OSError here is the output's
+            with writer, writing(drop_out, "--out"):
                 _scan_file(path, index, settings, tally, writer)
     flagged = sum(tally.counts.values())
     return {
@@ -263,10 +275,15 @@ def summary(report: dict) -> str:
 def run(settings: DecontamSettings) -> int:
     """``conretriever decontaminate``."""
     outputs = [p for p in (settings.report, settings.out if settings.drop else None) if p]
+    if settings.report:
+        output_file(settings.report, "--report")
+    if settings.drop and settings.out:
+        # one file out (a single training file) or a folder of them: check where it goes
+        output_folder(settings.out.parent if settings.out.suffix else settings.out, "--out")
     refuse_existing(outputs, settings.overwrite)
     report = decontaminate(settings, settings.out if settings.drop else None)
     if settings.report:
-        settings.report.parent.mkdir(parents=True, exist_ok=True)
-        settings.report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        with writing(settings.report, "--report"):
+            write_text(settings.report, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(summary(report))
     return 0

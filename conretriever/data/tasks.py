@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import yaml
+from conretriever.errors import ConfigError
+from conretriever.options import load_yaml
 
 
 @dataclass(frozen=True)
@@ -159,21 +160,18 @@ class TaskRegistry:
         if yaml_path is None:
             return reg
         path = Path(yaml_path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ValueError(f"{path}: cannot read task config: {err}") from None
+        raw = load_yaml(path, "task config") or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of task name -> settings")
+            raise ConfigError(f"{path}: expected a mapping of task name -> settings")
         allowed = {"weight", "query_type", "passage_type", "instruction"}
         for name, entry in raw.items():
             entry = entry or {}
             if not isinstance(entry, dict) or set(entry) - allowed:
                 bad = set(entry) - allowed if isinstance(entry, dict) else entry
-                raise ValueError(f"{path}: task {name!r}: unknown fields {bad}; use {allowed}")
+                raise ConfigError(f"{path}: task {name!r}: unknown fields {bad}; use {allowed}")
             weight = entry.get("weight", reg.tasks.get(name, TaskSpec(name)).weight)
             if not isinstance(weight, int | float) or weight < 0:
-                raise ValueError(f"{path}: task {name!r}: weight must be a number >= 0")
+                raise ConfigError(f"{path}: task {name!r}: weight must be a number >= 0")
             base = reg.tasks.get(name, TaskSpec(str(name)))
             reg.tasks[name] = replace(
                 base,

@@ -7,11 +7,11 @@ training help" view the demo prints (untrained, trained, and a reference model).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from conretriever.errors import DataError
+from conretriever.files import output_file, read_json, write_text, writing
 from conretriever.options import opt
 
 METRICS = (("nDCG@10", "ndcg_at_10"), ("R@10", "recall_at_10"), ("MRR@10", "mrr_at_10"))
@@ -23,7 +23,7 @@ def load_results(folder: str | Path) -> dict[str, dict]:
     for path in sorted(Path(folder).glob("*.json")):
         if path.name == "settings.json":
             continue
-        record = json.loads(path.read_text())
+        record = read_json(path)
         if isinstance(record, dict) and "metrics" in record:
             out[record.get("task", path.stem)] = record["metrics"]
     if not out:
@@ -66,6 +66,9 @@ class CompareSettings:
         positional=True,
         required=True,
         metavar="NAME=DIR",
+        # a run's NAME is free text ("lr 1e-4, 2 epochs"); a wrong DIR fails as a folder
+        # without results, naming it, so a comma cannot pass unnoticed
+        commas="keep",
         help="conretriever eval output folders, optionally named (DIR alone: its folder name)",
     )
     output: Path | None = opt(None, help="also write the table to this markdown file")
@@ -73,6 +76,9 @@ class CompareSettings:
 
 
 def run(settings: CompareSettings) -> int:
+    for path, flag in ((settings.output, "--output"), (settings.plot, "--plot")):
+        if path:
+            output_file(path, flag)
     runs = []
     for item in settings.runs:
         name, _, folder = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
@@ -80,9 +86,11 @@ def run(settings: CompareSettings) -> int:
     table = compare_table(runs)
     print(table)
     if settings.output:
-        settings.output.write_text(table)
+        with writing(settings.output, "--output"):
+            write_text(settings.output, table)  # a full disk keeps the old table
     if settings.plot:
         from conretriever.evaluation.plots import compare_bars
 
-        print(f"plot: {compare_bars(runs, settings.plot)}")
+        with writing(settings.plot, "--plot"):
+            print(f"plot: {compare_bars(runs, settings.plot)}")
     return 0

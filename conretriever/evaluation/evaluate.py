@@ -57,7 +57,7 @@ from conretriever.data.tasks import eval_instruction
 from conretriever.errors import ConfigError
 from conretriever.evaluation.metrics import K_VALUES, MAIN_SCORE, retrieval_metrics
 from conretriever.evaluation.mteb_bridge import evaluate_with_mteb, local_mteb_task, mteb_tasks
-from conretriever.files import refuse_existing, write_json
+from conretriever.files import output_folder, refuse_existing, write_json, write_text, writing
 from conretriever.model.card import record_eval
 from conretriever.model.prompts import query_prefix
 from conretriever.model.settings import EmbedderSettings
@@ -86,8 +86,10 @@ class EvalSettings:
         help="a training run folder: evaluate its untrained base model with the settings its "
         "final/ model was trained with (the 'did training help' baseline); instead of --model",
     )
-    tasks: list[str] = opt(default_factory=list, help="MTEB task names or presets beir15, small")
-    beir_dir: list[str] = opt(default_factory=list, help="local BEIR folders (offline)")
+    tasks: list[str] = opt(default_factory=list, commas="split",
+                           help="MTEB task names or presets beir15, small")  # fmt: skip
+    beir_dir: list[str] = opt(default_factory=list, commas="path",
+                              help="local BEIR folders (offline)")  # fmt: skip
     output_dir: str = opt("eval_results", help="<task>.json, summary.md and settings.json")
     overwrite: bool = opt(False, help="replace results already in output_dir")
     batch_size: int = opt(256, ge=1, help="most texts per forward (the token budget binds first)")
@@ -357,7 +359,7 @@ def run(settings: EvalSettings) -> int:
     from conretriever.model.embedder import Embedder
 
     info = runtime.init_distributed()
-    out = Path(settings.output_dir)
+    out = output_folder(settings.output_dir, "--output_dir")  # before an hour of encoding
     # Read every folder and look up every task first: a malformed file or a misspelt task name
     # fails in seconds, not after an hour of encoding.
     folders = [load_beir_dir(p, settings.split) for p in settings.beir_dir]
@@ -394,7 +396,8 @@ def run(settings: EvalSettings) -> int:
                 file=sys.stderr,
             )
     if info.is_main:
-        _write_outputs(out, settings, spec, embedder, results)
+        with writing(out, "--output_dir"):
+            _write_outputs(out, settings, spec, embedder, results)
     runtime.cleanup()  # every rank waits for rank 0's writes, then leaves the group together
     return 1 if failed else 0
 
@@ -417,8 +420,9 @@ def _write_outputs(out: Path, settings: EvalSettings, spec: str, embedder, resul
         "world_size": runtime.world_size(),
     }
     write_json(out / "settings.json", record)
-    if settings.model and Path(spec).is_dir():  # a saved model folder: its card lists these
-        record_eval(Path(spec), results, str(out))
     table = summary_table(results)
-    (out / "summary.md").write_text(f"# Retrieval evaluation: `{spec}`\n\n{table}")
+    write_text(out / "summary.md", f"# Retrieval evaluation: `{spec}`\n\n{table}")
+    if settings.model and Path(spec).is_dir():  # a saved model folder: its card lists these
+        with writing(spec, "--model (its model card)"):
+            record_eval(Path(spec), results, str(out))
     print(table)

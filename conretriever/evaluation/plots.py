@@ -15,10 +15,12 @@ matplotlib's file-only backend (Agg) is used, so no screen is needed.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from conretriever.errors import DataError
+from conretriever.files import output_folder, writing
 from conretriever.options import opt
 
 TRAIN_PANELS = (
@@ -73,7 +75,7 @@ def training_curves(runs: dict[str, list[dict]], out: Path) -> Path:
     axes[-1].set_xlabel("step")
     fig.suptitle("training", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    _save(fig, Path(out))
     plt.close(fig)
     return out
 
@@ -95,7 +97,7 @@ def evaluation_curves(runs: dict[str, list[dict]], out: Path, metric: str = "ndc
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    _save(fig, Path(out))
     plt.close(fig)
     return out
 
@@ -117,7 +119,7 @@ def compare_bars(runs: list[tuple[str, dict[str, dict]]], out: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    _save(fig, Path(out))
     plt.close(fig)
     return Path(out)
 
@@ -131,7 +133,18 @@ class ReportSettings:
     out: Path = opt(Path("report"), help="folder for training.png and evaluation.png")
 
 
+def _save(fig, out: Path) -> None:
+    """The PNG written aside and renamed: a full disk keeps the old plot, not half a new one."""
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def run(settings: ReportSettings) -> int:
+    output_folder(settings.out, "--out")  # before reading the runs
     names: dict[str, Path] = {}
     for path in settings.runs:
         name = path.resolve().name
@@ -139,10 +152,11 @@ def run(settings: ReportSettings) -> int:
     train, evals = {}, {}
     for name, path in names.items():
         train[name], evals[name] = read_metrics(path)
-    settings.out.mkdir(parents=True, exist_ok=True)
-    written = [training_curves(train, settings.out / "training.png")]
-    if any(evals.values()):
-        written.append(evaluation_curves(evals, settings.out / "evaluation.png"))
+    with writing(settings.out, "--out"):
+        settings.out.mkdir(parents=True, exist_ok=True)
+        written = [training_curves(train, settings.out / "training.png")]
+        if any(evals.values()):
+            written.append(evaluation_curves(evals, settings.out / "evaluation.png"))
     for path in written:
         print(f"plot: {path}")
     return 0

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conretriever.errors import ConfigError, DataError
-from conretriever.files import refuse_existing
+from conretriever.files import output_folder, refuse_existing, writing
 from conretriever.options import opt
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -40,7 +40,11 @@ class AverageSettings:
     """``conretriever average`` flags."""
 
     models: list[str] = opt(
-        default_factory=list, positional=True, metavar="MODEL_DIR", help="saved model folders"
+        default_factory=list,
+        positional=True,
+        commas="path",
+        metavar="MODEL_DIR",
+        help="saved model folders",
     )
     output: str | None = opt(None, required=True, aliases=("out",), help="the averaged model")
     weights: list[float] = opt(
@@ -160,8 +164,9 @@ def average_folders(models: list[str | Path], output: str | Path,
 
 def run(settings: AverageSettings) -> int:
     """``conretriever average``."""
-    out = Path(settings.output)
+    out = output_folder(settings.output, "--output")  # a file there: refused, not deleted
     refuse_existing([out], settings.overwrite, "averaged model")
-    path = average_folders(settings.models, out, settings.weights or None)
+    with writing(out, "--output"):
+        path = average_folders(settings.models, out, settings.weights or None)
     print(f"averaged {len(settings.models)} models into {path}")
     return 0

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from conretriever import runtime
-from conretriever.errors import ConfigError
+from conretriever.errors import ConfigError, UserError
 from conretriever.model import export
 from conretriever.model.batching import auto_token_budget, token_budget_batches
 from conretriever.model.prompts import format_passage, format_query
@@ -158,7 +160,8 @@ class Embedder(nn.Module):
         if isinstance(lora, dict):
             lora = LoraSettings(**lora)
         path = resolve_model(spec)
-        config = AutoConfig.from_pretrained(path)
+        with _not_a_model(spec):
+            config = AutoConfig.from_pretrained(path)
         defaults = EmbedderSettings.defaults_for(
             decoder=is_decoder_config(config),
             bidirectional=bool(getattr(config, "use_bidirectional_attention", False)),
@@ -174,8 +177,9 @@ class Embedder(nn.Module):
         kwargs = {"dtype": resolve_dtype(dtype, dev)}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        backbone = AutoModel.from_pretrained(path, config=config, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with _not_a_model(spec):
+            backbone = AutoModel.from_pretrained(path, config=config, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path)
         if gradient_checkpointing:
             set_activation_checkpointing(backbone, True)
         if hasattr(backbone.config, "use_cache"):
@@ -464,9 +468,32 @@ def is_activation_checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, name))
 
 
+def linear_module_names(backbone: nn.Module) -> list[str]:
+    """The distinct last names of the backbone's linear layers (``q_proj``, ``down_proj``...):
+    what ``--lora_target_modules`` may name."""
+    linear = (name for name, m in backbone.named_modules() if isinstance(m, nn.Linear))
+    return sorted({name.rsplit(".", 1)[-1] for name in linear})
+
+
 def apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
+    """``backbone`` wrapped in a new LoRA adapter on ``lora.target_modules``.
+
+    A module name the model does not have is checked here, before peft sees it (peft's own
+    ValueError would surface as a traceback), with peft's matching rule: ``name`` matches a
+    module whose dotted path is ``name`` or ends in ``.name``. Whatever else peft refuses (a
+    module of a type LoRA cannot wrap, say) becomes the same one-line :class:`ConfigError`."""
     from peft import LoraConfig, get_peft_model
 
+    targets = lora.modules()
+    if targets != "all-linear":
+        paths = [name for name, _ in backbone.named_modules()]
+        missing = [t for t in targets if not any(p == t or p.endswith(f".{t}") for p in paths)]
+        if missing or not targets:
+            raise ConfigError(
+                f"--lora_target_modules: {', '.join(missing) or repr(lora.target_modules)}: "
+                f"no such module in {type(backbone).__name__}; its linear modules are "
+                f"{', '.join(linear_module_names(backbone))} (or use all-linear)"
+            )
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -479,7 +506,14 @@ def apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
         warnings.filterwarnings(
             "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
         )
-        return get_peft_model(backbone, config)
+        try:
+            return get_peft_model(backbone, config)
+        except ValueError as err:
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise ConfigError(
+                f"--lora_target_modules {lora.target_modules}: {first}; the linear modules of "
+                f"{type(backbone).__name__} are {', '.join(linear_module_names(backbone))}"
+            ) from None
 
 
 def _with_attention(config, path, bidirectional: bool, spec):
@@ -494,6 +528,21 @@ def _with_attention(config, path, bidirectional: bool, spec):
             "option; it exists for Gemma-3 (use_bidirectional_attention)"
         )
     return AutoConfig.from_pretrained(path, use_bidirectional_attention=bidirectional)
+
+
+@contextmanager
+def _not_a_model(spec) -> Iterator[None]:
+    """transformers' refusals of a folder or hub id that is not a loadable model (a
+    config.json without ``model_type``, no weights file, no tokenizer, an unreachable hub) as
+    one line naming the spec. They are ``OSError`` (missing files, no network) or ``ValueError``
+    (an unrecognised config); the first line of transformers' message says which file."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{spec}: cannot load it as a model: {first}") from None
 
 
 def _autocast(device: torch.device):

@@ -17,7 +17,7 @@ import numpy as np
 
 from conretriever import runtime
 from conretriever.errors import DataError
-from conretriever.files import json_line, open_text, refuse_existing
+from conretriever.files import json_line, open_text, output_file, refuse_existing, writing
 from conretriever.model.settings import EmbedderSettings
 from conretriever.options import opt
 
@@ -67,6 +67,7 @@ def run(settings: EncodeSettings) -> int:
     from conretriever.retrieval.corpus import encode_sharded
 
     info = runtime.init_distributed()
+    output_file(settings.output, "--output")
     refuse_existing([settings.output], settings.overwrite)
     texts = read_texts(settings.input, settings.field)
     model = Embedder.from_pretrained(
@@ -81,10 +82,14 @@ def run(settings: EncodeSettings) -> int:
         show_progress=settings.progress,
     )
     if info.is_main:
-        settings.output.parent.mkdir(parents=True, exist_ok=True)
         tmp = settings.output.with_name(f".{settings.output.name}.tmp")
-        with open(tmp, "wb") as handle:
-            np.save(handle, vectors)
-        tmp.replace(settings.output)
+        try:
+            with writing(settings.output, "--output"):
+                settings.output.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "wb") as handle:
+                    np.save(handle, vectors)
+                tmp.replace(settings.output)
+        finally:
+            tmp.unlink(missing_ok=True)  # a full disk: no half .npy left beside the output
         print(f"wrote {vectors.shape} to {settings.output}")
     return 0

@@ -55,7 +55,7 @@ from conretriever.data.decontam import normalize_text
 from conretriever.data.tasks import TaskRegistry
 from conretriever.data.training import Example, read_task_file, task_name
 from conretriever.errors import ConfigError, DataError
-from conretriever.files import atomic_files, refuse_existing
+from conretriever.files import atomic_files, output_file, refuse_existing, write_text, writing
 from conretriever.model.settings import EmbedderSettings
 from conretriever.options import opt
 
@@ -359,9 +359,10 @@ def mine(settings: MineSettings, embedder=None, registry: TaskRegistry | None = 
     bands = dict.fromkeys(NEAR_THRESHOLD_BANDS, 0)
     main_rank = runtime.is_main()
     if main_rank:
-        settings.out.parent.mkdir(parents=True, exist_ok=True)
+        with writing(settings.out, "--out"):
+            settings.out.parent.mkdir(parents=True, exist_ok=True)
     bar = Progress(len(examples), "mine", enabled=settings.progress and main_rank, unit="rows")
-    with atomic_files() as stage, bar:
+    with writing(settings.out, "--out"), atomic_files() as stage, bar:
         handle = open(stage(settings.out), "w", encoding="utf-8") if main_rank else None  # noqa: SIM115
         try:
             for start in range(0, len(examples), ROW_BLOCK):
@@ -385,13 +386,17 @@ def run(settings: MineSettings) -> int:
     the corpus; rank 0 writes)."""
     from conretriever import runtime
 
+    output_file(settings.out, "--out")
+    if settings.report:
+        output_file(settings.report, "--report")
     refuse_existing([p for p in (settings.out, settings.report) if p], settings.overwrite)
     report = mine(settings)
     if not runtime.is_main():
         return 0
     text = json.dumps(report.__dict__, indent=2)
     if settings.report:
-        settings.report.write_text(text + "\n")
+        with writing(settings.report, "--report"):
+            write_text(settings.report, text + "\n")
     print(text)
     print(
         f"{settings.out}: {report.rows} rows, {report.negatives_written} negatives "

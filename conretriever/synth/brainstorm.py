@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conretriever.errors import ConfigError
+from conretriever.files import output_folder
 from conretriever.options import opt
 from conretriever.synth import prompts
 from conretriever.synth.client import (
@@ -175,7 +176,9 @@ class BrainstormCommand:
     examples_shown: int = opt(3, ge=1, help="seed tasks shown per request, drawn afresh")
     max_tasks_per_family: int = opt(0, ge=0, help="keep at most N distinct tasks (0: all)")
     bitext_pairs: list[str] = opt(
-        default_factory=list, help="SRC-TGT language pairs (none: seed_tasks/bitext.json's)"
+        default_factory=list,
+        commas="split",  # a language name holds no comma: "English-French,German-English" = 2
+        help="SRC-TGT language pairs, space or comma separated (none: seed_tasks/bitext.json's)",
     )
     seed: int = opt(0)
     retry_rejects: bool = opt(False, help="re-ask requests whose replies were rejected")
@@ -205,6 +208,7 @@ def run(command: BrainstormCommand) -> int:
     """``conretriever brainstorm``: step 1 of the synthetic data, resumable."""
     configure_logging(command.verbose)
     s, cs = command.settings(), command.client
+    output_folder(s.out_dir, "--out_dir")  # before any request is paid for
     jobs = plan_requests(s, cs.temperature)
     # No client (and no key check) when nothing needs the LLM, e.g. only sts/bitext.
     client = LLMClient(cs) if jobs else None

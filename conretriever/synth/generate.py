@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conretriever.errors import ConfigError
+from conretriever.files import output_folder
 from conretriever.options import opt
 from conretriever.synth import prompts
 from conretriever.synth.client import (
@@ -230,6 +231,9 @@ def run(command: GenerateCommand) -> int:
     """``conretriever generate``: step 2 of the synthetic data, resumable."""
     configure_logging(command.verbose)
     s, cs = command.settings(), command.client
+    output_folder(s.out_dir, "--out_dir")  # before any request is paid for
+    if s.train_dir and command.convert:
+        output_folder(s.train_dir, "--train_dir")
     tasks = load_tasks(s.tasks_file or s.out_dir / "tasks.jsonl", s.families)
     jobs = plan_requests(tasks, s)
     client = LLMClient(cs)
@@ -256,5 +260,6 @@ def run_convert(command: ConvertSyntheticCommand) -> int:
     examples = command.examples or command.out_dir / "examples.jsonl"
     if not examples.exists():
         raise StoreError(f"{examples}: not found; run `conretriever generate` first")
+    output_folder(command.train_dir or command.out_dir / "train", "--train_dir")
     write_training_file(examples, command.train_dir or command.out_dir / "train")
     return 0

@@ -24,6 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conretriever.files import writing
 from conretriever.progress import Progress
 from conretriever.synth.client import ClientSettings, Completion, FatalError
 from conretriever.synth.store import AppendLog, read_jsonl
@@ -177,7 +178,8 @@ class ResumableRun:
             log.warning("[%s] %d requests failed after retries; rerun the same command to retry "
                         "them", self.stage, self.counts["failed"])  # fmt: skip
         log.info("[%s] summary %s", self.stage, json.dumps(summary))
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "usage.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(summary) + "\n")
+        with writing(self.out_dir / "usage.jsonl"):
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "usage.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(summary) + "\n")
         return summary

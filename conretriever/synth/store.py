@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from conretriever.errors import DataError
+from conretriever.files import writing
 
 
 class StoreError(DataError):
@@ -81,9 +82,11 @@ class AppendLog:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_tail()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = -1
+        with writing(self.path):  # a read-only or full output folder: one line naming the log
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._repair_tail()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def _repair_tail(self) -> None:
         """Cut an unterminated last line left by a killed writer."""
@@ -99,9 +102,10 @@ class AppendLog:
     def append(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
         view = memoryview(line)
-        while view:  # os.write on a regular file writes everything unless the disk is full
-            view = view[os.write(self._fd, view) :]
-        os.fsync(self._fd)
+        with writing(self.path):  # the log keeps every complete line written before
+            while view:  # os.write on a regular file writes everything unless the disk is full
+                view = view[os.write(self._fd, view) :]
+            os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -116,16 +120,21 @@ class AppendLog:
 
 
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
-    """Write ``records`` to ``path`` via a temporary file and a rename; returns the count."""
+    """Write ``records`` to ``path`` via a temporary file and a rename; returns the count. On a
+    failure (a full disk) the old ``path`` stays and the temporary file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                for rec in records:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    n += 1
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return n

@@ -22,8 +22,15 @@ dtypes and layouts, and paths; anything else (``os.system``...) is refused. A cr
 folder therefore cannot run code.
 
 On resume, :func:`latest_loadable` checks the newest checkpoint of this run (its files parse, every
-rank's RNG file is there) and falls back, with a warning, to the previous complete one when it
-cannot be read.
+tensor shard is as long as the index says, every rank's RNG file is there) and falls back, with a
+warning, to the previous complete one when it cannot be read; :func:`load` reports damage the
+checks cannot see (bytes flipped inside a shard) as :class:`Unreadable`, and the training loop
+then falls back the same way. When this run's checkpoints are all damaged, the resume stops with
+one line naming them rather than silently starting again from step 0.
+
+DCP reports a failure in any rank as ``CheckpointException``, which derives from
+``BaseException`` (not ``Exception``): :func:`_dcp_errors` turns it back into the underlying
+error (an ``OSError`` for a full disk on save) or :class:`Unreadable` on load.
 """
 
 from __future__ import annotations
@@ -43,6 +50,34 @@ from conretriever import runtime
 from conretriever.errors import UserError
 
 log = logging.getLogger("conretriever.checkpoint")
+
+
+class Unreadable(UserError):
+    """A checkpoint whose files exist but cannot be loaded (a truncated or corrupt shard)."""
+
+
+@contextmanager
+def _dcp_errors(path: Path, loading: bool):
+    """DCP's ``CheckpointException`` (a ``BaseException`` wrapping each rank's error) as the
+    error it wraps: on load, :class:`Unreadable` naming the checkpoint; on save, the first
+    rank's ``OSError`` itself (a full disk: the command line reports it as one line)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        errors = [pair[0] for pair in exc.failures.values()]
+        first = errors[0] if errors else exc
+        if loading:
+            # torch's messages run to a paragraph; the first sentence says what broke
+            detail = (str(first).strip().splitlines() or [""])[0].split(". ")[0][:160]
+            raise Unreadable(
+                f"{path}: cannot resume from it: {type(first).__name__}: {detail}"
+            ) from None
+        for err in errors:
+            if isinstance(err, OSError):
+                raise err from None
+        raise
 
 
 # ----- reading DCP metadata without running code -------------------------------------------------
@@ -133,7 +168,7 @@ def save(out: Path, step: int, model, optimizer, scheduler, run_id: str, keep: i
         tmp.mkdir(parents=True)
     runtime.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
-    with _single_process_quiet():
+    with _single_process_quiet(), _dcp_errors(tmp, loading=False):
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
     torch.save(runtime.rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
@@ -186,9 +221,11 @@ def problem(path: Path, run_id: str, world: int) -> str | None:
             "resume needs the same world size"
         )
     try:
-        safe_metadata((path / "state" / ".metadata").read_bytes())
+        metadata = safe_metadata((path / "state" / ".metadata").read_bytes())
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
         return f"state/.metadata unreadable ({err})"
+    if short := _short_shard(path / "state", metadata):
+        return short
     for r in range(world):
         try:
             torch.load(path / f"rng_rank{r}.pt", weights_only=True)
@@ -197,21 +234,53 @@ def problem(path: Path, run_id: str, world: int) -> str | None:
     return None
 
 
-def latest_loadable(out: Path, run_id: str) -> Path | None:
+def _short_shard(state: Path, metadata) -> str | None:
+    """A tensor shard missing or shorter than the index says (a copy or a disk that stopped
+    half-way): found from the file sizes alone, without reading a tensor."""
+    needed: dict[str, int] = {}
+    for info in getattr(metadata, "storage_data", {}).values():
+        name = str(info.relative_path)
+        needed[name] = max(needed.get(name, 0), int(info.offset) + int(info.length))
+    for name, size in sorted(needed.items()):
+        shard = state / name
+        if not shard.is_file():
+            return f"state/{name} is missing"
+        if (have := shard.stat().st_size) < size:
+            return f"state/{name} is truncated ({have} of {size} bytes)"
+    return None
+
+
+def latest_loadable(out: Path, run_id: str, skip: tuple[Path, ...] = ()) -> Path | None:
     """The newest checkpoint of run ``run_id`` that can be resumed from (rank 0 decides and
-    tells the others), skipping unreadable ones with a warning each."""
-    choice = None
+    tells the others), skipping unreadable ones with a warning each, and those in ``skip``
+    (found damaged by :func:`load`).
+
+    When checkpoints are there but none of this run's can be used (every one damaged), that is
+    an error naming them: starting from step 0 over a run that had progress would throw it
+    away. Checkpoints of other runs do not count (rotation never touches them either)."""
+    choice, damaged = None, []
     if runtime.is_main():
         for path in reversed(checkpoints(out)):
+            if path in skip:
+                damaged.append(path.name)
+                continue
             why = problem(path, run_id, runtime.world_size())
             if why is None:
                 choice = str(path)
                 break
             log.warning("%s: cannot resume from it: %s; trying the previous one", path, why)
+            if not why.startswith("written by another run"):
+                damaged.append(path.name)
     if runtime.is_distributed():
-        box = [choice]
+        box = [(choice, damaged)]
         torch.distributed.broadcast_object_list(box, src=0)
-        choice = box[0]
+        choice, damaged = box[0]
+    if choice is None and damaged:
+        raise UserError(
+            f"{out}: --resume: no checkpoint of this run can be resumed from (damaged: "
+            f"{', '.join(damaged)}; see the warnings above); remove them to restart the run "
+            "from step 0, or start afresh with --overwrite_output_dir true"
+        )
     return Path(choice) if choice else None
 
 
@@ -223,7 +292,7 @@ def load(path: Path, model, optimizer, scheduler) -> int:
     state = json.loads((path / "trainer_state.json").read_text())
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_options())
     sd = {"model": model_sd, "optim": optim_sd}
-    with _single_process_quiet():
+    with _single_process_quiet(), _dcp_errors(path, loading=True):
         dcp.load(sd, storage_reader=_safe_reader(path / "state"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if missing := trainable - set(sd["model"]):

@@ -139,7 +139,7 @@ class EvalConfig:
     """Evaluation during training (``training.monitor``); none of it changes the trajectory."""
 
     eval_data: list[str] = opt(
-        default_factory=list, help="local BEIR folders evaluated during training"
+        default_factory=list, commas="path", help="local BEIR folders evaluated during training"
     )
     eval_steps: int = opt(0, ge=0, help="evaluate every N steps and after the last (0: never)")
     eval_max_queries: int | None = opt(None, ge=1, help="a fixed subset: the first N queries")
@@ -168,7 +168,10 @@ class RunConfig:
         return to_dict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write-then-rename: a resume on a full disk keeps the saved config it compared with."""
+        from conretriever.files import write_text
+
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # Settings that do not change what the run computes: where it writes, how often it reports

@@ -34,6 +34,7 @@ from conretriever import runtime
 from conretriever.data.tasks import TaskRegistry
 from conretriever.data.training import EpochSampler, build_items, collate, load_training_data
 from conretriever.errors import ConfigError, TrainingError
+from conretriever.files import writing
 from conretriever.model.card import write_card
 from conretriever.model.embedder import Embedder
 from conretriever.precision import describe, use_mixed_bf16
@@ -169,7 +170,8 @@ def setup(cfg: RunConfig, info: DistInfo, folder: RunFolder) -> Setup:
     registry, data, sampler, total = _data(cfg, info)
     monitor = Monitor(cfg, folder.path)  # reads (and checks) the eval folders before training
     if info.is_main:
-        _record_tasks(folder.path, registry, data)
+        with writing(folder.path, "--output_dir"):
+            _record_tasks(folder.path, registry, data)
         log.info("%d steps (%d per epoch), global batch %d", total, len(sampler),
                  sampler.global_batch_size)  # fmt: skip
     model = build_model(cfg, info)
@@ -222,13 +224,23 @@ def resume(s: Setup) -> int:
     schedule and weight decay are then those of the (possibly ``force``-changed) config."""
     if not s.folder.resumed:
         return 0
-    found = checkpoint.latest_loadable(s.folder.path, s.folder.run_id)
-    if found is None:
-        if s.info.is_main:
-            log.info("--resume: no checkpoint of this run in %s, starting from scratch",
-                     s.folder.path)  # fmt: skip
-        return 0
-    start = checkpoint.load(found, s.model, s.optimizer, s.scheduler)
+    damaged: tuple[Path, ...] = ()
+    while True:
+        found = checkpoint.latest_loadable(s.folder.path, s.folder.run_id, skip=damaged)
+        if found is None:
+            if s.info.is_main:
+                log.info("--resume: no checkpoint of this run in %s, starting from scratch",
+                         s.folder.path)  # fmt: skip
+            return 0
+        try:
+            # A failed load may have written part of the weights; the next one overwrites
+            # every trainable weight and optimizer entry again, so nothing of it survives.
+            start = checkpoint.load(found, s.model, s.optimizer, s.scheduler)
+            break
+        except checkpoint.Unreadable as err:
+            if s.info.is_main:
+                log.warning("%s; trying the previous one", err)
+            damaged += (found,)
     s.monitor.restore(found)
     t = s.cfg.train
     s.scheduler.base_lrs = [t.learning_rate] * len(s.optimizer.param_groups)
@@ -420,8 +432,13 @@ def train(cfg: RunConfig) -> dict:
     finished = False
     try:
         s = setup(cfg, info, folder)
-        last = run_steps(s, resume(s))
-        final = export_final(s)
+        start = resume(s)
+        # Metrics, checkpoints and exports: a full disk mid-run is one line naming the run
+        # folder (checkpoints and final/ are written aside and renamed, so the last complete
+        # checkpoint stays resumable).
+        with writing(folder.path, "--output_dir"):
+            last = run_steps(s, start)
+            final = export_final(s)
         if info.is_main:
             log.info("final model: %s (last step: %s)", final, last)
         finished = True

@@ -28,10 +28,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from conretriever import runtime
 from conretriever.errors import ConfigError, UserError
+from conretriever.files import output_folder, read_json, write_text, writing
+from conretriever.options import load_yaml
 from conretriever.training.config import RunConfig, trajectory
 
 log = logging.getLogger("conretriever.run")
@@ -118,8 +118,13 @@ def _decide(cfg: RunConfig) -> dict:
     held = _holds_a_run(out)
     saved_config = out / "config.yaml"
     if mode != "false" and (out / RUN_FILE).exists() and saved_config.exists():
-        run_id = json.loads((out / RUN_FILE).read_text())["run_id"]
-        old = yaml.safe_load(saved_config.read_text()) or {}
+        record = read_json(out / RUN_FILE)
+        if not isinstance(record, dict) or not isinstance(record.get("run_id"), str):
+            raise ConfigError(f"{out / RUN_FILE}: no run_id; not a run record")
+        run_id = record["run_id"]
+        old = load_yaml(saved_config, "saved run config") or {}
+        if not isinstance(old, dict):
+            raise ConfigError(f"{saved_config}: the top level must be a mapping of settings")
         changes = _differences(old, cfg.to_dict())
         if changes and mode == "true":
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
@@ -145,8 +150,9 @@ def _decide(cfg: RunConfig) -> dict:
     elif mode != "false":
         log.info("--resume %s: no run in %s yet, starting from scratch", mode, out)
     run_id = uuid.uuid4().hex[:12]
-    (out / RUN_FILE).write_text(
-        json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
+    write_text(
+        out / RUN_FILE,
+        json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n",
     )
     return {"run_id": run_id, "resumed": False, "changes": {}}
 
@@ -160,11 +166,15 @@ def prepare(cfg: RunConfig) -> RunFolder:
     lock = None
     if runtime.is_main():
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            lock = _lock(out)
-            _remove_leftovers(out)
-            decision = _decide(cfg)
-            cfg.save(out / "config.yaml")
+            # A file at --output_dir, a read-only folder or a full disk: one line naming the
+            # folder, before the data and model are loaded (files.output_folder/writing).
+            output_folder(out, "--output_dir")
+            with writing(out, "--output_dir"):
+                out.mkdir(parents=True, exist_ok=True)
+                lock = _lock(out)
+                _remove_leftovers(out)
+                decision = _decide(cfg)
+                cfg.save(out / "config.yaml")
         except UserError as err:
             decision = f"{type(err).__name__}:{err}"
     if runtime.is_distributed():
