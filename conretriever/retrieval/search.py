@@ -38,7 +38,6 @@ log = logging.getLogger("conretriever.search")
 DEFAULT_MEMORY_GB = 2.0
 QUERY_BLOCK = 4096  # queries scored at once; their running top-k stays in memory
 INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
-GATHERED_BYTES = [0]  # bytes this rank sent to the top-k gathers (tests assert the size)
 
 
 def block_rows(dim: int, query_rows: int, k: int, memory_gb: float) -> int:
@@ -117,7 +116,6 @@ def _gather_ranks(best: tuple, k: int) -> tuple:
         pieces = [torch.empty_like(part) for _ in range(runtime.world_size())]
         torch.distributed.all_gather(pieces, part.contiguous())
         gathered.append(pieces)
-        GATHERED_BYTES[0] += part.numel() * part.element_size()
     merged = None
     for r in range(runtime.world_size()):
         item = (gathered[0][r], gathered[1][r], gathered[2][r] if extra is not None else None)

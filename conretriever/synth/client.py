@@ -248,6 +248,11 @@ class LLMClient:
         temperature = s.temperature if temperature is None else temperature
         max_tokens = s.max_tokens if max_tokens is None else max_tokens
         self.usage.add(requests=1)
+        # Our own retry loop, not the client's ``max_retries`` (it is built with 0): between two
+        # attempts it may drop JSON mode for an endpoint that rejects it, it counts retries and
+        # failures into the run's usage report, separates fatal statuses (bad key, unknown
+        # model) from retryable ones, and caps a server's Retry-After; the client's loop does
+        # none of these. It honours Retry-After the same way (``retry_after_seconds``).
         attempt = 0
         while True:
             json_mode = self._json_mode

@@ -54,7 +54,12 @@ log = logging.getLogger("conretriever.train")
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
-    """Multiplier of the peak learning rate at ``step`` (0-based): linear warmup, then decay."""
+    """Multiplier of the peak learning rate at ``step`` (0-based): linear warmup, then decay.
+
+    Not transformers' ``get_scheduler``, on purpose: its warmup starts at 0 (step 0 of every run
+    would update nothing; ours starts at ``1 / warmup``), and ``resume`` needs the factor at an
+    arbitrary step for a ``--resume force`` run whose schedule changed, which a closure inside a
+    ``LambdaLR`` does not expose. Switching would also change every existing run's trajectory."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     if kind == "constant":
