@@ -20,9 +20,9 @@ learning rate; the rows add one ingredient at a time:
 2. **+ fixed distillation temperature**: the teacher read at the student's tau (the default now);
 3. **+ embedding distillation**: MiniLM's in-batch similarity structure distilled too;
 4. **+ bidirectional, mean pooling**: Gemma-3's ``use_bidirectional_attention`` and mean pooling;
-5. **full fine-tuning**: row 3 without LoRA (every weight trained, lr 2e-5);
-6. **+ checkpoint averaging**: row 3's model exported every ``steps / 4`` steps, the last three
-   exports averaged (``conretriever average``);
+5. **+ checkpoint averaging**: row 3's model exported every ``steps / 4`` steps, the last three
+   save points (two exports and final/) averaged (``conretriever average``);
+6. **full fine-tuning**: row 3 without LoRA (every weight trained, lr 2e-5);
 
 and two reference rows, evaluated the same way: the untrained Gemma-3-270M (e5 prompts,
 last-token pooling, the recipe's lengths) and all-MiniLM-L6-v2. The table gives SciFact nDCG@10
