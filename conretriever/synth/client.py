@@ -243,16 +243,17 @@ class LLMClient:
         """One chat completion. ``seed`` asks the server for reproducible sampling (OpenAI, vLLM
         and llama.cpp honour it, best effort): requests with the same prompt but different ids
         then still get different answers, and a rerun of one id gets the same answer. ``schema``
-        (a JSON schema of the reply) is sent only with ``json_mode="schema"``."""
+        (a JSON schema of the reply) is sent only with ``json_mode="schema"``.
+
+        The retry loop is ours, not the client's ``max_retries`` (it is built with 0): between
+        two attempts it may drop JSON mode for an endpoint that rejects it, it counts retries and
+        failures into the run's usage report, separates fatal statuses (bad key, unknown model)
+        from retryable ones, and caps a server's Retry-After; the client's loop does none of
+        these. It honours Retry-After the same way (``retry_after_seconds``)."""
         s, oa = self.settings, self._openai
         temperature = s.temperature if temperature is None else temperature
         max_tokens = s.max_tokens if max_tokens is None else max_tokens
         self.usage.add(requests=1)
-        # Our own retry loop, not the client's ``max_retries`` (it is built with 0): between two
-        # attempts it may drop JSON mode for an endpoint that rejects it, it counts retries and
-        # failures into the run's usage report, separates fatal statuses (bad key, unknown
-        # model) from retryable ones, and caps a server's Retry-After; the client's loop does
-        # none of these. It honours Retry-After the same way (``retry_after_seconds``).
         attempt = 0
         while True:
             json_mode = self._json_mode
