@@ -67,6 +67,16 @@ _TRUE = ("1", "true", "yes", "y", "on")
 _FALSE = ("0", "false", "no", "n", "off")
 
 
+# Every command names what it writes ``--output`` (a file or a folder: its help says which); the
+# spellings commands used before (``--out``, ``--output_dir``, ``--out_dir``) stay accepted.
+OUTPUT_ALIASES = ("out", "output_dir", "out_dir")
+
+
+def output_opt(default=MISSING, *, help: str, **meta):  # noqa: A002 - argparse's name for it
+    """The ``output`` field of a command: :func:`opt` with the old spellings as aliases."""
+    return opt(default, aliases=OUTPUT_ALIASES, help=help, **meta)
+
+
 def opt(
     default=MISSING,
     *,

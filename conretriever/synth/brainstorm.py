@@ -5,7 +5,7 @@ For each brainstormed family (short-long, long-short, short-short, long-long) th
 and everything random about it (which seed tasks are shown, the temperature) is drawn from a
 ``random.Random`` seeded by that id, so a rerun sends the very same prompt.
 
-Files in ``--out-dir``:
+Files in ``--output``:
 
 * ``brainstorm.jsonl``: one record per answered request (id, family, the tasks it produced);
 * ``brainstorm.rejects.jsonl``: replies that held no usable task list, and requests that failed
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from conretriever.errors import ConfigError
 from conretriever.files import output_folder
-from conretriever.options import opt
+from conretriever.options import opt, output_opt
 from conretriever.synth import prompts
 from conretriever.synth.client import (
     ClientSettings,
@@ -165,7 +165,9 @@ def derive_tasks(s: BrainstormSettings) -> list[dict]:
 class BrainstormCommand:
     """``conretriever brainstorm`` flags."""
 
-    out_dir: Path = opt(Path("synthetic_out"), help="requests log, rejects, usage, tasks.jsonl")
+    output: Path = output_opt(
+        Path("synthetic_out"), help="run folder: requests log, rejects, usage, tasks.jsonl"
+    )
     families: list[str] = opt(
         default_factory=lambda: ["all"],
         choices=("all", *prompts.FAMILIES),
@@ -192,7 +194,7 @@ class BrainstormCommand:
             raise ConfigError(f"--bitext_pairs {self.bitext_pairs}: expected SRC-TGT items")
         families = prompts.FAMILIES if "all" in self.families else tuple(self.families)
         return BrainstormSettings(
-            out_dir=self.out_dir,
+            out_dir=self.output,
             families=families,
             requests_per_family=self.requests_per_family,
             tasks_per_request=self.tasks_per_request,
@@ -208,7 +210,7 @@ def run(command: BrainstormCommand) -> int:
     """``conretriever brainstorm``: step 1 of the synthetic data, resumable."""
     configure_logging(command.verbose)
     s, cs = command.settings(), command.client
-    output_folder(s.out_dir, "--out_dir")  # before any request is paid for
+    output_folder(s.out_dir, "--output")  # before any request is paid for
     jobs = plan_requests(s, cs.temperature)
     # No client (and no key check) when nothing needs the LLM, e.g. only sts/bitext.
     client = LLMClient(cs) if jobs else None

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from conretriever.errors import ConfigError
 from conretriever.files import output_folder
-from conretriever.options import opt
+from conretriever.options import opt, output_opt
 from conretriever.synth import prompts
 from conretriever.synth.client import (
     ClientSettings,
@@ -194,7 +194,7 @@ def parse_languages(spec: str) -> dict[str, float] | None:
 class GenerateCommand:
     """``conretriever generate`` flags."""
 
-    out_dir: Path = opt(Path("synthetic_out"), help="logs and tasks.jsonl live here")
+    output: Path = output_opt(Path("synthetic_out"), help="run folder: logs, tasks.jsonl, examples")
     tasks: Path | None = opt(None, help="task file (none: OUT_DIR/tasks.jsonl)")
     train_dir: Path | None = opt(None, help="gets synthetic.jsonl (none: OUT_DIR/train)")
     families: list[str] = opt(
@@ -216,7 +216,7 @@ class GenerateCommand:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         return GenerateSettings(
-            out_dir=self.out_dir,
+            out_dir=self.output,
             tasks_file=self.tasks,
             train_dir=self.train_dir,
             families=prompts.FAMILIES if "all" in self.families else tuple(self.families),
@@ -231,7 +231,7 @@ def run(command: GenerateCommand) -> int:
     """``conretriever generate``: step 2 of the synthetic data, resumable."""
     configure_logging(command.verbose)
     s, cs = command.settings(), command.client
-    output_folder(s.out_dir, "--out_dir")  # before any request is paid for
+    output_folder(s.out_dir, "--output")  # before any request is paid for
     if s.train_dir and command.convert:
         output_folder(s.train_dir, "--train_dir")
     tasks = load_tasks(s.tasks_file or s.out_dir / "tasks.jsonl", s.families)
@@ -250,16 +250,19 @@ def run(command: GenerateCommand) -> int:
 class ConvertSyntheticCommand:
     """``conretriever convert-synthetic`` flags: examples.jsonl -> the training file."""
 
-    out_dir: Path = opt(Path("synthetic_out"), help="where examples.jsonl lives")
+    output: Path = output_opt(
+        Path("synthetic_out"),
+        help="the generate run's folder (its --output), holding examples.jsonl",
+    )
     examples: Path | None = opt(None, help="none: OUT_DIR/examples.jsonl")
     train_dir: Path | None = opt(None, help="gets synthetic.jsonl (none: OUT_DIR/train)")
 
 
 def run_convert(command: ConvertSyntheticCommand) -> int:
     configure_logging(False)
-    examples = command.examples or command.out_dir / "examples.jsonl"
+    examples = command.examples or command.output / "examples.jsonl"
     if not examples.exists():
         raise StoreError(f"{examples}: not found; run `conretriever generate` first")
-    output_folder(command.train_dir or command.out_dir / "train", "--train_dir")
-    write_training_file(examples, command.train_dir or command.out_dir / "train")
+    output_folder(command.train_dir or command.output / "train", "--train_dir")
+    write_training_file(examples, command.train_dir or command.output / "train")
     return 0

@@ -11,7 +11,7 @@ the fields (``--learning_rate 1e-4``, ``--use_lora false``, ``--query_max_length
 carry a ``lora_`` prefix: ``--lora_r 8``), which keeps the seed project's flag names working;
 the dashed spelling works too. Every value is checked when it is read (``conretriever.options``).
 
-The resolved config is written to ``<output_dir>/config.yaml``; :func:`trajectory` is the part
+The resolved config is written to ``<output>/config.yaml``; :func:`trajectory` is the part
 of it that decides the training trajectory, which ``--resume`` compares before continuing.
 """
 
@@ -25,7 +25,7 @@ import yaml
 
 from conretriever.errors import ConfigError
 from conretriever.model.settings import EmbedderSettings, LoraSettings
-from conretriever.options import opt, parse, to_dict
+from conretriever.options import opt, output_opt, parse, to_dict
 from conretriever.saved_config import upgrade_saved
 from conretriever.training.loss import LossSettings
 
@@ -76,9 +76,12 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = opt("outputs/demo", help="run folder: config, checkpoints, metrics, final/")
+    output: str = output_opt(
+        "outputs/demo", help="run folder: config, checkpoints, metrics, final/"
+    )
     overwrite_output_dir: bool = opt(
-        False, help="start afresh in an output_dir that holds another run (removes its outputs)"
+        False,
+        help="start afresh in an --output folder that holds another run (removes its outputs)",
     )
     resume: Literal["false", "true", "force"] = opt(
         "false",
@@ -178,7 +181,7 @@ class RunConfig:
 # or saves, how it was started, and the whole evaluation section (evaluating restores every
 # RNG). Every other field is part of the trajectory.
 NOT_TRAJECTORY = {
-    ("train", "output_dir"),
+    ("train", "output"),
     ("train", "overwrite_output_dir"),
     ("train", "resume"),
     ("train", "logging_steps"),

@@ -175,7 +175,7 @@ def setup(cfg: RunConfig, info: DistInfo, folder: RunFolder) -> Setup:
     registry, data, sampler, total = _data(cfg, info)
     monitor = Monitor(cfg, folder.path)  # reads (and checks) the eval folders before training
     if info.is_main:
-        with writing(folder.path, "--output_dir"):
+        with writing(folder.path, "--output"):
             _record_tasks(folder.path, registry, data)
         log.info("%d steps (%d per epoch), global batch %d", total, len(sampler),
                  sampler.global_batch_size)  # fmt: skip
@@ -400,7 +400,7 @@ def _load_best(s: Setup) -> None:
 
 
 def export(s: Setup, name: str) -> Path | None:
-    """Merge LoRA and write the model folder ``<output_dir>/<name>`` (rank 0); gathers the full
+    """Merge LoRA and write the model folder ``<output>/<name>`` (rank 0); gathers the full
     weights first under FSDP. Returns the folder on rank 0."""
     state = None
     if s.sharded:
@@ -441,7 +441,7 @@ def train(cfg: RunConfig) -> dict:
         # Metrics, checkpoints and exports: a full disk mid-run is one line naming the run
         # folder (checkpoints and final/ are written aside and renamed, so the last complete
         # checkpoint stays resumable).
-        with writing(folder.path, "--output_dir"):
+        with writing(folder.path, "--output"):
             last = run_steps(s, start)
             final = export_final(s)
         if info.is_main:

@@ -1,4 +1,4 @@
-"""The run folder (``output_dir``): one run per folder, never mixed with another.
+"""The run folder (``--output``): one run per folder, never mixed with another.
 
 A run records who it is in ``run.json`` (a random ``run_id``, kept across resumes) and what it
 is in ``config.yaml``. When a run starts (rank 0 decides, the other ranks are told):
@@ -112,7 +112,7 @@ def _differences(old: dict, new: dict) -> dict[str, tuple]:
 
 def _decide(cfg: RunConfig) -> dict:
     """Rank 0: check the folder and prepare it; returns what every rank needs to know."""
-    out = Path(cfg.train.output_dir)
+    out = Path(cfg.train.output)
     out.mkdir(parents=True, exist_ok=True)
     mode = cfg.train.resume
     held = _holds_a_run(out)
@@ -158,18 +158,18 @@ def _decide(cfg: RunConfig) -> dict:
 
 
 def prepare(cfg: RunConfig) -> RunFolder:
-    """Check and claim ``cfg.train.output_dir`` for this run (collective)."""
+    """Check and claim ``cfg.train.output`` for this run (collective)."""
     import torch
 
-    out = Path(cfg.train.output_dir)
+    out = Path(cfg.train.output)
     decision: dict | str = {}
     lock = None
     if runtime.is_main():
         try:
-            # A file at --output_dir, a read-only folder or a full disk: one line naming the
+            # A file at --output, a read-only folder or a full disk: one line naming the
             # folder, before the data and model are loaded (files.output_folder/writing).
-            output_folder(out, "--output_dir")
-            with writing(out, "--output_dir"):
+            output_folder(out, "--output")
+            with writing(out, "--output"):
                 out.mkdir(parents=True, exist_ok=True)
                 lock = _lock(out)
                 _remove_leftovers(out)
