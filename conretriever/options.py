@@ -1,6 +1,6 @@
 """Options: every command's settings are one typed dataclass, parsed one way.
 
-A command says what it accepts as a dataclass (``EvalSettings``, ``RunConfig``, ...). This
+A command says what it accepts as a dataclass (``EvalSettings``, ``TrainSettings``, ...). This
 module turns the dataclass into a command line and turns a command line, plus an optional YAML
 file, back into a validated instance. The dataclass is the only place a default is written:
 the command line, Python callers, scripts and saved runs all read the same ones.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conretriever.cli import COMMANDS, _load, main
-from conretriever.options import build_parser, options
+from conretriever.options import build_parser, options, sections
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +44,14 @@ def test_every_flag_takes_both_spellings(name):
         assert f"--{o.name}" in strings
         if "_" in o.name:
             assert f"--{o.name.replace('_', '-')}" in strings, o.name
+
+
+def test_every_settings_class_has_one_suffix():
+    """A command's settings and each of their sections are ``...Settings`` classes (no
+    ``Config``, ``Command`` or ``Args``), so one name pattern finds them all."""
+    for name, command in COMMANDS.items():
+        for cls in sections(_load(command.settings)).values():
+            assert cls.__name__.endswith("Settings"), (name, cls.__name__)
 
 
 OUTPUT_SPELLINGS = ("output", "out", "output_dir", "out_dir")

@@ -53,7 +53,7 @@ TEMPERATURE_OFFSETS = (-0.3, 0.0, 0.3)
 
 
 @dataclass
-class BrainstormSettings:
+class BrainstormJob:
     out_dir: Path
     families: tuple[str, ...] = prompts.FAMILIES
     requests_per_family: int = 4
@@ -82,7 +82,7 @@ def parse_task_list(reply: object) -> list[str]:
     return tasks
 
 
-def plan_requests(s: BrainstormSettings, temperature: float) -> list[dict]:
+def plan_requests(s: BrainstormJob, temperature: float) -> list[dict]:
     jobs = []
     for family in s.families:
         if family not in prompts.BRAINSTORMED:
@@ -126,7 +126,7 @@ def answer(client: LLMClient, job: dict) -> Outcome:
     return Outcome.accepted(record, done)
 
 
-def derive_tasks(s: BrainstormSettings) -> list[dict]:
+def derive_tasks(s: BrainstormJob) -> list[dict]:
     """The distinct tasks of this run's families, in request order, plus the fixed tasks."""
     records = read_jsonl(s.out_dir / "brainstorm.jsonl")
     records = [r for r in records if r.get("family") in s.families and r.get("seed") == s.seed]
@@ -162,7 +162,7 @@ def derive_tasks(s: BrainstormSettings) -> list[dict]:
 
 
 @dataclass
-class BrainstormCommand:
+class BrainstormSettings:
     """``conretriever brainstorm`` flags."""
 
     output: Path = output_opt(
@@ -188,12 +188,12 @@ class BrainstormCommand:
     # 20 one-sentence tasks: ~600 tokens
     client: ClientSettings = opt(default_factory=lambda: ClientSettings(max_tokens=1024))
 
-    def settings(self) -> BrainstormSettings:
+    def settings(self) -> BrainstormJob:
         pairs = tuple(tuple(p.split("-", 1)) for p in self.bitext_pairs)
         if any(len(p) != 2 or not all(p) for p in pairs):
             raise ConfigError(f"--bitext_pairs {self.bitext_pairs}: expected SRC-TGT items")
         families = prompts.FAMILIES if "all" in self.families else tuple(self.families)
-        return BrainstormSettings(
+        return BrainstormJob(
             out_dir=self.output,
             families=families,
             requests_per_family=self.requests_per_family,
@@ -206,7 +206,7 @@ class BrainstormCommand:
         )
 
 
-def run(command: BrainstormCommand) -> int:
+def run(command: BrainstormSettings) -> int:
     """``conretriever brainstorm``: step 1 of the synthetic data, resumable."""
     configure_logging(command.verbose)
     s, cs = command.settings(), command.client

@@ -54,7 +54,7 @@ TRAIN_FILE = "synthetic.jsonl"  # task name = file stem = "synthetic" (tasks.py 
 
 
 @dataclass
-class GenerateSettings:
+class GenerateJob:
     out_dir: Path
     tasks_file: Path | None = None  # None = {out_dir}/tasks.jsonl
     train_dir: Path | None = None  # None = {out_dir}/train
@@ -85,7 +85,7 @@ def load_tasks(path: Path, families: tuple[str, ...]) -> list[prompts.Task]:
     return tasks
 
 
-def plan_requests(tasks: list[prompts.Task], s: GenerateSettings) -> list[dict]:
+def plan_requests(tasks: list[prompts.Task], s: GenerateJob) -> list[dict]:
     languages = s.languages or prompts.DEFAULT_LANGUAGES
     jobs = []
     for task in tasks:
@@ -191,7 +191,7 @@ def parse_languages(spec: str) -> dict[str, float] | None:
 
 
 @dataclass
-class GenerateCommand:
+class GenerateSettings:
     """``conretriever generate`` flags."""
 
     output: Path = output_opt(Path("synthetic_out"), help="run folder: logs, tasks.jsonl, examples")
@@ -210,12 +210,12 @@ class GenerateCommand:
     verbose: bool = opt(False, aliases=("v",), help="log every retry")
     client: ClientSettings = opt(default_factory=ClientSettings)
 
-    def settings(self) -> GenerateSettings:
+    def settings(self) -> GenerateJob:
         try:
             languages = parse_languages(self.languages)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        return GenerateSettings(
+        return GenerateJob(
             out_dir=self.output,
             tasks_file=self.tasks,
             train_dir=self.train_dir,
@@ -227,7 +227,7 @@ class GenerateCommand:
         )
 
 
-def run(command: GenerateCommand) -> int:
+def run(command: GenerateSettings) -> int:
     """``conretriever generate``: step 2 of the synthetic data, resumable."""
     configure_logging(command.verbose)
     s, cs = command.settings(), command.client
@@ -247,7 +247,7 @@ def run(command: GenerateCommand) -> int:
 
 
 @dataclass
-class ConvertSyntheticCommand:
+class ConvertSyntheticSettings:
     """``conretriever convert-synthetic`` flags: examples.jsonl -> the training file."""
 
     output: Path = output_opt(
@@ -258,7 +258,7 @@ class ConvertSyntheticCommand:
     train_dir: Path | None = opt(None, help="gets synthetic.jsonl (none: OUT_DIR/train)")
 
 
-def run_convert(command: ConvertSyntheticCommand) -> int:
+def run_convert(command: ConvertSyntheticSettings) -> int:
     configure_logging(False)
     examples = command.examples or command.output / "examples.jsonl"
     if not examples.exists():

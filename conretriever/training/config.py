@@ -33,7 +33,7 @@ DESCRIPTION = "Contrastive training of an LLM retriever (python, or torchrun for
 
 
 @dataclass
-class ModelConfig:
+class TrainModelSettings:
     model_name_or_path: str = opt(
         "embedded:gemma-3-270m",
         help="HF id, local dir, .gguf file, embedded:gemma-3-270m or embedded:minilm",
@@ -55,7 +55,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class TrainDataSettings:
     train_data: str = opt(
         "training_data/demo", help="a folder of <task>.jsonl[.gz] files, or one such file"
     )
@@ -75,7 +75,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainLoopSettings:
     output: str = output_opt(
         "outputs/demo", help="run folder: config, checkpoints, metrics, final/"
     )
@@ -138,7 +138,7 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class TrainEvalSettings:
     """Evaluation during training (``training.monitor``); none of it changes the trajectory."""
 
     eval_data: list[str] = opt(
@@ -160,12 +160,12 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class TrainSettings:
+    model: TrainModelSettings = field(default_factory=TrainModelSettings)
+    data: TrainDataSettings = field(default_factory=TrainDataSettings)
+    train: TrainLoopSettings = field(default_factory=TrainLoopSettings)
     loss: LossSettings = field(default_factory=LossSettings)
-    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    evaluation: TrainEvalSettings = field(default_factory=TrainEvalSettings)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -211,6 +211,6 @@ def trajectory(config: dict) -> dict[str, object]:
     return out
 
 
-def parse_config(argv: list[str] | None) -> RunConfig:
+def parse_config(argv: list[str] | None) -> TrainSettings:
     """Defaults <- ``--config`` YAML <- flags; raises ConfigError naming the flag or key."""
-    return parse(RunConfig, argv, prog="conretriever train", description=DESCRIPTION)
+    return parse(TrainSettings, argv, prog="conretriever train", description=DESCRIPTION)

@@ -32,7 +32,7 @@ from conretriever import runtime
 from conretriever.errors import ConfigError, UserError
 from conretriever.files import output_folder, read_json, write_text, writing
 from conretriever.options import load_yaml
-from conretriever.training.config import RunConfig, trajectory
+from conretriever.training.config import TrainSettings, trajectory
 
 log = logging.getLogger("conretriever.run")
 
@@ -110,7 +110,7 @@ def _differences(old: dict, new: dict) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def _decide(cfg: RunConfig) -> dict:
+def _decide(cfg: TrainSettings) -> dict:
     """Rank 0: check the folder and prepare it; returns what every rank needs to know."""
     out = Path(cfg.train.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,7 @@ def _decide(cfg: RunConfig) -> dict:
     return {"run_id": run_id, "resumed": False, "changes": {}}
 
 
-def prepare(cfg: RunConfig) -> RunFolder:
+def prepare(cfg: TrainSettings) -> RunFolder:
     """Check and claim ``cfg.train.output`` for this run (collective)."""
     import torch
 
