@@ -47,7 +47,7 @@ def main() -> int:
     args = parser.parse_args()
     from transformers import AutoModel
 
-    out = Path(args.out)
+    out = Path(args.output)
     if (out / "config.json").exists():
         print(f"{out}: exists")
         return 0
