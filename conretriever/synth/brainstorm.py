@@ -30,6 +30,7 @@ from conretriever.errors import ConfigError
 from conretriever.files import output_folder
 from conretriever.options import opt, output_opt
 from conretriever.synth import prompts
+from conretriever.synth.batch import BatchSettings, batch_extra, send_requests
 from conretriever.synth.client import (
     ClientSettings,
     LLMClient,
@@ -187,6 +188,7 @@ class BrainstormSettings:
     verbose: bool = opt(False, aliases=("v",), help="log every retry")
     # 20 one-sentence tasks: ~600 tokens
     client: ClientSettings = opt(default_factory=lambda: ClientSettings(max_tokens=1024))
+    batch: BatchSettings = opt(default_factory=BatchSettings)
 
     def settings(self) -> BrainstormJob:
         pairs = tuple(tuple(p.split("-", 1)) for p in self.bitext_pairs)
@@ -212,11 +214,11 @@ def run(command: BrainstormSettings) -> int:
     s, cs = command.settings(), command.client
     output_folder(s.out_dir, "--output")  # before any request is paid for
     jobs = plan_requests(s, cs.temperature)
-    # No client (and no key check) when nothing needs the LLM, e.g. only sts/bitext.
-    client = LLMClient(cs) if jobs else None
     resumable = ResumableRun(s.out_dir, "brainstorm", retry_rejects=s.retry_rejects)
-    redact = client.redact if client else str
-    resumable.execute(jobs, lambda job: answer(client, job), cs.concurrency, redact)
+    # No client (and no key check) when nothing needs the LLM, e.g. only sts/bitext.
+    sender, plan = send_requests(resumable, jobs, answer, cs, command.batch)
+    if command.batch.dry_run:
+        return 0
     n = write_jsonl_atomic(s.out_dir / "tasks.jsonl", derive_tasks(s))
-    resumable.report(client, cs, extra={"tasks": n})
+    resumable.report(sender, cs, extra={"tasks": n, **batch_extra(command.batch, sender, cs)})
     return 0

@@ -33,6 +33,7 @@ from conretriever.errors import ConfigError
 from conretriever.files import output_folder
 from conretriever.options import opt, output_opt
 from conretriever.synth import prompts
+from conretriever.synth.batch import BatchSettings, batch_extra, send_requests
 from conretriever.synth.client import (
     ClientSettings,
     LLMClient,
@@ -209,6 +210,7 @@ class GenerateSettings:
     convert: bool = opt(True, help="write the training file synthetic.jsonl at the end")
     verbose: bool = opt(False, aliases=("v",), help="log every retry")
     client: ClientSettings = opt(default_factory=ClientSettings)
+    batch: BatchSettings = opt(default_factory=BatchSettings)
 
     def settings(self) -> GenerateJob:
         try:
@@ -236,13 +238,15 @@ def run(command: GenerateSettings) -> int:
         output_folder(s.train_dir, "--train_dir")
     tasks = load_tasks(s.tasks_file or s.out_dir / "tasks.jsonl", s.families)
     jobs = plan_requests(tasks, s)
-    client = LLMClient(cs)
     resumable = ResumableRun(s.out_dir, "examples", retry_rejects=s.retry_rejects)
-    resumable.execute(jobs, lambda job: answer(client, job), cs.concurrency, client.redact)
+    sender, plan = send_requests(resumable, jobs, answer, cs, command.batch)
+    if command.batch.dry_run:
+        return 0
     train_dir = s.train_dir or s.out_dir / "train"
     stats = write_training_file(resumable.records_path, train_dir) if command.convert else {}
-    extra = {"tasks": len(tasks), **{f"train_{k}": v for k, v in stats.items()}}
-    resumable.report(client, cs, extra=extra)
+    extra = {"tasks": len(tasks), **{f"train_{k}": v for k, v in stats.items()},
+             **batch_extra(command.batch, sender, cs)}  # fmt: skip
+    resumable.report(sender, cs, extra=extra)
     return 0
 
 
