@@ -295,3 +295,22 @@ def test_batch_mode_refuses_a_local_model_in_one_line(tasks_dir, tmp_path, capsy
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("conretriever generate: error: --mode batch needs an endpoint")
+
+
+@pytest.mark.parametrize("mode", ["live", "batch"])
+def test_max_requests_caps_a_run_and_the_next_run_sends_the_next(tasks_dir, tmp_path, mode):
+    out = fresh(tasks_dir, tmp_path, mode)
+    cap = ["--mode", mode, "--max_requests", "5"]
+    with StubLLM(no_faults) as stub:
+        assert cli_main(["generate", *flags(stub.base_url, out, *cap)]) == 0
+        first = {r["id"] for r in read_jsonl(out / "examples.jsonl")}
+        assert len(first) == 5
+        assert cli_main(["generate", *flags(stub.base_url, out, *cap)]) == 0
+        second = {r["id"] for r in read_jsonl(out / "examples.jsonl")} - first
+        assert len(second) == 5
+        sent = (
+            sum(stub.attempts.values())
+            if mode == "live"
+            else sum(stub.batch_api.lines_submitted.values())
+        )
+        assert sent == 10  # nothing asked twice, nothing beyond the caps
