@@ -51,9 +51,9 @@ run gpu_tests.log timeout 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu -s te
 
 WORK=${WORK:-/tmp/conretriever_gpu}
 mkdir -p "$WORK"
-run model.log timeout 120 "$PY" benchmarks/make_random_model.py --shape "$SHAPE" --out "$WORK/model"
+run model.log timeout 120 "$PY" benchmarks/make_random_model.py --shape "$SHAPE" --output "$WORK/model"
 loop=(-m conretriever train --model_name_or_path "$WORK/model" --fsdp true
-      --train_data training_data/demo --output_dir "$WORK/run" --max_steps 20 --save_steps 10
+      --train_data training_data/demo --output "$WORK/run" --max_steps 20 --save_steps 10
       --per_device_train_batch_size 64 --n_hard_negative 1 --chunk_size 0 --chunk_tokens 16384
       --packed true --query_max_length 64 --doc_max_length 256 --gradient_checkpointing true
       --report_to none --logging_steps 1)

@@ -1,7 +1,7 @@
 """A random-initialised model folder of a named shape, for checks that need the training loop on
 real sizes without any download (the GPU machine has no model hub).
 
-    python benchmarks/make_random_model.py --shape mistral-7b --out /tmp/mistral7b
+    python benchmarks/make_random_model.py --shape mistral-7b --output /tmp/mistral7b
 
 Writes the backbone (``AutoModel``, bf16 on a GPU, fp32 on a CPU) built on the device, and a
 character-level WordPiece tokenizer (every text tokenizes; ids far below any vocabulary size).
@@ -43,11 +43,11 @@ def char_tokenizer():
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="mistral-7b")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--output", required=True)
     args = parser.parse_args()
     from transformers import AutoModel
 
-    out = Path(args.out)
+    out = Path(args.output)
     if (out / "config.json").exists():
         print(f"{out}: exists")
         return 0

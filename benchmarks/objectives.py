@@ -73,9 +73,9 @@ def main() -> int:
     if not (mined / "squad.jsonl").exists():
         mined.mkdir(parents=True, exist_ok=True)
         code = cli(["mine", "--model", "embedded:minilm", "--data", str(squad), "--corpus", "self",
-                    "--out", str(mined / "squad.jsonl"), "--window", "2-30", "--n_negatives", "3",
-                    "--output_scores", "--max_score_ratio", "0.95", "--min_negatives", "1",
-                    "--no_progress",
+                    "--output", str(mined / "squad.jsonl"), "--window", "2-30",
+                    "--n_negatives", "3", "--output_scores", "--max_score_ratio", "0.95",
+                    "--min_negatives", "1", "--no_progress",
                     "--report", str(work / "mine_report.json"), "--overwrite"])  # fmt: skip
         if code:
             return code
@@ -96,7 +96,7 @@ def main() -> int:
             "train",
             "--config",
             "configs/squad_gemma_cpu.yaml",
-            "--output_dir",
+            "--output",
             str(out),
             "--overwrite_output_dir",
             "true",

@@ -108,7 +108,7 @@ def mine(work: Path) -> tuple[Path, float]:
         if task in EXCLUDED or (out / f"{task}.jsonl").exists():
             continue
         cli(["mine", "--model", "embedded:minilm", "--data", str(source), "--corpus", "self",
-             "--out", str(out / f"{task}.jsonl"), "--window", "2-30", "--n_negatives", "3",
+             "--output", str(out / f"{task}.jsonl"), "--window", "2-30", "--n_negatives", "3",
              "--output_scores", "--max_score_ratio", "0.95", "--min_negatives", "1",
              "--no_progress", "--overwrite"], work / f"mine_{task}.log")  # fmt: skip
     return out, time.perf_counter() - tic
@@ -122,7 +122,7 @@ def evaluate(
     scores = {}
     for dim in DIMS:
         folder = out / f"scifact_dim{dim or 'full'}"
-        cli(["eval", "--model", model, "--beir_dir", str(SHARED / "scifact"), "--output_dir",
+        cli(["eval", "--model", model, "--beir_dir", str(SHARED / "scifact"), "--output",
              str(folder), "--overwrite", "--truncate_dim", str(dim), "--cache_dir", str(cache),
              "--no_progress", *extra], out / f"eval_dim{dim}.log")  # fmt: skip
         result = next(p for p in folder.glob("*.json") if p.name != "settings.json")
@@ -132,7 +132,7 @@ def evaluate(
 
 def train(out: Path, flags: list[str], steps: int, mined: Path) -> float:
     tic = time.perf_counter()
-    cli(["train", "--config", CONFIG, "--train_data", str(mined), "--output_dir", str(out),
+    cli(["train", "--config", CONFIG, "--train_data", str(mined), "--output", str(out),
          "--overwrite_output_dir", "true", "--save_steps", "0", "--report_to", "none",
          "--max_steps", str(steps), *flags], out.with_suffix(".train.log"))  # fmt: skip
     return time.perf_counter() - tic

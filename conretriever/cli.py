@@ -33,7 +33,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "train": Command(
-        "conretriever.training.config:RunConfig",
+        "conretriever.training.config:TrainSettings",
         "conretriever.training.loop:main",
         "contrastive training of a retriever (python, or torchrun for many processes)",
     ),
@@ -78,22 +78,22 @@ COMMANDS: dict[str, Command] = {
         "training and evaluation curves of run folders (PNG)",
     ),
     "brainstorm": Command(
-        "conretriever.synth.brainstorm:BrainstormCommand",
+        "conretriever.synth.brainstorm:BrainstormSettings",
         "conretriever.synth.brainstorm:run",
         "synthetic data step 1: retrieval task ideas from an LLM",
     ),
     "generate": Command(
-        "conretriever.synth.generate:GenerateCommand",
+        "conretriever.synth.generate:GenerateSettings",
         "conretriever.synth.generate:run",
         "synthetic data step 2: (query, positive, hard negative) examples",
     ),
     "convert-synthetic": Command(
-        "conretriever.synth.generate:ConvertSyntheticCommand",
+        "conretriever.synth.generate:ConvertSyntheticSettings",
         "conretriever.synth.generate:run_convert",
         "synthetic examples -> training JSONL (generate does it at the end)",
     ),
     "serve-llm": Command(
-        "conretriever.synth.local_llm:ServeCommand",
+        "conretriever.synth.local_llm:ServeSettings",
         "conretriever.synth.local_llm:run",
         "OpenAI-compatible chat server for a local model (synthetic data offline)",
     ),

@@ -1,6 +1,6 @@
 """Options: every command's settings are one typed dataclass, parsed one way.
 
-A command says what it accepts as a dataclass (``EvalSettings``, ``RunConfig``, ...). This
+A command says what it accepts as a dataclass (``EvalSettings``, ``TrainSettings``, ...). This
 module turns the dataclass into a command line and turns a command line, plus an optional YAML
 file, back into a validated instance. The dataclass is the only place a default is written:
 the command line, Python callers, scripts and saved runs all read the same ones.
@@ -65,6 +65,16 @@ _NONE_WORDS = ("none", "null")
 _COMMA_RULES = ("split", "path", "keep", "refuse")
 _TRUE = ("1", "true", "yes", "y", "on")
 _FALSE = ("0", "false", "no", "n", "off")
+
+
+# Every command names what it writes ``--output`` (a file or a folder: its help says which); the
+# spellings commands used before (``--out``, ``--output_dir``, ``--out_dir``) stay accepted.
+OUTPUT_ALIASES = ("out", "output_dir", "out_dir")
+
+
+def output_opt(default=MISSING, *, help: str, **meta):  # noqa: A002 - argparse's name for it
+    """The ``output`` field of a command: :func:`opt` with the old spellings as aliases."""
+    return opt(default, aliases=OUTPUT_ALIASES, help=help, **meta)
 
 
 def opt(

@@ -6,9 +6,9 @@ evaluation) means bfloat16 where the hardware computes it natively and float32 e
 * **CUDA**: bfloat16 (every GPU we target has bf16 tensor cores).
 * **CPU**: bfloat16 only when the CPU has native bf16 dot products (x86 ``avx512_bf16`` or
   ``amx_bf16``) AND torch dispatches its kernels at AVX-512 level. On an AVX2-only CPU (most
-  laptops, many cloud machines) torch's bf16 GEMM falls back to a generic loop that is 50-90x
-  slower than float32 (1024x1024 matmul: 69 ms fp32, 3.5 s bf16 on a 2-core AMD EPYC), so
-  ``auto`` picks float32 there. Where the CPU flags cannot be read (no ``/proc/cpuinfo``, a
+  laptops, many cloud machines) torch's bf16 GEMM falls back to a generic loop that is tens of
+  times slower than float32 (measured: docs/training.md, "Machine timings"), so ``auto`` picks
+  float32 there. Where the CPU flags cannot be read (no ``/proc/cpuinfo``, a
   non-x86 CPU), a tiny timed matmul decides, once per process.
 
 ``CONRETRIEVER_CPU_BF16=1`` / ``=0`` overrides the CPU detection (for a CPU we misjudge, and for

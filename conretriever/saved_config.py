@@ -23,6 +23,7 @@ MOVED = {
     ("train", "contrastive_weight"): ("loss", "contrastive_weight"),
     ("train", "distil_weight"): ("loss", "distil_weight"),
     ("train", "distil_temperature"): ("loss", "distil_temperature"),
+    ("train", "output_dir"): ("train", "output"),  # every command's output is --output now
 }
 
 

@@ -30,6 +30,6 @@ REQUESTS_PER_FAMILY="${REQUESTS_PER_FAMILY:-4}"     # brainstorm requests per fa
 TASKS_PER_REQUEST="${TASKS_PER_REQUEST:-20}"        # tasks asked for in each request
 
 exec "$PYTHON" -m conretriever brainstorm \
-    --base-url "$BASE_URL" --model "$MODEL" --out-dir "$OUT_DIR" --families "$FAMILIES" \
+    --base-url "$BASE_URL" --model "$MODEL" --output "$OUT_DIR" --families "$FAMILIES" \
     --requests-per-family "$REQUESTS_PER_FAMILY" --tasks-per-request "$TASKS_PER_REQUEST" \
     "${local_args[@]}" "$@"

@@ -35,7 +35,7 @@ for arg in "$@"; do
   if [[ -d "$arg" ]]; then dirs+=("$arg"); else tasks+=("$arg"); fi
 done
 
-args=("$MODEL_FLAG" "$model" --output_dir "$OUTPUT_DIR")
+args=("$MODEL_FLAG" "$model" --output "$OUTPUT_DIR")
 [[ -n "$BATCH_SIZE" ]] && args+=(--batch_size "$BATCH_SIZE")
 [[ ${#dirs[@]} -gt 0 ]] && args+=(--beir_dir "${dirs[@]}")
 [[ ${#tasks[@]} -gt 0 ]] && args+=(--tasks "${tasks[@]}")

@@ -29,6 +29,6 @@ EXAMPLES_PER_TASK="${EXAMPLES_PER_TASK:-4}"         # requests (examples) per ta
 CONCURRENCY="${CONCURRENCY:-4}"                     # parallel requests
 
 exec "$PYTHON" -m conretriever generate \
-    --base-url "$BASE_URL" --model "$MODEL" --out-dir "$OUT_DIR" --train-dir "$TRAIN_DIR" \
+    --base-url "$BASE_URL" --model "$MODEL" --output "$OUT_DIR" --train-dir "$TRAIN_DIR" \
     --examples-per-task "$EXAMPLES_PER_TASK" --concurrency "$CONCURRENCY" \
     "${local_args[@]}" "$@"

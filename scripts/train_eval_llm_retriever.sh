@@ -38,7 +38,7 @@ if [[ -z "${OUTPUT_DIR:-}" ]]; then
   echo "== $OUTPUT_DIR is this script's own folder: starting it afresh (set OUTPUT_DIR to keep runs)"
 fi
 
-train_args=(train --config "$CONFIG" --output_dir "$OUTPUT_DIR" "${fresh[@]}" "$@")
+train_args=(train --config "$CONFIG" --output "$OUTPUT_DIR" "${fresh[@]}" "$@")
 start=$(date +%s)
 echo "== train: $CONFIG -> $OUTPUT_DIR ($NPROC process(es))"
 if [[ "$NPROC" -gt 1 ]]; then
@@ -73,6 +73,6 @@ fi
 echo "== results (x100)"
 python -m conretriever compare "${runs[@]}" --output "$OUTPUT_DIR/comparison.md" \
   --plot "$OUTPUT_DIR/report/comparison.png"
-python -m conretriever report "$OUTPUT_DIR" --out "$OUTPUT_DIR/report"
+python -m conretriever report "$OUTPUT_DIR" --output "$OUTPUT_DIR/report"
 echo "== done in $(( $(date +%s) - start )) s; model: $OUTPUT_DIR/final (card: README.md)," \
   "plots: $OUTPUT_DIR/report/"

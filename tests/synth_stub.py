@@ -24,6 +24,7 @@ import re
 import threading
 import time
 from collections import Counter
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TRANSIENT = ("429", "500", "timeout")
@@ -72,8 +73,14 @@ class StubLLM:
                 return
 
             def do_POST(self):
+                if self.path.startswith(("/v1/files", "/v1/batches")):
+                    return stub.batch_api._handle(self, "POST")
                 stub._handle(self)
 
+            def do_GET(self):
+                stub.batch_api._handle(self, "GET")
+
+        self.batch_api = BatchAPI(self)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
@@ -138,26 +145,27 @@ class StubLLM:
             with self.lock:
                 self.served[key] = fault
             return self._send(h, 400, {"error": {"message": msg, "type": "invalid_request"}})
+        self._send(h, 200, self._completion(body, key, fault))
+
+    def _completion(self, body: dict, key: str, fault: str | None) -> dict:
+        """The chat-completion body of a good (or malformed/truncated/fenced) reply."""
+        prompt = body["messages"][-1]["content"]
         content, finish = self._reply(prompt, key, fault)
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(content.split())}
-        self._send(
-            h,
-            200,
-            {
-                "id": f"chatcmpl-{key[:12]}",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body.get("model", "stub"),
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content},
-                        "finish_reason": finish,
-                    }
-                ],
-                "usage": {**usage, "total_tokens": sum(usage.values())},
-            },
-        )
+        return {
+            "id": f"chatcmpl-{key[:12]}",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body.get("model", "stub"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": {**usage, "total_tokens": sum(usage.values())},
+        }
 
     def _reply(self, prompt: str, key: str, fault: str | None) -> tuple[str, str]:
         tag = key[:10]
@@ -201,3 +209,191 @@ class StubLLM:
         if fault == "fenced":
             return f"Sure! Here is the example:\n```json\n{text}\n```\nHope it helps.", "stop"
         return text, "stop"
+
+
+class BatchAPI:
+    """The Files and Batches endpoints of the OpenAI API, enough for batch mode, on the stub's
+    server. Each request line is answered by the stub's chat logic (``fault_for`` applies: a
+    ``malformed`` key gets a malformed reply, as live). Switches, settable at any time:
+
+    * ``polls_until_done``: retrieves of a batch before it completes (slow completion);
+    * ``never_finish``: batches stay ``in_progress``;
+    * ``fail_line(custom_id, submission)``: that line goes to the error file (HTTP 500) in the
+      ``submission``-th batch holding it (1 = first);
+    * ``expire_next``: that many batches end ``expired`` with only the first half answered;
+    * ``hold(route)``: the next request on ``route`` (``upload``, ``create``, ``retrieve``,
+      ``content``) blocks until ``release()``; ``create`` registers the batch before blocking
+      (the server has it, the client has not heard back). ``arrived`` is set when it blocks.
+
+    ``submissions`` counts batches created per input file id; ``lines_submitted`` counts how
+    often each custom_id was in a created batch."""
+
+    def __init__(self, stub: StubLLM):
+        self.stub = stub
+        self.lock = threading.Lock()
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self.polls: Counter = Counter()
+        self.submissions: Counter = Counter()
+        self.lines_submitted: Counter = Counter()
+        self.polls_until_done = 0
+        self.never_finish = False
+        self.fail_line = lambda custom_id, submission: False
+        self.expire_next = 0
+        self.tokens_seen: set[str] = set()
+        self.held: str | None = None
+        self.arrived = threading.Event()
+        self._release = threading.Event()
+
+    def hold(self, route: str) -> None:
+        self.held = route
+        self.arrived.clear()
+        self._release.clear()
+
+    def release(self) -> None:
+        self.held = None
+        self._release.set()
+
+    def _block(self, route: str) -> None:
+        if self.held == route:
+            self.arrived.set()
+            self._release.wait(30)
+
+    def _send(self, h, status: int, body: dict | bytes) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        try:
+            h.send_response(status)
+            h.send_header("Content-Type", "application/json" if isinstance(body, dict)
+                          else "application/octet-stream")  # fmt: skip
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client was killed while we held its request
+
+    def _handle(self, h, method: str) -> None:
+        path = h.path.split("?")[0]
+        with self.lock:
+            self.tokens_seen.add(h.headers.get("Authorization", "").removeprefix("Bearer "))
+        raw = h.rfile.read(int(h.headers.get("Content-Length") or 0)) if method == "POST" else b""
+        parts = path.strip("/").split("/")  # v1, files|batches, [id], [content|cancel]
+        if parts[1] == "files" and method == "POST":
+            self._block("upload")
+            return self._send(h, 200, self._upload(h.headers["Content-Type"], raw))
+        if parts[1] == "files" and len(parts) == 4 and parts[3] == "content":
+            self._block("content")
+            return self._send(h, 200, self.files[parts[2]])
+        if parts[1] == "batches" and method == "POST" and len(parts) == 2:
+            batch = self._create(json.loads(raw))
+            self._block("create")
+            return self._send(h, 200, self._public(batch))
+        if parts[1] == "batches" and len(parts) == 2:
+            data = [self._public(b) for b in reversed(list(self.batches.values()))]
+            return self._send(h, 200, {"object": "list", "data": data, "has_more": False,
+                                       "first_id": data[0]["id"] if data else None,
+                                       "last_id": data[-1]["id"] if data else None})  # fmt: skip
+        if parts[1] == "batches" and len(parts) == 4 and parts[3] == "cancel":
+            batch = self.batches[parts[2]]
+            self._finish(batch, "cancelled", answered=len(batch["lines"]) // 2)
+            return self._send(h, 200, self._public(batch))
+        if parts[1] == "batches" and len(parts) == 3:
+            self._block("retrieve")
+            return self._send(h, 200, self._public(self._poll(self.batches[parts[2]])))
+        return self._send(h, 404, {"error": {"message": f"no route {method} {path}"}})
+
+    def _upload(self, content_type: str, raw: bytes) -> dict:
+        message = BytesParser().parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+        fields = {p.get_param("name", header="content-disposition"): p for p in message.walk()
+                  if not p.is_multipart()}  # fmt: skip
+        data = fields["file"].get_payload(decode=True)
+        with self.lock:
+            file_id = f"file-{len(self.files) + 1}"
+            self.files[file_id] = data
+        return {"id": file_id, "object": "file", "bytes": len(data), "created_at": 0,
+                "filename": fields["file"].get_filename(), "purpose": "batch",
+                "status": "processed"}  # fmt: skip
+
+    def _create(self, body: dict) -> dict:
+        lines = [json.loads(x) for x in self.files[body["input_file_id"]].decode().splitlines()]
+        with self.lock:
+            batch_id = f"batch_{len(self.batches) + 1}"
+            self.submissions[body["input_file_id"]] += 1
+            for line in lines:
+                self.lines_submitted[line["custom_id"]] += 1
+            expire = self.expire_next > 0
+            self.expire_next -= int(expire)
+            batch = {"id": batch_id, "input_file_id": body["input_file_id"], "lines": lines,
+                     "status": "validating", "output_file_id": None, "error_file_id": None,
+                     "metadata": body.get("metadata"), "expire": expire, "completed": 0,
+                     "failed": 0, "endpoint": body["endpoint"],
+                     "completion_window": body["completion_window"]}  # fmt: skip
+            self.batches[batch_id] = batch
+        return batch
+
+    def _poll(self, batch: dict) -> dict:
+        with self.lock:
+            self.polls[batch["id"]] += 1
+            polls = self.polls[batch["id"]]
+        if batch["status"] in ("completed", "expired", "cancelled", "failed"):
+            return batch
+        if self.never_finish or polls <= self.polls_until_done:
+            batch["status"] = "in_progress"
+            return batch
+        if batch["expire"]:
+            self._finish(batch, "expired", answered=len(batch["lines"]) // 2)
+        else:
+            self._finish(batch, "completed", answered=len(batch["lines"]))
+        return batch
+
+    def _finish(self, batch: dict, status: str, answered: int) -> None:
+        out, err = [], []
+        for line in batch["lines"][:answered]:
+            cid = line["custom_id"]
+            if self.fail_line(cid, self.lines_submitted_in(batch, cid)):
+                err.append(
+                    {
+                        "id": f"req_{cid}",
+                        "custom_id": cid,
+                        "response": {
+                            "status_code": 500,
+                            "request_id": "r",
+                            "body": {
+                                "error": {"message": "internal error", "type": "server_error"}
+                            },
+                        },
+                        "error": None,
+                    }
+                )
+                continue
+            body = line["body"]
+            prompt = body["messages"][-1]["content"]
+            key = hashlib.sha1(f"{prompt}|{body.get('seed')}".encode()).hexdigest()
+            fault = self.stub.fault_for(key)
+            fault = fault if fault in ("malformed", "truncated", "fenced") else None
+            out.append({"id": f"req_{cid}", "custom_id": cid, "response": {
+                "status_code": 200, "request_id": f"r_{cid}",
+                "body": self.stub._completion(body, key, fault)}, "error": None})  # fmt: skip
+        with self.lock:
+            for name, rows in (("output_file_id", out), ("error_file_id", err)):
+                if rows:
+                    file_id = f"file-{len(self.files) + 1}"
+                    self.files[file_id] = "".join(json.dumps(r) + "\n" for r in rows).encode()
+                    batch[name] = file_id
+            batch.update(status=status, completed=len(out), failed=len(err))
+
+    def lines_submitted_in(self, batch: dict, custom_id: str) -> int:
+        """How many created batches up to ``batch`` held ``custom_id`` (1 = its first)."""
+        order = list(self.batches)
+        upto = order[: order.index(batch["id"]) + 1]
+        return sum(any(x["custom_id"] == custom_id for x in self.batches[b]["lines"])
+                   for b in upto)  # fmt: skip
+
+    @staticmethod
+    def _public(batch: dict) -> dict:
+        return {"id": batch["id"], "object": "batch", "endpoint": batch["endpoint"],
+                "errors": None, "input_file_id": batch["input_file_id"],
+                "completion_window": batch["completion_window"], "status": batch["status"],
+                "output_file_id": batch["output_file_id"], "error_file_id": batch["error_file_id"],
+                "created_at": 0, "metadata": batch["metadata"],
+                "request_counts": {"total": len(batch["lines"]), "completed": batch["completed"],
+                                   "failed": batch["failed"]}}  # fmt: skip

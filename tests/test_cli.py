@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conretriever.cli import COMMANDS, _load, main
-from conretriever.options import build_parser, options
+from conretriever.options import build_parser, options, sections
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,34 @@ def test_every_flag_takes_both_spellings(name):
             assert f"--{o.name.replace('_', '-')}" in strings, o.name
 
 
+def test_every_settings_class_has_one_suffix():
+    """A command's settings and each of their sections are ``...Settings`` classes (no
+    ``Config``, ``Command`` or ``Args``), so one name pattern finds them all."""
+    for name, command in COMMANDS.items():
+        for cls in sections(_load(command.settings)).values():
+            assert cls.__name__.endswith("Settings"), (name, cls.__name__)
+
+
+OUTPUT_SPELLINGS = ("output", "out", "output_dir", "out_dir")
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_names_its_output_output_and_takes_the_old_spellings(name, tmp_path):
+    """One spelling, ``--output``, in every command that writes; ``--out``, ``--output_dir`` and
+    ``--out_dir`` (what commands used before) parse to the same field."""
+    cls = _load(COMMANDS[name].settings)
+    names = {o.name: o for o in options(cls)}
+    assert not set(names) & set(OUTPUT_SPELLINGS[1:]), name  # no command keeps an old name
+    if "output" not in names:
+        return
+    parser = build_parser(cls, prog=name)
+    positional = ["a=b"] if any(o.meta["positional"] for o in names.values()) else []
+    for spelling in OUTPUT_SPELLINGS:
+        for flag in {f"--{spelling}", f"--{spelling.replace('_', '-')}"}:
+            parsed = parser.parse_known_args([*positional, flag, str(tmp_path / "x")])[0]
+            assert parsed.output == str(tmp_path / "x"), (name, flag)
+
+
 def _script_defaults(path: Path) -> dict[str, str]:
     """VAR -> default of every ``VAR="${VAR:-default}"`` line of a shell script."""
     found = {}
@@ -57,9 +85,9 @@ def _script_defaults(path: Path) -> dict[str, str]:
 # Script variables that set a CLI option: (script, variable) -> (command, option)
 SCRIPT_OPTIONS = {
     ("eval_mteb_beir.sh", "BATCH_SIZE"): ("eval", "batch_size"),
-    ("eval_mteb_beir.sh", "OUTPUT_DIR"): ("eval", "output_dir"),
-    ("brainstorm_task.sh", "OUT_DIR"): ("brainstorm", "out_dir"),
-    ("generate_examples.sh", "OUT_DIR"): ("generate", "out_dir"),
+    ("eval_mteb_beir.sh", "OUTPUT_DIR"): ("eval", "output"),
+    ("brainstorm_task.sh", "OUT_DIR"): ("brainstorm", "output"),
+    ("generate_examples.sh", "OUT_DIR"): ("generate", "output"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Every shipped config parses into a valid RunConfig (unknown keys and bad values fail)."""
+"""Every shipped config parses into a valid TrainSettings (unknown keys and bad values fail)."""
 
 from __future__ import annotations
 

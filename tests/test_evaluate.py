@@ -372,10 +372,10 @@ def test_eval_encode_and_mine_take_the_model_options_train_has():
     from conretriever.options import options
     from conretriever.retrieval.encode_file import EncodeSettings
     from conretriever.retrieval.mining import MineSettings
-    from conretriever.training.config import RunConfig
+    from conretriever.training.config import TrainSettings
 
     model_options = {o.name for o in options(EmbedderSettings)}
-    train = {o.name for o in options(RunConfig)}
+    train = {o.name for o in options(TrainSettings)}
     assert model_options <= train
     for cls in (ev.EvalSettings, EncodeSettings, MineSettings):
         names = {o.name for o in options(cls)}

@@ -251,7 +251,7 @@ def test_positive_aware_mining_rules_and_teacher_scores(tiny_encoder, tmp_path):
             model="x",
             data=tmp_path / "nq.jsonl",
             corpus=str(tmp_path / "corpus.jsonl"),
-            out=out,
+            output=out,
             window="1-20",
             n_negatives=20,
             dedup_threshold=1.01,
@@ -286,5 +286,5 @@ def test_positive_aware_mining_rules_and_teacher_scores(tiny_encoder, tmp_path):
     assert none.rows_left_out == len(rows) and none.negatives_written == 0
     assert none_out.read_text() == ""
     with pytest.raises(ConfigError, match="--min_negatives 21 is more than --n_negatives 20"):
-        MineSettings(model="x", data=tmp_path / "nq.jsonl", corpus="self", out=tmp_path / "o",
+        MineSettings(model="x", data=tmp_path / "nq.jsonl", corpus="self", output=tmp_path / "o",
                      n_negatives=20, min_negatives=21).validate()  # fmt: skip

@@ -20,7 +20,7 @@ from conretriever.errors import ConfigError, DataError
 from conretriever.model.embedder import Embedder
 from conretriever.model.settings import LoraSettings
 from conretriever.saved_config import upgrade_saved
-from conretriever.training.config import RunConfig, trajectory
+from conretriever.training.config import TrainSettings, trajectory
 from conretriever.training.grad_cache import grad_cache_step
 from conretriever.training.loss import (
     LossSettings,
@@ -277,7 +277,7 @@ def test_export_steps_writes_folders_to_average(tiny_decoder, tmp_path):
 
 # ----- the loss section: old run configs ---------------------------------------------------------
 def test_a_run_saved_with_the_old_layout_has_the_same_trajectory():
-    new = RunConfig().to_dict()
+    new = TrainSettings().to_dict()
     old = copy.deepcopy(new)
     loss = old.pop("loss")
     old["train"].update({k: v for k, v in loss.items() if not k.startswith("embed_")})

@@ -29,7 +29,7 @@ def fast_flags(url: str) -> list[str]:
 
 def planned_ids(out: Path, per_task: int) -> set[str]:
     tasks = generate.load_tasks(out / "tasks.jsonl", prompts.FAMILIES)
-    settings = generate.GenerateSettings(out_dir=out, examples_per_task=per_task)
+    settings = generate.GenerateJob(out_dir=out, examples_per_task=per_task)
     return {job["id"] for job in generate.plan_requests(tasks, settings)}
 
 

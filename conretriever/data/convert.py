@@ -52,7 +52,7 @@ from conretriever.data.tasks import BEIR_DIR_TO_TASK, TaskRegistry, eval_instruc
 from conretriever.data.training import MAX_REPORTED_ERRORS, parse_row
 from conretriever.errors import ConfigError, DataError
 from conretriever.files import atomic_files, output_folder, refuse_existing, writing
-from conretriever.options import opt
+from conretriever.options import opt, output_opt
 from conretriever.progress import Progress
 
 # First alias present in a row wins; the order puts the most specific names first.
@@ -65,13 +65,15 @@ INSTRUCTION_ALIASES = ("instruction", "prompt")
 @dataclass
 class ConvertSettings:
     """``conretriever convert`` / ``hf_to_training_data.py`` flags. With neither ``--dataset``
-    nor ``--out`` (no arguments at all), the embedded example dataset is converted."""
+    nor ``--output`` (no arguments at all), the embedded example dataset is converted."""
 
     dataset: str | None = opt(
         None, help="hub name, local file, local collection folder or BEIR folder"
     )
-    out: Path | None = opt(None, help="output folder; each task becomes <out>/<task>.jsonl")
-    overwrite: bool = opt(False, help="replace task files that already exist in --out")
+    output: Path | None = output_opt(
+        None, help="output folder; each task becomes <output>/<task>.jsonl"
+    )
+    overwrite: bool = opt(False, help="replace task files that already exist in --output")
     config: str | None = opt(
         None, help="a config (hub) / sub-folder or file stem (local); all: every one"
     )
@@ -92,9 +94,9 @@ class ConvertSettings:
     progress: bool = opt(True)
 
     def validate(self) -> None:
-        if (self.dataset is None) != (self.out is None):
+        if (self.dataset is None) != (self.output is None):
             raise ConfigError(
-                "--dataset and --out are both needed (or no arguments: the embedded example)"
+                "--dataset and --output are both needed (or no arguments: the embedded example)"
             )
 
 
@@ -238,7 +240,7 @@ def convert_source(
     source: Source, settings: ConvertSettings, handle, registry: TaskRegistry
 ) -> TaskReport:
     """Validate and write one task's rows to an open file; raise DataError on bad rows."""
-    report = TaskReport(task=source.task, path=str(settings.out / f"{source.task}.jsonl"))
+    report = TaskReport(task=source.task, path=str(settings.output / f"{source.task}.jsonl"))
     default_instruction = settings.instruction
     if default_instruction is None and registry.instruction(source.task) is None:
         beir_name = Path(source.label).name.lower()
@@ -285,18 +287,20 @@ def convert_source(
 def convert(settings: ConvertSettings, registry: TaskRegistry | None = None) -> list[TaskReport]:
     """Convert every source; all task files appear together, or none does."""
     registry = registry or TaskRegistry.load()
-    output_folder(settings.out, "--out")  # a file there, read-only: before reading anything
+    output_folder(settings.output, "--output")  # a file there, read-only: before reading anything
     sources = resolve_sources(settings)
     names = [s.task for s in sources]
     if len(set(names)) != len(names):
         raise DataError(f"two sources map to the same task name: {names}")
-    refuse_existing([settings.out / f"{n}.jsonl" for n in names], settings.overwrite, "task file")
+    refuse_existing(
+        [settings.output / f"{n}.jsonl" for n in names], settings.overwrite, "task file"
+    )
     reports = []
     # A full disk half-way: the staged files go, the task files already there stay as they were.
-    with writing(settings.out, "--out"), atomic_files() as stage:
-        settings.out.mkdir(parents=True, exist_ok=True)
+    with writing(settings.output, "--output"), atomic_files() as stage:
+        settings.output.mkdir(parents=True, exist_ok=True)
         for source in sources:
-            tmp = stage(settings.out / f"{source.task}.jsonl")
+            tmp = stage(settings.output / f"{source.task}.jsonl")
             with open(tmp, "w", encoding="utf-8") as handle:
                 reports.append(convert_source(source, settings, handle, registry))
     return reports
@@ -315,9 +319,9 @@ def run(settings: ConvertSettings) -> int:
     """``conretriever convert``: every task file written together, or none."""
     if settings.dataset is None:  # the embedded default: offline, seconds on a CPU
         print(f"no arguments: converting the embedded example dataset {SAMPLE_DATASET}")
-        print(f"  (--dataset {SAMPLE_DATASET} --config all --out {SAMPLE_OUT}; --help for more)")
+        print(f"  (--dataset {SAMPLE_DATASET} --config all --output {SAMPLE_OUT}; --help for more)")
         settings = dataclasses.replace(
-            settings, dataset=str(SAMPLE_DATASET), config="all", out=SAMPLE_OUT, overwrite=True
+            settings, dataset=str(SAMPLE_DATASET), config="all", output=SAMPLE_OUT, overwrite=True
         )
     registry = TaskRegistry.load()
     reports = convert(settings, registry)

@@ -17,7 +17,7 @@ every training row's query and positives (``--fields``) with them in three ways,
 
 A row is counted once, under the strongest rule any of its fields met. The report (JSON) gives
 counts per rule, per training field and per evaluation side (query or document), plus examples;
-``--drop --out`` also writes the training data without the flagged rows (lines copied verbatim).
+``--drop --output`` also writes the training data without the flagged rows (lines copied verbatim).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from conretriever.files import (
     write_text,
     writing,
 )
-from conretriever.options import opt, to_dict
+from conretriever.options import opt, output_opt, to_dict
 
 KINDS = ("exact", "normalized", "ngram")
 _PUNCT = re.compile(r"[^\w\s]|_")
@@ -77,9 +77,9 @@ class DecontamSettings:
     )
     n_examples: int = opt(5, ge=0, help="examples per rule in the report")
     report: Path | None = opt(None, help="write the JSON report here")
-    drop: bool = opt(False, help="write the training data without flagged rows to --out")
-    out: Path | None = opt(None, help="with --drop: output file (a folder if several)")
-    overwrite: bool = opt(False, help="replace an existing --out / --report")
+    drop: bool = opt(False, help="write the training data without flagged rows to --output")
+    output: Path | None = output_opt(None, help="with --drop: output file (a folder if several)")
+    overwrite: bool = opt(False, help="replace an existing --output / --report")
     allow_extra_fields: bool = opt(False, help="accept rows with unknown keys (ignored)")
 
     def validate(self) -> None:
@@ -87,8 +87,8 @@ class DecontamSettings:
             raise ConfigError("--eval_dirs is required (the evaluation BEIR folders)")
         if not self.data:
             raise ConfigError("--data is required (training files or folders)")
-        if self.drop and self.out is None:
-            raise ConfigError("--drop needs --out")
+        if self.drop and self.output is None:
+            raise ConfigError("--drop needs --output")
 
 
 @dataclass
@@ -216,11 +216,11 @@ def decontaminate(settings: DecontamSettings, drop_out: Path | None = None) -> d
                 _scan_file(path, index, settings, tally, None)
                 continue
             final = drop_out / path.name if len(files) > 1 else drop_out
-            with writing(drop_out, "--out"):
+            with writing(drop_out, "--output"):
                 final.parent.mkdir(parents=True, exist_ok=True)
                 writer = open(stage(final), "w", encoding="utf-8")  # noqa: SIM115
             # the training files were listed just before, so an OSError here is the output's
-            with writer, writing(drop_out, "--out"):
+            with writer, writing(drop_out, "--output"):
                 _scan_file(path, index, settings, tally, writer)
     flagged = sum(tally.counts.values())
     return {
@@ -274,14 +274,16 @@ def summary(report: dict) -> str:
 
 def run(settings: DecontamSettings) -> int:
     """``conretriever decontaminate``."""
-    outputs = [p for p in (settings.report, settings.out if settings.drop else None) if p]
+    outputs = [p for p in (settings.report, settings.output if settings.drop else None) if p]
     if settings.report:
         output_file(settings.report, "--report")
-    if settings.drop and settings.out:
+    if settings.drop and settings.output:
         # one file out (a single training file) or a folder of them: check where it goes
-        output_folder(settings.out.parent if settings.out.suffix else settings.out, "--out")
+        output_folder(
+            settings.output.parent if settings.output.suffix else settings.output, "--output"
+        )
     refuse_existing(outputs, settings.overwrite)
-    report = decontaminate(settings, settings.out if settings.drop else None)
+    report = decontaminate(settings, settings.output if settings.drop else None)
     if settings.report:
         with writing(settings.report, "--report"):
             write_text(settings.report, json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -1,6 +1,6 @@
 """Side-by-side tables of evaluation runs: ``conretriever compare base=DIR trained=DIR``.
 
-Each DIR is an ``--output-dir`` of ``conretriever eval`` (one ``<task>.json`` per task). The
+Each DIR is an ``--output`` of ``conretriever eval`` (one ``<task>.json`` per task). The
 table has one row per task and run, and each run's nDCG@10 change from the first run: the "did
 training help" view the demo prints (untrained, trained, and a reference model).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conretriever.errors import DataError
 from conretriever.files import output_file, read_json, write_text, writing
-from conretriever.options import opt
+from conretriever.options import opt, output_opt
 
 METRICS = (("nDCG@10", "ndcg_at_10"), ("R@10", "recall_at_10"), ("MRR@10", "mrr_at_10"))
 
@@ -71,7 +71,7 @@ class CompareSettings:
         commas="keep",
         help="conretriever eval output folders, optionally named (DIR alone: its folder name)",
     )
-    output: Path | None = opt(None, help="also write the table to this markdown file")
+    output: Path | None = output_opt(None, help="also write the table to this markdown file")
     plot: Path | None = opt(None, help="also draw nDCG@10 per task and run as a bar chart (PNG)")
 
 

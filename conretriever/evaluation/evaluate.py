@@ -32,7 +32,7 @@ Two ways in:
   (``conretriever.evaluation.mteb_bridge``) does its own cached corpus encoding and exact search, so
   both paths rank identically.
 
-Outputs (``--output-dir``): ``<task>.json`` per task, ``summary.md`` (a table with the average)
+Outputs (``--output``): ``<task>.json`` per task, ``summary.md`` (a table with the average)
 and ``settings.json`` (model, fingerprint, instructions, lengths, batch size, seconds per task).
 All JSON is strict (NaN written as null). This module never imports mteb; ``mteb_bridge`` imports
 it only inside the functions that use it.
@@ -61,7 +61,7 @@ from conretriever.files import output_folder, refuse_existing, write_json, write
 from conretriever.model.card import record_eval
 from conretriever.model.prompts import query_prefix
 from conretriever.model.settings import EmbedderSettings
-from conretriever.options import opt, to_dict
+from conretriever.options import opt, output_opt, to_dict
 from conretriever.retrieval.corpus import encode_corpus, encode_sharded, model_fingerprint
 from conretriever.retrieval.search import build_index, index_search, recall_at_k, search
 
@@ -90,8 +90,10 @@ class EvalSettings:
                            help="MTEB task names or presets beir15, small")  # fmt: skip
     beir_dir: list[str] = opt(default_factory=list, commas="path",
                               help="local BEIR folders (offline)")  # fmt: skip
-    output_dir: str = opt("eval_results", help="<task>.json, summary.md and settings.json")
-    overwrite: bool = opt(False, help="replace results already in output_dir")
+    output: str = output_opt(
+        "eval_results", help="folder for <task>.json, summary.md and settings.json"
+    )
+    overwrite: bool = opt(False, help="replace results already in --output")
     batch_size: int = opt(256, ge=1, help="most texts per forward (the token budget binds first)")
     embedder: EmbedderSettings = opt(default_factory=EmbedderSettings)
     instruction: str | None = opt(None, help="one instruction for every task (none: e5's)")
@@ -359,7 +361,7 @@ def run(settings: EvalSettings) -> int:
     from conretriever.model.embedder import Embedder
 
     info = runtime.init_distributed()
-    out = output_folder(settings.output_dir, "--output_dir")  # before an hour of encoding
+    out = output_folder(settings.output, "--output")  # before an hour of encoding
     # Read every folder and look up every task first: a malformed file or a misspelt task name
     # fails in seconds, not after an hour of encoding.
     folders = [load_beir_dir(p, settings.split) for p in settings.beir_dir]
@@ -396,7 +398,7 @@ def run(settings: EvalSettings) -> int:
                 file=sys.stderr,
             )
     if info.is_main:
-        with writing(out, "--output_dir"):
+        with writing(out, "--output"):
             _write_outputs(out, settings, spec, embedder, results)
     runtime.cleanup()  # every rank waits for rank 0's writes, then leaves the group together
     return 1 if failed else 0

@@ -1,6 +1,6 @@
 """Pictures of runs: training and evaluation curves, and per-task comparison bars (PNG).
 
-``conretriever report RUN_DIR [RUN_DIR ...] --out report/`` reads each run folder's
+``conretriever report RUN_DIR [RUN_DIR ...] --output report/`` reads each run folder's
 ``metrics.jsonl`` and draws, with the runs overlaid (one colour each, named by folder):
 
 * ``training.png``: loss, in-batch accuracy, learning rate, gradient norm (before clipping) and
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from conretriever.errors import DataError
 from conretriever.files import output_folder, writing
-from conretriever.options import opt
+from conretriever.options import opt, output_opt
 
 TRAIN_PANELS = (
     ("loss", "loss (InfoNCE)", False),
@@ -126,11 +126,11 @@ def compare_bars(runs: list[tuple[str, dict[str, dict]]], out: Path) -> Path:
 
 @dataclass
 class ReportSettings:
-    """``conretriever report RUN_DIR [RUN_DIR ...] --out report/``."""
+    """``conretriever report RUN_DIR [RUN_DIR ...] --output report/``."""
 
     runs: list[Path] = opt(default_factory=list, positional=True, required=True,
                            metavar="RUN_DIR", help="training run folders (overlaid)")  # fmt: skip
-    out: Path = opt(Path("report"), help="folder for training.png and evaluation.png")
+    output: Path = output_opt(Path("report"), help="folder for training.png and evaluation.png")
 
 
 def _save(fig, out: Path) -> None:
@@ -144,7 +144,7 @@ def _save(fig, out: Path) -> None:
 
 
 def run(settings: ReportSettings) -> int:
-    output_folder(settings.out, "--out")  # before reading the runs
+    output_folder(settings.output, "--output")  # before reading the runs
     names: dict[str, Path] = {}
     for path in settings.runs:
         name = path.resolve().name
@@ -152,11 +152,11 @@ def run(settings: ReportSettings) -> int:
     train, evals = {}, {}
     for name, path in names.items():
         train[name], evals[name] = read_metrics(path)
-    with writing(settings.out, "--out"):
-        settings.out.mkdir(parents=True, exist_ok=True)
-        written = [training_curves(train, settings.out / "training.png")]
+    with writing(settings.output, "--output"):
+        settings.output.mkdir(parents=True, exist_ok=True)
+        written = [training_curves(train, settings.output / "training.png")]
         if any(evals.values()):
-            written.append(evaluation_curves(evals, settings.out / "evaluation.png"))
+            written.append(evaluation_curves(evals, settings.output / "evaluation.png"))
     for path in written:
         print(f"plot: {path}")
     return 0

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from conretriever.errors import ConfigError, DataError
 from conretriever.files import output_folder, refuse_existing, writing
-from conretriever.options import opt
+from conretriever.options import opt, output_opt
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 # files that decide what the weights mean: they must agree across the averaged folders
@@ -46,7 +46,7 @@ class AverageSettings:
         metavar="MODEL_DIR",
         help="saved model folders",
     )
-    output: str | None = opt(None, required=True, aliases=("out",), help="the averaged model")
+    output: str | None = output_opt(None, required=True, help="the averaged model (a folder)")
     weights: list[float] = opt(
         default_factory=list, ge=0, help="one per model (default: equal), normalised to sum 1"
     )

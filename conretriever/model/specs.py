@@ -10,7 +10,7 @@ A spec is one of
 * anything else is passed through as a Hugging Face hub id (downloaded when online).
 
 GGUF weights are quantised, and ``transformers`` refuses to ``save_pretrained`` a GGUF-loaded
-model, so a GGUF is dequantised ONCE (40-50 s on 2 CPU cores) into a plain float32 safetensors
+model, so a GGUF is dequantised ONCE (timed in docs/training.md) into a plain float32 safetensors
 checkpoint under the cache (``$CONRETRIEVER_CACHE``, default ``~/.cache/conretriever``) and loaded
 from there afterwards in seconds. The entry is built in a temporary folder and renamed into place,
 so a killed build never leaves a half-written entry that a later run would trust; a file lock

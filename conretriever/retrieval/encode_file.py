@@ -19,14 +19,14 @@ from conretriever import runtime
 from conretriever.errors import DataError
 from conretriever.files import json_line, open_text, output_file, refuse_existing, writing
 from conretriever.model.settings import EmbedderSettings
-from conretriever.options import opt
+from conretriever.options import opt, output_opt
 
 
 @dataclass
 class EncodeSettings:
     model: str | None = opt(None, required=True, help="model spec (dir, hub id, embedded:...)")
     input: Path | None = opt(None, required=True, help="text file (one per line) or .jsonl")
-    output: Path | None = opt(None, required=True, help=".npy file to write")
+    output: Path | None = output_opt(None, required=True, help=".npy file to write")
     overwrite: bool = opt(False, help="replace an existing --output")
     field: str = opt("text", help="the JSONL field to encode")
     role: Literal["query", "passage"] = opt("passage", help="queries get the instruction")

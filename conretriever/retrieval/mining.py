@@ -57,7 +57,7 @@ from conretriever.data.training import Example, read_task_file, task_name
 from conretriever.errors import ConfigError, DataError
 from conretriever.files import atomic_files, output_file, refuse_existing, write_text, writing
 from conretriever.model.settings import EmbedderSettings
-from conretriever.options import opt
+from conretriever.options import opt, output_opt
 
 NEAR_THRESHOLD_BANDS = (0.9, 0.95, 0.98)  # report how many candidates sit above each
 
@@ -69,8 +69,8 @@ class MineSettings:
     model: str | None = opt(None, required=True, help="model spec (dir, hub id, embedded:...)")
     data: Path | None = opt(None, required=True, help="training task file (.jsonl[.gz])")
     corpus: str | None = opt(None, required=True, help="corpus.jsonl, a folder, or 'self'")
-    out: Path | None = opt(None, required=True, help="output training file")
-    overwrite: bool = opt(False, help="replace an existing --out / --report")
+    output: Path | None = output_opt(None, required=True, help="the mined training file")
+    overwrite: bool = opt(False, help="replace an existing --output / --report")
     window: str = opt("30-100", help="1-based ranks LO-HI (inclusive) the negatives come from")
     n_negatives: int = opt(
         7, ge=1, help="negatives per row (e5-mistral trained with 1; 7 leaves choice)"
@@ -326,7 +326,7 @@ ROW_BLOCK = 8192  # rows mined at once: their queries, positives and rankings st
 
 
 def mine(settings: MineSettings, embedder=None, registry: TaskRegistry | None = None) -> MineReport:
-    """Mine negatives for ``settings.data`` and write ``settings.out``; see module docstring."""
+    """Mine negatives for ``settings.data`` and write ``settings.output``; see module docstring."""
     from conretriever import runtime
     from conretriever.progress import Progress
     from conretriever.retrieval.corpus import encode_corpus
@@ -359,11 +359,11 @@ def mine(settings: MineSettings, embedder=None, registry: TaskRegistry | None = 
     bands = dict.fromkeys(NEAR_THRESHOLD_BANDS, 0)
     main_rank = runtime.is_main()
     if main_rank:
-        with writing(settings.out, "--out"):
-            settings.out.parent.mkdir(parents=True, exist_ok=True)
+        with writing(settings.output, "--output"):
+            settings.output.parent.mkdir(parents=True, exist_ok=True)
     bar = Progress(len(examples), "mine", enabled=settings.progress and main_rank, unit="rows")
-    with writing(settings.out, "--out"), atomic_files() as stage, bar:
-        handle = open(stage(settings.out), "w", encoding="utf-8") if main_rank else None  # noqa: SIM115
+    with writing(settings.output, "--output"), atomic_files() as stage, bar:
+        handle = open(stage(settings.output), "w", encoding="utf-8") if main_rank else None  # noqa: SIM115
         try:
             for start in range(0, len(examples), ROW_BLOCK):
                 rows = examples[start : start + ROW_BLOCK]
@@ -386,10 +386,10 @@ def run(settings: MineSettings) -> int:
     the corpus; rank 0 writes)."""
     from conretriever import runtime
 
-    output_file(settings.out, "--out")
+    output_file(settings.output, "--output")
     if settings.report:
         output_file(settings.report, "--report")
-    refuse_existing([p for p in (settings.out, settings.report) if p], settings.overwrite)
+    refuse_existing([p for p in (settings.output, settings.report) if p], settings.overwrite)
     report = mine(settings)
     if not runtime.is_main():
         return 0
@@ -399,7 +399,7 @@ def run(settings: MineSettings) -> int:
             write_text(settings.report, text + "\n")
     print(text)
     print(
-        f"{settings.out}: {report.rows} rows, {report.negatives_written} negatives "
+        f"{settings.output}: {report.rows} rows, {report.negatives_written} negatives "
         f"({report.rows_short} rows short of {settings.n_negatives}, {report.rows_left_out} left "
         f"out by --min_negatives); of {report.candidates} "
         f"window candidates dropped {report.dropped_positive} as positives, "

@@ -5,7 +5,7 @@ For each brainstormed family (short-long, long-short, short-short, long-long) th
 and everything random about it (which seed tasks are shown, the temperature) is drawn from a
 ``random.Random`` seeded by that id, so a rerun sends the very same prompt.
 
-Files in ``--out-dir``:
+Files in ``--output``:
 
 * ``brainstorm.jsonl``: one record per answered request (id, family, the tasks it produced);
 * ``brainstorm.rejects.jsonl``: replies that held no usable task list, and requests that failed
@@ -28,8 +28,9 @@ from pathlib import Path
 
 from conretriever.errors import ConfigError
 from conretriever.files import output_folder
-from conretriever.options import opt
+from conretriever.options import opt, output_opt
 from conretriever.synth import prompts
+from conretriever.synth.batch import BatchSettings, batch_extra, send_requests
 from conretriever.synth.client import (
     ClientSettings,
     LLMClient,
@@ -53,7 +54,7 @@ TEMPERATURE_OFFSETS = (-0.3, 0.0, 0.3)
 
 
 @dataclass
-class BrainstormSettings:
+class BrainstormJob:
     out_dir: Path
     families: tuple[str, ...] = prompts.FAMILIES
     requests_per_family: int = 4
@@ -82,7 +83,7 @@ def parse_task_list(reply: object) -> list[str]:
     return tasks
 
 
-def plan_requests(s: BrainstormSettings, temperature: float) -> list[dict]:
+def plan_requests(s: BrainstormJob, temperature: float) -> list[dict]:
     jobs = []
     for family in s.families:
         if family not in prompts.BRAINSTORMED:
@@ -126,7 +127,7 @@ def answer(client: LLMClient, job: dict) -> Outcome:
     return Outcome.accepted(record, done)
 
 
-def derive_tasks(s: BrainstormSettings) -> list[dict]:
+def derive_tasks(s: BrainstormJob) -> list[dict]:
     """The distinct tasks of this run's families, in request order, plus the fixed tasks."""
     records = read_jsonl(s.out_dir / "brainstorm.jsonl")
     records = [r for r in records if r.get("family") in s.families and r.get("seed") == s.seed]
@@ -162,10 +163,12 @@ def derive_tasks(s: BrainstormSettings) -> list[dict]:
 
 
 @dataclass
-class BrainstormCommand:
+class BrainstormSettings:
     """``conretriever brainstorm`` flags."""
 
-    out_dir: Path = opt(Path("synthetic_out"), help="requests log, rejects, usage, tasks.jsonl")
+    output: Path = output_opt(
+        Path("synthetic_out"), help="run folder: requests log, rejects, usage, tasks.jsonl"
+    )
     families: list[str] = opt(
         default_factory=lambda: ["all"],
         choices=("all", *prompts.FAMILIES),
@@ -185,14 +188,15 @@ class BrainstormCommand:
     verbose: bool = opt(False, aliases=("v",), help="log every retry")
     # 20 one-sentence tasks: ~600 tokens
     client: ClientSettings = opt(default_factory=lambda: ClientSettings(max_tokens=1024))
+    batch: BatchSettings = opt(default_factory=BatchSettings)
 
-    def settings(self) -> BrainstormSettings:
+    def settings(self) -> BrainstormJob:
         pairs = tuple(tuple(p.split("-", 1)) for p in self.bitext_pairs)
         if any(len(p) != 2 or not all(p) for p in pairs):
             raise ConfigError(f"--bitext_pairs {self.bitext_pairs}: expected SRC-TGT items")
         families = prompts.FAMILIES if "all" in self.families else tuple(self.families)
-        return BrainstormSettings(
-            out_dir=self.out_dir,
+        return BrainstormJob(
+            out_dir=self.output,
             families=families,
             requests_per_family=self.requests_per_family,
             tasks_per_request=self.tasks_per_request,
@@ -204,17 +208,17 @@ class BrainstormCommand:
         )
 
 
-def run(command: BrainstormCommand) -> int:
+def run(command: BrainstormSettings) -> int:
     """``conretriever brainstorm``: step 1 of the synthetic data, resumable."""
     configure_logging(command.verbose)
     s, cs = command.settings(), command.client
-    output_folder(s.out_dir, "--out_dir")  # before any request is paid for
+    output_folder(s.out_dir, "--output")  # before any request is paid for
     jobs = plan_requests(s, cs.temperature)
-    # No client (and no key check) when nothing needs the LLM, e.g. only sts/bitext.
-    client = LLMClient(cs) if jobs else None
     resumable = ResumableRun(s.out_dir, "brainstorm", retry_rejects=s.retry_rejects)
-    redact = client.redact if client else str
-    resumable.execute(jobs, lambda job: answer(client, job), cs.concurrency, redact)
+    # No client (and no key check) when nothing needs the LLM, e.g. only sts/bitext.
+    sender, plan = send_requests(resumable, jobs, answer, cs, command.batch)
+    if command.batch.dry_run:
+        return 0
     n = write_jsonl_atomic(s.out_dir / "tasks.jsonl", derive_tasks(s))
-    resumable.report(client, cs, extra={"tasks": n})
+    resumable.report(sender, cs, extra={"tasks": n, **batch_extra(command.batch, sender, cs)})
     return 0

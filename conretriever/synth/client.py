@@ -173,6 +173,35 @@ def retry_after_seconds(headers) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def chat_request(s: ClientSettings, messages: list[dict], temperature: float, max_tokens: int,
+                 json_mode: bool, seed: int | None, schema: dict | None) -> dict:  # fmt: skip
+    """The body of one chat-completions request: what live mode sends and batch mode writes."""
+    body: dict = {"model": s.model, "messages": messages, "temperature": temperature,
+                  "max_tokens": max_tokens}  # fmt: skip
+    if json_mode:
+        body["response_format"] = {"type": "json_object"}
+        if schema is not None and s.json_mode == "schema":
+            body["response_format"]["schema"] = schema
+    if seed is not None:
+        body["seed"] = seed
+    return body
+
+
+def completion_from_body(body: dict) -> Completion:
+    """A :class:`Completion` from a chat-completions response body (a batch result line's
+    ``response.body``), read the way live mode reads the client's response object."""
+    choices = body.get("choices") or []
+    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+    usage = body.get("usage") or {}
+    return Completion(
+        text=(choice.get("message") or {}).get("content") or "",
+        finish_reason=choice.get("finish_reason"),
+        prompt_tokens=usage.get("prompt_tokens") or 0,
+        completion_tokens=usage.get("completion_tokens") or 0,
+        attempts=1,
+    )
+
+
 class LLMClient:
     """Thread-safe chat client: one instance per run, shared by all worker threads."""
 
@@ -201,6 +230,11 @@ class LLMClient:
         self._json_mode = settings.json_mode != "off"
         self.usage = Usage()
 
+    @property
+    def openai_client(self):
+        """The ``openai.OpenAI`` underneath (batch mode's files and batches endpoints)."""
+        return self._client
+
     def redact(self, text: str) -> str:
         """``text`` with the API key removed (error bodies sometimes echo part of it)."""
         if self._key and self._key != LOCAL_DUMMY_KEY:
@@ -216,20 +250,9 @@ class LLMClient:
 
     def _create(self, messages: list[dict], temperature: float, max_tokens: int, json_mode: bool,
                 seed: int | None, schema: dict | None):  # fmt: skip
-        kwargs = {}
-        if json_mode:
-            kwargs["response_format"] = {"type": "json_object"}
-            if schema is not None and self.settings.json_mode == "schema":
-                kwargs["response_format"]["schema"] = schema
-        if seed is not None:
-            kwargs["seed"] = seed
-        return self._client.chat.completions.create(
-            model=self.settings.model,
-            messages=messages,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            **kwargs,
-        )
+        body = chat_request(self.settings, messages, temperature, max_tokens, json_mode, seed,
+                            schema)  # fmt: skip
+        return self._client.chat.completions.create(**body)
 
     def chat(
         self,

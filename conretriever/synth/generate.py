@@ -31,8 +31,9 @@ from pathlib import Path
 
 from conretriever.errors import ConfigError
 from conretriever.files import output_folder
-from conretriever.options import opt
+from conretriever.options import opt, output_opt
 from conretriever.synth import prompts
+from conretriever.synth.batch import BatchSettings, batch_extra, send_requests
 from conretriever.synth.client import (
     ClientSettings,
     LLMClient,
@@ -54,7 +55,7 @@ TRAIN_FILE = "synthetic.jsonl"  # task name = file stem = "synthetic" (tasks.py 
 
 
 @dataclass
-class GenerateSettings:
+class GenerateJob:
     out_dir: Path
     tasks_file: Path | None = None  # None = {out_dir}/tasks.jsonl
     train_dir: Path | None = None  # None = {out_dir}/train
@@ -85,7 +86,7 @@ def load_tasks(path: Path, families: tuple[str, ...]) -> list[prompts.Task]:
     return tasks
 
 
-def plan_requests(tasks: list[prompts.Task], s: GenerateSettings) -> list[dict]:
+def plan_requests(tasks: list[prompts.Task], s: GenerateJob) -> list[dict]:
     languages = s.languages or prompts.DEFAULT_LANGUAGES
     jobs = []
     for task in tasks:
@@ -191,10 +192,10 @@ def parse_languages(spec: str) -> dict[str, float] | None:
 
 
 @dataclass
-class GenerateCommand:
+class GenerateSettings:
     """``conretriever generate`` flags."""
 
-    out_dir: Path = opt(Path("synthetic_out"), help="logs and tasks.jsonl live here")
+    output: Path = output_opt(Path("synthetic_out"), help="run folder: logs, tasks.jsonl, examples")
     tasks: Path | None = opt(None, help="task file (none: OUT_DIR/tasks.jsonl)")
     train_dir: Path | None = opt(None, help="gets synthetic.jsonl (none: OUT_DIR/train)")
     families: list[str] = opt(
@@ -209,14 +210,15 @@ class GenerateCommand:
     convert: bool = opt(True, help="write the training file synthetic.jsonl at the end")
     verbose: bool = opt(False, aliases=("v",), help="log every retry")
     client: ClientSettings = opt(default_factory=ClientSettings)
+    batch: BatchSettings = opt(default_factory=BatchSettings)
 
-    def settings(self) -> GenerateSettings:
+    def settings(self) -> GenerateJob:
         try:
             languages = parse_languages(self.languages)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        return GenerateSettings(
-            out_dir=self.out_dir,
+        return GenerateJob(
+            out_dir=self.output,
             tasks_file=self.tasks,
             train_dir=self.train_dir,
             families=prompts.FAMILIES if "all" in self.families else tuple(self.families),
@@ -227,39 +229,44 @@ class GenerateCommand:
         )
 
 
-def run(command: GenerateCommand) -> int:
+def run(command: GenerateSettings) -> int:
     """``conretriever generate``: step 2 of the synthetic data, resumable."""
     configure_logging(command.verbose)
     s, cs = command.settings(), command.client
-    output_folder(s.out_dir, "--out_dir")  # before any request is paid for
+    output_folder(s.out_dir, "--output")  # before any request is paid for
     if s.train_dir and command.convert:
         output_folder(s.train_dir, "--train_dir")
     tasks = load_tasks(s.tasks_file or s.out_dir / "tasks.jsonl", s.families)
     jobs = plan_requests(tasks, s)
-    client = LLMClient(cs)
     resumable = ResumableRun(s.out_dir, "examples", retry_rejects=s.retry_rejects)
-    resumable.execute(jobs, lambda job: answer(client, job), cs.concurrency, client.redact)
+    sender, plan = send_requests(resumable, jobs, answer, cs, command.batch)
+    if command.batch.dry_run:
+        return 0
     train_dir = s.train_dir or s.out_dir / "train"
     stats = write_training_file(resumable.records_path, train_dir) if command.convert else {}
-    extra = {"tasks": len(tasks), **{f"train_{k}": v for k, v in stats.items()}}
-    resumable.report(client, cs, extra=extra)
+    extra = {"tasks": len(tasks), **{f"train_{k}": v for k, v in stats.items()},
+             **batch_extra(command.batch, sender, cs)}  # fmt: skip
+    resumable.report(sender, cs, extra=extra)
     return 0
 
 
 @dataclass
-class ConvertSyntheticCommand:
+class ConvertSyntheticSettings:
     """``conretriever convert-synthetic`` flags: examples.jsonl -> the training file."""
 
-    out_dir: Path = opt(Path("synthetic_out"), help="where examples.jsonl lives")
+    output: Path = output_opt(
+        Path("synthetic_out"),
+        help="the generate run's folder (its --output), holding examples.jsonl",
+    )
     examples: Path | None = opt(None, help="none: OUT_DIR/examples.jsonl")
     train_dir: Path | None = opt(None, help="gets synthetic.jsonl (none: OUT_DIR/train)")
 
 
-def run_convert(command: ConvertSyntheticCommand) -> int:
+def run_convert(command: ConvertSyntheticSettings) -> int:
     configure_logging(False)
-    examples = command.examples or command.out_dir / "examples.jsonl"
+    examples = command.examples or command.output / "examples.jsonl"
     if not examples.exists():
         raise StoreError(f"{examples}: not found; run `conretriever generate` first")
-    output_folder(command.train_dir or command.out_dir / "train", "--train_dir")
-    write_training_file(examples, command.train_dir or command.out_dir / "train")
+    output_folder(command.train_dir or command.output / "train", "--train_dir")
+    write_training_file(examples, command.train_dir or command.output / "train")
     return 0

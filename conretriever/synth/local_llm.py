@@ -17,10 +17,10 @@ or string-list properties is decoded *guided*: the server writes the JSON struct
 writes a double quote, a special token, or its share of ``max_tokens`` (never before the
 schema's ``minLength``; a list gets at least ``minItems`` items). The reply is then valid
 JSON by construction and the content is the model's. Other requests are sampled freely until an
-end-of-turn token or ``max_tokens``. Sampling: temperature, nucleus top-p 0.95 and a repetition
-penalty of 1.2 over the reply's tokens (base models loop without one); ``seed`` makes a request
-reproducible. A 270M base model writes poor text: this is for plumbing and offline demos, not
-for training data you care about.
+end-of-turn token or ``max_tokens``. Sampling (transformers' logits processors, as ``generate``
+applies them): a repetition penalty of 1.2 over the reply's tokens (base models loop without
+one), temperature, nucleus top-p 0.95; ``seed`` makes a request reproducible. A 270M base model
+writes poor text: this is for plumbing and offline demos, not for training data you care about.
 """
 
 from __future__ import annotations
@@ -176,6 +176,18 @@ class _State:
         self.logits: torch.Tensor | None = None  # next-token logits after everything fed
         self.history: list[int] = []  # reply tokens, for the repetition penalty
         self.generated = 0
+        # transformers' own processors, in generate()'s order: penalty, temperature, top-p.
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        steps = [RepetitionPenaltyLogitsProcessor(REPETITION_PENALTY)]
+        if temperature > 0:
+            steps += [TemperatureLogitsWarper(temperature), TopPLogitsWarper(TOP_P)]
+        self.processors = LogitsProcessorList(steps)
 
     def feed(self, ids: list[int]) -> None:
         """Run ``ids`` through the model on top of the cache; keep the last position's logits
@@ -200,20 +212,12 @@ class _State:
         logits = self.logits.clone()
         if banned:
             logits[torch.tensor(sorted(banned), device=logits.device)] = float("-inf")
-        if self.history:
-            seen = torch.tensor(sorted(set(self.history)), device=logits.device)
-            picked = logits[seen]
-            logits[seen] = torch.where(
-                picked > 0, picked / REPETITION_PENALTY, picked * REPETITION_PENALTY
-            )
+        history = torch.tensor([self.history], dtype=torch.long, device=logits.device)
+        scores = self.processors(history.view(1, -1), logits[None])[0]
         if self.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / self.temperature, dim=-1).cpu()
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < TOP_P  # the smallest set holding TOP_P mass
-        sorted_p = sorted_p * keep
-        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=self.gen)
-        return int(order[choice])
+            return int(scores.argmax())
+        probs = torch.softmax(scores, dim=-1).cpu()  # top-p's cut tokens are -inf: 0 here
+        return int(torch.multinomial(probs, 1, generator=self.gen))
 
     def sample_text(self, budget: int, stop_at_quote: bool, min_chars: int = 1) -> tuple[str, bool]:
         """Sample up to ``budget`` tokens -> (text, whether the budget ran out). Stops before a
@@ -347,7 +351,7 @@ def start_server(spec: str, host: str = "127.0.0.1", port: int = 0) -> LocalLLMS
 
 
 @dataclass
-class ServeCommand:
+class ServeSettings:
     """``conretriever serve-llm`` flags."""
 
     model: str = opt("embedded:gemma-3-270m", help="any model spec")
@@ -355,7 +359,7 @@ class ServeCommand:
     port: int = opt(8000, ge=0, le=65535, help="port (0: a free one)")
 
 
-def run(command: ServeCommand) -> int:
+def run(command: ServeSettings) -> int:
     """``conretriever serve-llm``: serve a local model until interrupted."""
     server = LocalLLMServer(LocalLLM(command.model), command.host, command.port)
     print(f"serving {command.model} at {server.url} (Ctrl-C stops)", flush=True)

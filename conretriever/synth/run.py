@@ -144,24 +144,33 @@ class ResumableRun:
                     if isinstance(err, FatalError):
                         raise err
                     raise RuntimeError(f"[{self.stage}] worker crashed: {err!r}") from err
-                self.counts[out.kind] += 1
-                done = out.completion
-                if out.kind == "accepted":
-                    usage = {"prompt_tokens": done.prompt_tokens,
-                             "completion_tokens": done.completion_tokens}  # fmt: skip
-                    records.append({**out.record, "usage": usage, "attempts": done.attempts})
-                else:
-                    rejects.append({
-                        **out.record,
-                        "stage": self.stage,
-                        "final": out.kind == "rejected",
-                        "reason": redact(out.reason),
-                        "reply": redact(done.text[:REPLY_CHARS_KEPT]) if done else None,
-                        "finish_reason": done.finish_reason if done else None,
-                    })  # fmt: skip
+                self.record(out, records, rejects, redact)
                 c = self.counts
                 bar.set_postfix(kept=c["accepted"], rejected=c["rejected"], failed=c["failed"])
                 bar.update(1)
+
+    def record(self, out: Outcome, records: AppendLog, rejects: AppendLog,
+               redact: Callable[[str], str] = str, *, final: bool = True,
+               tag: dict | None = None) -> None:  # fmt: skip
+        """Write one outcome, once: the data record, or a reject line. ``final=False`` marks a
+        reject that a later pass asks again (batch mode's follow-up batches); ``tag`` adds
+        fields to a reject line (the batch it came from)."""
+        self.counts[out.kind] += 1
+        done = out.completion
+        if out.kind == "accepted":
+            usage = {"prompt_tokens": done.prompt_tokens,
+                     "completion_tokens": done.completion_tokens}  # fmt: skip
+            records.append({**out.record, "usage": usage, "attempts": done.attempts})
+            return
+        rejects.append({
+            **out.record,
+            "stage": self.stage,
+            "final": out.kind == "rejected" and final,
+            "reason": redact(out.reason),
+            "reply": redact(done.text[:REPLY_CHARS_KEPT]) if done else None,
+            "finish_reason": done.finish_reason if done else None,
+            **(tag or {}),
+        })  # fmt: skip
 
     def report(self, client, settings: ClientSettings, extra: dict | None = None) -> dict:
         """Log the run's request/token/cost summary and append it to ``usage.jsonl``."""

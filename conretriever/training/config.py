@@ -11,7 +11,7 @@ the fields (``--learning_rate 1e-4``, ``--use_lora false``, ``--query_max_length
 carry a ``lora_`` prefix: ``--lora_r 8``), which keeps the seed project's flag names working;
 the dashed spelling works too. Every value is checked when it is read (``conretriever.options``).
 
-The resolved config is written to ``<output_dir>/config.yaml``; :func:`trajectory` is the part
+The resolved config is written to ``<output>/config.yaml``; :func:`trajectory` is the part
 of it that decides the training trajectory, which ``--resume`` compares before continuing.
 """
 
@@ -25,7 +25,7 @@ import yaml
 
 from conretriever.errors import ConfigError
 from conretriever.model.settings import EmbedderSettings, LoraSettings
-from conretriever.options import opt, parse, to_dict
+from conretriever.options import opt, output_opt, parse, to_dict
 from conretriever.saved_config import upgrade_saved
 from conretriever.training.loss import LossSettings
 
@@ -33,7 +33,7 @@ DESCRIPTION = "Contrastive training of an LLM retriever (python, or torchrun for
 
 
 @dataclass
-class ModelConfig:
+class TrainModelSettings:
     model_name_or_path: str = opt(
         "embedded:gemma-3-270m",
         help="HF id, local dir, .gguf file, embedded:gemma-3-270m or embedded:minilm",
@@ -55,7 +55,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class TrainDataSettings:
     train_data: str = opt(
         "training_data/demo", help="a folder of <task>.jsonl[.gz] files, or one such file"
     )
@@ -75,10 +75,13 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    output_dir: str = opt("outputs/demo", help="run folder: config, checkpoints, metrics, final/")
+class TrainLoopSettings:
+    output: str = output_opt(
+        "outputs/demo", help="run folder: config, checkpoints, metrics, final/"
+    )
     overwrite_output_dir: bool = opt(
-        False, help="start afresh in an output_dir that holds another run (removes its outputs)"
+        False,
+        help="start afresh in an --output folder that holds another run (removes its outputs)",
     )
     resume: Literal["false", "true", "force"] = opt(
         "false",
@@ -135,7 +138,7 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class TrainEvalSettings:
     """Evaluation during training (``training.monitor``); none of it changes the trajectory."""
 
     eval_data: list[str] = opt(
@@ -157,12 +160,12 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class TrainSettings:
+    model: TrainModelSettings = field(default_factory=TrainModelSettings)
+    data: TrainDataSettings = field(default_factory=TrainDataSettings)
+    train: TrainLoopSettings = field(default_factory=TrainLoopSettings)
     loss: LossSettings = field(default_factory=LossSettings)
-    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    evaluation: TrainEvalSettings = field(default_factory=TrainEvalSettings)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -178,7 +181,7 @@ class RunConfig:
 # or saves, how it was started, and the whole evaluation section (evaluating restores every
 # RNG). Every other field is part of the trajectory.
 NOT_TRAJECTORY = {
-    ("train", "output_dir"),
+    ("train", "output"),
     ("train", "overwrite_output_dir"),
     ("train", "resume"),
     ("train", "logging_steps"),
@@ -208,6 +211,6 @@ def trajectory(config: dict) -> dict[str, object]:
     return out
 
 
-def parse_config(argv: list[str] | None) -> RunConfig:
+def parse_config(argv: list[str] | None) -> TrainSettings:
     """Defaults <- ``--config`` YAML <- flags; raises ConfigError naming the flag or key."""
-    return parse(RunConfig, argv, prog="conretriever train", description=DESCRIPTION)
+    return parse(TrainSettings, argv, prog="conretriever train", description=DESCRIPTION)

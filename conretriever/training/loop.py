@@ -41,7 +41,7 @@ from conretriever.precision import describe, use_mixed_bf16
 from conretriever.progress import Progress
 from conretriever.runtime import DistInfo
 from conretriever.training import checkpoint
-from conretriever.training.config import RunConfig
+from conretriever.training.config import TrainSettings
 from conretriever.training.distributed import shard_model
 from conretriever.training.loss import training_loss
 from conretriever.training.monitor import BEST_NAME, Monitor
@@ -70,7 +70,7 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     return max(0.0, 1.0 - progress)
 
 
-def _param_dtype(cfg: RunConfig, info: DistInfo) -> str:
+def _param_dtype(cfg: TrainSettings, info: DistInfo) -> str:
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
     # On a CPU the weights stay fp32 (autocast computes in bf16 where that is native, see
@@ -82,7 +82,7 @@ def _param_dtype(cfg: RunConfig, info: DistInfo) -> str:
     return "float32"
 
 
-def build_model(cfg: RunConfig, info: DistInfo) -> Embedder:
+def build_model(cfg: TrainSettings, info: DistInfo) -> Embedder:
     m = cfg.model
     torch.manual_seed(cfg.train.seed)  # LoRA init must be identical on every rank and rerun
     model = Embedder.from_pretrained(
@@ -98,11 +98,11 @@ def build_model(cfg: RunConfig, info: DistInfo) -> Embedder:
     return model
 
 
-@dataclass
+@dataclass(kw_only=True)  # 15 fields: by name only
 class Setup:
     """Everything a run needs, built once by :func:`setup`."""
 
-    cfg: RunConfig
+    cfg: TrainSettings
     info: DistInfo
     folder: RunFolder
     registry: TaskRegistry
@@ -128,7 +128,7 @@ class Setup:
         return nullcontext()
 
 
-def _data(cfg: RunConfig, info: DistInfo):
+def _data(cfg: TrainSettings, info: DistInfo):
     registry = TaskRegistry.load(cfg.data.task_config)
     data = load_training_data(cfg.data.train_data, registry, cfg.data.allow_extra_fields)
     t = cfg.train
@@ -171,11 +171,11 @@ def _record_tasks(out: Path, registry: TaskRegistry, data: dict) -> None:
     log.info("tasks: %s", {k: (v["rows"], v["weight"]) for k, v in resolved.items()})
 
 
-def setup(cfg: RunConfig, info: DistInfo, folder: RunFolder) -> Setup:
+def setup(cfg: TrainSettings, info: DistInfo, folder: RunFolder) -> Setup:
     registry, data, sampler, total = _data(cfg, info)
     monitor = Monitor(cfg, folder.path)  # reads (and checks) the eval folders before training
     if info.is_main:
-        with writing(folder.path, "--output_dir"):
+        with writing(folder.path, "--output"):
             _record_tasks(folder.path, registry, data)
         log.info("%d steps (%d per epoch), global batch %d", total, len(sampler),
                  sampler.global_batch_size)  # fmt: skip
@@ -259,7 +259,7 @@ def resume(s: Setup) -> int:
     return start
 
 
-def objective(cfg: RunConfig, batch: dict):
+def objective(cfg: TrainSettings, batch: dict):
     """The loss of one batch, as a function of its query and document embeddings."""
     settings = cfg.loss
     ids = batch["doc_text_ids"] if cfg.data.mask_false_negatives else None
@@ -400,7 +400,7 @@ def _load_best(s: Setup) -> None:
 
 
 def export(s: Setup, name: str) -> Path | None:
-    """Merge LoRA and write the model folder ``<output_dir>/<name>`` (rank 0); gathers the full
+    """Merge LoRA and write the model folder ``<output>/<name>`` (rank 0); gathers the full
     weights first under FSDP. Returns the folder on rank 0."""
     state = None
     if s.sharded:
@@ -428,7 +428,7 @@ def export_final(s: Setup) -> Path | None:
     return export(s, "final")
 
 
-def train(cfg: RunConfig) -> dict:
+def train(cfg: TrainSettings) -> dict:
     """Run training as ``cfg`` says; returns ``{"final": path, "last": last metrics row}``."""
     info = runtime.init_distributed(group_of_one=bool(cfg.train.fsdp))
     np.random.seed(cfg.train.seed)
@@ -441,7 +441,7 @@ def train(cfg: RunConfig) -> dict:
         # Metrics, checkpoints and exports: a full disk mid-run is one line naming the run
         # folder (checkpoints and final/ are written aside and renamed, so the last complete
         # checkpoint stays resumable).
-        with writing(folder.path, "--output_dir"):
+        with writing(folder.path, "--output"):
             last = run_steps(s, start)
             final = export_final(s)
         if info.is_main:
@@ -453,7 +453,7 @@ def train(cfg: RunConfig) -> dict:
         runtime.cleanup(synchronize=finished)
 
 
-def main(cfg: RunConfig) -> int:
+def main(cfg: TrainSettings) -> int:
     """``conretriever train``."""
     train(cfg)
     return 0

@@ -1,4 +1,4 @@
-"""The run folder (``output_dir``): one run per folder, never mixed with another.
+"""The run folder (``--output``): one run per folder, never mixed with another.
 
 A run records who it is in ``run.json`` (a random ``run_id``, kept across resumes) and what it
 is in ``config.yaml``. When a run starts (rank 0 decides, the other ranks are told):
@@ -32,7 +32,7 @@ from conretriever import runtime
 from conretriever.errors import ConfigError, UserError
 from conretriever.files import output_folder, read_json, write_text, writing
 from conretriever.options import load_yaml
-from conretriever.training.config import RunConfig, trajectory
+from conretriever.training.config import TrainSettings, trajectory
 
 log = logging.getLogger("conretriever.run")
 
@@ -110,9 +110,9 @@ def _differences(old: dict, new: dict) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def _decide(cfg: RunConfig) -> dict:
+def _decide(cfg: TrainSettings) -> dict:
     """Rank 0: check the folder and prepare it; returns what every rank needs to know."""
-    out = Path(cfg.train.output_dir)
+    out = Path(cfg.train.output)
     out.mkdir(parents=True, exist_ok=True)
     mode = cfg.train.resume
     held = _holds_a_run(out)
@@ -157,19 +157,19 @@ def _decide(cfg: RunConfig) -> dict:
     return {"run_id": run_id, "resumed": False, "changes": {}}
 
 
-def prepare(cfg: RunConfig) -> RunFolder:
-    """Check and claim ``cfg.train.output_dir`` for this run (collective)."""
+def prepare(cfg: TrainSettings) -> RunFolder:
+    """Check and claim ``cfg.train.output`` for this run (collective)."""
     import torch
 
-    out = Path(cfg.train.output_dir)
+    out = Path(cfg.train.output)
     decision: dict | str = {}
     lock = None
     if runtime.is_main():
         try:
-            # A file at --output_dir, a read-only folder or a full disk: one line naming the
+            # A file at --output, a read-only folder or a full disk: one line naming the
             # folder, before the data and model are loaded (files.output_folder/writing).
-            output_folder(out, "--output_dir")
-            with writing(out, "--output_dir"):
+            output_folder(out, "--output")
+            with writing(out, "--output"):
                 out.mkdir(parents=True, exist_ok=True)
                 lock = _lock(out)
                 _remove_leftovers(out)
