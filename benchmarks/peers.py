@@ -1,0 +1,241 @@
+"""Ours against the tools users would pick instead, on the same work, side by side.
+
+    python benchmarks/peers.py                      # every comparison below, CPU
+    python benchmarks/peers.py --only encode --repeats 5
+    python benchmarks/peers.py --device cuda        # on a GPU machine (no mteb there: eval skips)
+
+Each comparison runs ours and the peer interleaved (ours, peer, ours, peer, ...), ``--repeats``
+times each, and reports the medians as one line,
+``peer <name>: ours <X> s, <peer> <Y> s, ratio <Y/X>x``, then one table. Appended to
+``benchmarks/results.md`` with the machine.
+
+* ``encode-minilm`` / ``encode-gemma``: ``--passages`` mixed-length SciFact abstracts (the first
+  N of ``../shared/data/scifact``; seeded synthetic passages when it is absent) through
+  ``Embedder.encode`` and through ``SentenceTransformer.encode`` (its defaults, which sort by
+  length), same model folder, same dtype (``--dtype``), same maximum length; the largest absolute
+  difference between the two sets of vectors is printed. Gemma-3-270M goes through our exported
+  folder (which sentence-transformers loads with last-token pooling and our EOS rule).
+* ``eval``: a whole ``conretriever eval`` (its own process, corpus cache off) against mteb 2.x +
+  sentence-transformers (its own process: ``mteb.evaluate`` of the ``SentenceTransformer`` on the
+  same local BEIR folder, through ``local_mteb_task``), all-MiniLM-L6-v2 on SciFact; both nDCG@10
+  are printed.
+* ``first-load``: the embedded Gemma GGUF's first load (the one-off dequantisation into the
+  cache, in its own process with an empty cache folder) against a load of the cached copy.
+
+Not measured here yet: the training step against sentence-transformers'
+CachedMultipleNegativesRankingLoss (issue 23 asks for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCIFACT = REPO.parent / "shared" / "data" / "scifact"
+COMPARISONS = ("encode-minilm", "encode-gemma", "eval", "first-load")
+
+
+def passages(n: int) -> list[str]:
+    """``n`` mixed-length passages: SciFact abstracts (title + text), else seeded word salad."""
+    corpus = SCIFACT / "corpus.jsonl"
+    if corpus.exists():
+        out = []
+        with open(corpus, encoding="utf-8") as handle:
+            for line in handle:
+                row = json.loads(line)
+                out.append(f"{row.get('title', '')} {row['text']}".strip())
+                if len(out) == n:
+                    break
+        return out
+    rng = random.Random(0)
+    words = "retrieval dense vector model query passage claim evidence protein cell".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 300))) for _ in range(n)]
+
+
+def interleaved(ours, peer, repeats: int) -> tuple[float, float, object, object]:
+    """Median seconds of ``ours()`` and ``peer()``, run alternately; their last results."""
+    mine, theirs, a, b = [], [], None, None
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        a = ours()
+        mine.append(time.perf_counter() - tic)
+        tic = time.perf_counter()
+        b = peer()
+        theirs.append(time.perf_counter() - tic)
+    return statistics.median(mine), statistics.median(theirs), a, b
+
+
+def line(name: str, peer: str, ours_s: float, peer_s: float, extra: str = "") -> dict:
+    ratio = peer_s / ours_s
+    print(f"peer {name}: ours {ours_s:.2f} s, {peer} {peer_s:.2f} s, ratio {ratio:.2f}x"
+          + (f" ({extra})" if extra else ""), flush=True)  # fmt: skip
+    return {"name": name, "peer": peer, "ours_s": ours_s, "peer_s": peer_s, "ratio": ratio,
+            "extra": extra}  # fmt: skip
+
+
+def encode(name: str, spec: str, args, texts: list[str]) -> dict:
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from conretriever.model.embedder import Embedder
+    from conretriever.model.specs import resolve_model
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = resolve_model(spec)
+        if spec == "embedded:gemma-3-270m":  # an exported folder: what sentence-transformers loads
+            Embedder.from_pretrained(spec, {"doc_max_length": args.max_length},
+                                     dtype="float32").save(Path(tmp) / "gemma")  # fmt: skip
+            folder = str(Path(tmp) / "gemma")
+        ours = Embedder.from_pretrained(folder, {"doc_max_length": args.max_length}, dtype=dtype,
+                                        device=args.device)  # fmt: skip
+        st = SentenceTransformer(folder, device=args.device, model_kwargs={"dtype": dtype})
+        st.max_seq_length = args.max_length
+        ours_s, peer_s, a, b = interleaved(
+            lambda: ours.encode(texts, role="passage", show_progress=False),
+            lambda: st.encode(
+                texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True
+            ),  # fmt: skip
+            args.repeats,
+        )
+    diff = float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max())
+    extra = f"{len(texts)} passages, {args.dtype}, max abs difference {diff:.2e}"
+    return line(name, "sentence-transformers", ours_s, peer_s, extra)
+
+
+PEER_EVAL = """
+import json, sys, mteb
+from sentence_transformers import SentenceTransformer
+from conretriever.data.beir import load_beir_dir
+from conretriever.evaluation.mteb_bridge import local_mteb_task
+from conretriever.model.specs import resolve_model
+model = SentenceTransformer(resolve_model("embedded:minilm"), device=sys.argv[2])
+out = mteb.evaluate(model, [local_mteb_task(load_beir_dir(sys.argv[1]))], cache=None,
+                    show_progress_bar=False)
+result = out.task_results[0]
+print(json.dumps(result.scores[next(iter(result.scores))][0]["ndcg_at_10"]))
+"""
+
+
+def evaluate(args) -> dict | None:
+    if not SCIFACT.is_dir():
+        print(f"peer eval: skipped ({SCIFACT} is absent)")
+        return None
+    try:
+        import mteb  # noqa: F401
+    except ImportError:
+        print("peer eval: skipped (mteb is not installed)")
+        return None
+    scores = {}
+
+    def ours():
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "conretriever", "eval", "--model", "embedded:minilm",
+                   "--beir_dir", str(SCIFACT), "--output", tmp, "--cache", "false",
+                   "--dtype", args.dtype, "--no_progress"]  # fmt: skip
+            subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
+            result = json.loads((Path(tmp) / "scifact.json").read_text())
+            scores["ours"] = result["metrics"]["ndcg_at_10"]
+
+    def peer():
+        cmd = [sys.executable, "-c", PEER_EVAL, str(SCIFACT), args.device]
+        done = subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True)
+        scores["peer"] = json.loads(done.stdout.strip().splitlines()[-1])
+
+    ours_s, peer_s, _, _ = interleaved(ours, peer, args.repeats)
+    extra = (f"SciFact, all-MiniLM-L6-v2, nDCG@10 ours {100 * scores['ours']:.2f}, "
+             f"mteb {100 * scores['peer']:.2f}")  # fmt: skip
+    return line("eval", "mteb + sentence-transformers", ours_s, peer_s, extra)
+
+
+FIRST_LOAD = """
+import sys, time
+tic = time.perf_counter()
+from conretriever.model.embedder import Embedder
+Embedder.from_pretrained("embedded:gemma-3-270m", dtype="float32")
+print(time.perf_counter() - tic)
+"""
+
+
+def first_load(args) -> dict:
+    """Peer here is our own cached load: the figure is how much the one-off build costs."""
+
+    def timed(cache: str) -> float:
+        env = {**os.environ, "CONRETRIEVER_CACHE": cache}
+        done = subprocess.run([sys.executable, "-c", FIRST_LOAD], env=env, check=True,
+                              capture_output=True, text=True, cwd=REPO)  # fmt: skip
+        return float(done.stdout.strip().splitlines()[-1])
+
+    firsts, cached = [], []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            firsts.append(timed(tmp))
+            cached.append(timed(tmp))
+    first_s, cached_s = statistics.median(firsts), statistics.median(cached)
+    print(f"peer first-load: first load {first_s:.2f} s, cached load {cached_s:.2f} s "
+          f"(goal: first load <= 15 s)", flush=True)  # fmt: skip
+    return {
+        "name": "first-load",
+        "peer": "cached load",
+        "ours_s": first_s,
+        "peer_s": cached_s,
+        "ratio": cached_s / first_s,
+        "extra": "GGUF dequantised into an empty cache",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", action="append", choices=COMPARISONS, default=[])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side (median)")
+    parser.add_argument("--passages", type=int, default=2000, help="passages for encode-minilm")
+    parser.add_argument("--gemma_passages", type=int, default=2000, help="for encode-gemma")
+    parser.add_argument("--max_length", type=int, default=256, help="tokens a passage, both")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results.md"))
+    args = parser.parse_args()
+    import torch
+
+    chosen = args.only or list(COMPARISONS)
+    rows = []
+    if "encode-minilm" in chosen:
+        rows.append(encode("encode-minilm", "embedded:minilm", args, passages(args.passages)))
+    if "encode-gemma" in chosen:
+        rows.append(encode("encode-gemma", "embedded:gemma-3-270m", args,
+                           passages(args.gemma_passages)))  # fmt: skip
+    if "eval" in chosen and (row := evaluate(args)):
+        rows.append(row)
+    if "first-load" in chosen:
+        rows.append(first_load(args))
+    cpu = torch.backends.cpu.get_cpu_capability() if args.device == "cpu" else args.device
+    text = [
+        f"\n## peers: ours vs the tools users would pick instead ({time.strftime('%Y-%m-%d')})",
+        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), device "
+        f"{args.device}; command: `python benchmarks/peers.py {' '.join(sys.argv[1:])}`; "
+        f"median of {args.repeats} interleaved runs each",
+        "",
+        "| comparison | ours s | peer | peer s | ratio (peer / ours) | notes |",
+        "|---|---|---|---|---|---|",
+        *(f"| {r['name']} | {r['ours_s']:.2f} | {r['peer']} | {r['peer_s']:.2f} | "
+          f"{r['ratio']:.2f}x | {r['extra']} |" for r in rows),
+    ]  # fmt: skip
+    print("\n".join(text))
+    with open(args.results, "a") as handle:
+        handle.write("\n".join(text) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
