@@ -22,8 +22,14 @@ times each, and reports the medians as one line,
 * ``first-load``: the embedded Gemma GGUF's first load (the one-off dequantisation into the
   cache, in its own process with an empty cache folder) against a load of the cached copy.
 
-Not measured here yet: the training step against sentence-transformers'
-CachedMultipleNegativesRankingLoss (issue 23 asks for it).
+* ``train-step``: one GradCache step (LoRA r16 on every linear layer, 16 queries, one hard
+  negative each, InfoNCE at tau 0.05 = scale 20, fp32, mini-batches of ``--step_tokens`` tokens)
+  against sentence-transformers' ``CachedMultipleNegativesRankingLoss`` with its token
+  mini-batching (``mini_batch_num_tokens``), same exported Gemma-3-270M folder, same LoRA, same
+  16 rows of ``training_data/demo`` (queries carry our e5 prompt as text, so both tokenize the
+  same strings). Each side runs in its own process: a warm-up step, then the timed step
+  (forward, backward, optimizer); the first-step losses are printed and must agree to 1e-4
+  (LoRA's B starts at zero, so step 1 is the same maths on the same weights).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCIFACT = REPO.parent / "shared" / "data" / "scifact"
-COMPARISONS = ("encode-minilm", "encode-gemma", "eval", "first-load")
+COMPARISONS = ("train-step", "encode-minilm", "encode-gemma", "eval", "first-load")
+STEP_ROWS = 16  # queries a training step (each with its positive and one hard negative)
 
 
 def passages(n: int) -> list[str]:
@@ -60,6 +67,14 @@ def passages(n: int) -> list[str]:
     rng = random.Random(0)
     words = "retrieval dense vector model query passage claim evidence protein cell".split()
     return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 300))) for _ in range(n)]
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """A subprocess that must succeed; its stderr's tail when it does not."""
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, **kwargs)
+    if done.returncode:
+        raise SystemExit(f"peers: {' '.join(cmd[:4])}... failed:\n{done.stderr[-3000:]}")
+    return done
 
 
 def interleaved(ours, peer, repeats: int) -> tuple[float, float, object, object]:
@@ -114,6 +129,97 @@ def encode(name: str, spec: str, args, texts: list[str]) -> dict:
     return line(name, "sentence-transformers", ours_s, peer_s, extra)
 
 
+PEER_STEP = """
+import json, sys, time, torch
+from peft import LoraConfig, get_peft_model
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+folder, data, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rows = [json.loads(x) for x in open(data)]
+torch.manual_seed(0)
+model = SentenceTransformer(folder, device="cpu")
+model.max_seq_length = 512
+lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+model[0].model = get_peft_model(model[0].model, lora)  # transformers' add_adapter wants peft 0.22
+model.train()
+loss_fn = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_num_tokens=tokens)
+params = [p for p in model.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=1e-4)
+columns = ([r["formatted_query"] for r in rows], [r["positive"][0] for r in rows],
+           [r["negative"][0] for r in rows])
+out = []
+for _ in range(2):
+    tic = time.perf_counter()
+    features = [model.tokenize(list(c)) for c in columns]
+    loss = loss_fn(features, None)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad()
+    out.append((loss.item(), time.perf_counter() - tic))
+print(json.dumps({"loss": out[0][0], "seconds": out[1][1]}))
+"""
+
+
+def train_step(args) -> dict:
+    """Ours vs sentence-transformers' CachedMultipleNegativesRankingLoss (see the docstring)."""
+    from conretriever.model.embedder import Embedder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        gemma = Embedder.from_pretrained("embedded:gemma-3-270m", dtype="float32")
+        gemma.save(tmp / "gemma")
+        rows = [json.loads(x) for x in (REPO / "training_data/demo/demo.jsonl").open()]
+        rows = [r for r in rows if len(r["negative"]) >= 1][:STEP_ROWS]
+        instruction = "Given a query, retrieve relevant passages that answer the query"
+        formatted = gemma.format([r["query"] for r in rows], "query", instruction)
+        (tmp / "data").mkdir()
+        with (
+            open(tmp / "data" / "demo.jsonl", "w") as ours_file,
+            open(tmp / "peer.jsonl", "w") as peer_file,
+        ):
+            for r, q in zip(rows, formatted, strict=True):
+                row = {"query": r["query"], "positive": r["positive"][:1],
+                       "negative": r["negative"][:1], "instruction": instruction}  # fmt: skip
+                ours_file.write(json.dumps(row) + "\n")
+                peer_file.write(json.dumps({**row, "formatted_query": q}) + "\n")
+        del gemma
+        losses = {}
+
+        def ours():
+            run_dir = tmp / f"run{len(mine)}"
+            cmd = [sys.executable, "-m", "conretriever", "train", "--model_name_or_path",
+                   str(tmp / "gemma"), "--train_data", str(tmp / "data"), "--output", str(run_dir),
+                   "--per_device_train_batch_size", str(STEP_ROWS), "--n_hard_negative", "1",
+                   "--chunk_size", "0", "--chunk_tokens", str(args.step_tokens),
+                   "--temperature", "0.05", "--mixed_precision", "no", "--max_steps", "2",
+                   "--learning_rate", "1e-4", "--lora_r", "16", "--lora_alpha", "32",
+                   "--lora_dropout", "0", "--query_max_length", "512", "--doc_max_length", "512",
+                   "--report_to", "none", "--save_steps", "0", "--logging_steps", "1"]  # fmt: skip
+            run(cmd)
+            steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").open() if '"step"' in x]
+            losses.setdefault("ours", steps[0]["loss"])
+            return steps[1]["step_s"]
+
+        def peer():
+            cmd = [sys.executable, "-c", PEER_STEP, str(tmp / "gemma"),
+                   str(tmp / "peer.jsonl"), str(args.step_tokens)]  # fmt: skip
+            done = run(cmd)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            losses.setdefault("peer", result["loss"])
+            return result["seconds"]
+
+        mine, theirs = [], []
+        for _ in range(args.repeats):  # the step times come from inside each process
+            mine.append(ours())
+            theirs.append(peer())
+    ours_s, peer_s = statistics.median(mine), statistics.median(theirs)
+    diff = abs(losses["ours"] - losses["peer"])
+    extra = (f"first-step loss ours {losses['ours']:.6f}, sentence-transformers "
+             f"{losses['peer']:.6f} (|diff| {diff:.1e})")  # fmt: skip
+    return line("train-step", "sentence-transformers CMNRL", ours_s, peer_s, extra)
+
+
 PEER_EVAL = """
 import json, sys, mteb
 from sentence_transformers import SentenceTransformer
@@ -144,13 +250,13 @@ def evaluate(args) -> dict | None:
             cmd = [sys.executable, "-m", "conretriever", "eval", "--model", "embedded:minilm",
                    "--beir_dir", str(SCIFACT), "--output", tmp, "--cache", "false",
                    "--dtype", args.dtype, "--no_progress"]  # fmt: skip
-            subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
+            run(cmd)
             result = json.loads((Path(tmp) / "scifact.json").read_text())
             scores["ours"] = result["metrics"]["ndcg_at_10"]
 
     def peer():
         cmd = [sys.executable, "-c", PEER_EVAL, str(SCIFACT), args.device]
-        done = subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True)
+        done = run(cmd)
         scores["peer"] = json.loads(done.stdout.strip().splitlines()[-1])
 
     ours_s, peer_s, _, _ = interleaved(ours, peer, args.repeats)
@@ -173,8 +279,7 @@ def first_load(args) -> dict:
 
     def timed(cache: str) -> float:
         env = {**os.environ, "CONRETRIEVER_CACHE": cache}
-        done = subprocess.run([sys.executable, "-c", FIRST_LOAD], env=env, check=True,
-                              capture_output=True, text=True, cwd=REPO)  # fmt: skip
+        done = run([sys.executable, "-c", FIRST_LOAD], env=env)
         return float(done.stdout.strip().splitlines()[-1])
 
     firsts, cached = [], []
@@ -201,6 +306,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side (median)")
     parser.add_argument("--passages", type=int, default=2000, help="passages for encode-minilm")
     parser.add_argument("--gemma_passages", type=int, default=2000, help="for encode-gemma")
+    parser.add_argument("--step_tokens", type=int, default=2048, help="train-step mini-batch")
     parser.add_argument("--max_length", type=int, default=256, help="tokens a passage, both")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", default="cpu")
@@ -210,6 +316,8 @@ def main() -> int:
 
     chosen = args.only or list(COMPARISONS)
     rows = []
+    if "train-step" in chosen:
+        rows.append(train_step(args))
     if "encode-minilm" in chosen:
         rows.append(encode("encode-minilm", "embedded:minilm", args, passages(args.passages)))
     if "encode-gemma" in chosen:
