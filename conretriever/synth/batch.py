@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -228,7 +229,9 @@ class BatchRun:
     redact: Callable[[str], str] = str
     sleep: Callable[[float], None] = time.sleep
     usage: Usage = field(default_factory=Usage)
-    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S"))
+    # unique per invocation (two runs can start within one second): names this run's batches
+    run_id: str = field(default_factory=lambda: f"{time.strftime('%Y%m%dT%H%M%S')}-"
+                        f"{secrets.token_hex(3)}")  # fmt: skip
 
     @property
     def folder(self) -> Path:
