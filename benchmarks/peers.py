@@ -251,7 +251,8 @@ def evaluate(args) -> dict | None:
                    "--beir_dir", str(SCIFACT), "--output", tmp, "--cache", "false",
                    "--dtype", args.dtype, "--no_progress"]  # fmt: skip
             run(cmd)
-            result = json.loads((Path(tmp) / "scifact.json").read_text())
+            found = next(p for p in Path(tmp).glob("*.json") if p.name != "settings.json")
+            result = json.loads(found.read_text())
             scores["ours"] = result["metrics"]["ndcg_at_10"]
 
     def peer():
