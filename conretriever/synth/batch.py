@@ -215,6 +215,11 @@ class BatchState:
         return 1 + max((b["round"] for b in self.batches), default=-1)
 
 
+def state_file(resumable: ResumableRun) -> Path:
+    """``<output>/<stage>.batches.json``: where a step's batch state lives."""
+    return resumable.out_dir / f"{resumable.stage}.batches.json"
+
+
 # ----- the run ------------------------------------------------------------------------------
 @dataclass
 class BatchRun:
@@ -239,7 +244,7 @@ class BatchRun:
 
     @property
     def state_path(self) -> Path:
-        return self.resumable.out_dir / f"{self.resumable.stage}.batches.json"
+        return state_file(self.resumable)
 
     def execute(self, jobs: list[dict]) -> None:
         """Send what is missing, wait, and feed the results, round after round, until every
@@ -280,6 +285,7 @@ class BatchRun:
         limit = 1 + self.settings.batch_retries
         open_ = [j for j in jobs if j["id"] not in finished]
         todo = [j for j in open_ if tries.get(j["id"], 0) < limit]
+        exhausted = len(open_) - len(todo)
         cap = self.settings.max_requests
         if cap:
             first_tries = sum(b["requests"] for b in state.batches
@@ -287,7 +293,7 @@ class BatchRun:
             fresh = [j for j in todo if j["id"] not in tries]
             room = max(0, cap - first_tries)
             todo = [j for j in todo if j["id"] in tries] + fresh[:room]
-        return todo, len(open_) - len([j for j in open_ if tries.get(j["id"], 0) < limit])
+        return todo, exhausted
 
     def _write_round(self, todo: list[dict], state: BatchState) -> None:
         mine = [b["round"] for b in state.batches if b.get("run") == self.run_id]
@@ -502,19 +508,14 @@ def send_requests(
         print_estimate(resumable.stage, plan, len(jobs) - len(todo), client_settings,
                        settings.mode)  # fmt: skip
         return None, plan
-    if (
-        not todo
-        and not BatchState.load(
-            resumable.out_dir / f"{resumable.stage}.batches.json"
-        ).open_batches()
-    ):
-        resumable.execute(jobs, answer, 1)  # logs "all done"; sends nothing
-        return None, {}
-    if settings.mode == "live":
-        client = LLMClient(client_settings)
+    pending = todo or BatchState.load(state_file(resumable)).open_batches()
+    if settings.mode == "live" or not pending:
+        # No client (and no key check) when nothing is left to send: execute logs "all done".
+        client = LLMClient(client_settings) if todo else None
         keep = finished | {j["id"] for j in todo}
+        redact = client.redact if client else str
         resumable.execute([j for j in jobs if j["id"] in keep], lambda job: answer(client, job),
-                          client_settings.concurrency, client.redact)  # fmt: skip
+                          client_settings.concurrency, redact)  # fmt: skip
         return client, {}
     api, redact = None, str
     if settings.mode == "batch":

@@ -19,6 +19,7 @@ logged, and is scrubbed from any error text that the caller might store.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import logging
 import os
@@ -316,16 +317,6 @@ class LLMClient:
             self.usage.add(retries=1)
             self._sleep(wait_s)
             attempt += 1
-        choice = resp.choices[0] if resp.choices else None
-        usage = resp.usage
-        self.usage.add(
-            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-        )
-        return Completion(
-            text=(choice.message.content or "") if choice else "",
-            finish_reason=choice.finish_reason if choice else None,
-            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-            attempts=attempt + 1,
-        )
+        done = dataclasses.replace(completion_from_body(resp.model_dump()), attempts=attempt + 1)
+        self.usage.add(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+        return done
