@@ -91,6 +91,56 @@ def test_embedding_distillation_of_the_students_own_vectors_is_zero():
     assert float(kl) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_similarity_distillation_over_all_texts_matches_the_float64_hand_computation():
+    """``rows=all``: X = [q; d], every row of X X^T without its diagonal. KL: per row
+    dL/dS_ij = (p_s - p_t)_ij / (N tau) off the diagonal, and S = X X^T gives
+    dL/dX = (G + G^T) X. MSE: L = mean_i sum_(j != i) (S_ij - T_ij)^2, dL/dS = 2 (S - T) / N."""
+    b, n, tau, t_t = 3, 1, 0.05, 0.1
+    q = unit(b, 8).requires_grad_()
+    d = unit(b * (1 + n), 8, seed=1).requires_grad_()
+    tq, td = unit(b, 5, seed=2), unit(b * (1 + n), 5, seed=3)
+    x, tx = torch.cat([q.detach(), d.detach()]), torch.cat([tq, td])
+    size = x.shape[0]
+    off = ~torch.eye(size, dtype=torch.bool)
+    s, t = x @ x.T, tx @ tx.T
+    for objective in ("kl", "mse"):
+        q.grad = d.grad = None
+        loss, backward, _ = similarity_distillation(q, d, tq, td, tau, t_t, cross_device=False,
+                                                    rows="all", objective=objective)  # fmt: skip
+        backward.backward()
+        if objective == "kl":
+            big = torch.finfo(s.dtype).max
+            log_s = (s / tau).masked_fill(~off, -big).log_softmax(1)
+            log_t = (t / t_t).masked_fill(~off, -big).log_softmax(1)
+            p_s, p_t = log_s.exp() * off, log_t.exp() * off
+            expected = (p_t * (log_t - log_s) * off).sum(1).mean()
+            g = (p_s - p_t) / (size * tau)
+        else:
+            expected = ((s - t).pow(2) * off).sum(1).mean()
+            g = 2 * (s - t) * off / size
+        torch.testing.assert_close(loss.detach(), expected, atol=1e-12, rtol=1e-12)
+        grad_x = (g + g.T) @ x
+        torch.testing.assert_close(q.grad, grad_x[:b], atol=1e-12, rtol=1e-10, msg=objective)
+        torch.testing.assert_close(d.grad, grad_x[b:], atol=1e-12, rtol=1e-10, msg=objective)
+    # the students own geometry is no loss; a rotated copy of it neither (no projection needed)
+    rot = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64,
+                                      generator=torch.Generator().manual_seed(9)))[0]  # fmt: skip
+    for objective in ("kl", "mse"):
+        zero, _, _ = similarity_distillation(q.detach(), d.detach(), q.detach() @ rot,
+                                             d.detach() @ rot, tau, tau, cross_device=False,
+                                             rows="all", objective=objective)  # fmt: skip
+        assert float(zero) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_query_rows_mse_is_the_summed_squared_cosine_difference():
+    q, d = unit(4, 8), unit(8, 8, seed=1)
+    tq, td = unit(4, 3, seed=2), unit(8, 3, seed=3)
+    loss, _, _ = similarity_distillation(q, d, tq, td, 0.05, 0.05, cross_device=False,
+                                         objective="mse")  # fmt: skip
+    expected = ((q @ d.T - tq @ td.T) ** 2).sum(1).mean()
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-12)
+
+
 def _model(path):
     torch.manual_seed(0)
     emb = Embedder.from_pretrained(path, device="cpu", dtype=torch.float64,
@@ -100,7 +150,9 @@ def _model(path):
     return emb
 
 
-def test_grad_cache_with_embedding_distillation_equals_the_full_batch(tiny_decoder):
+@pytest.mark.parametrize("rows, objective", [("queries", "kl"), ("all", "mse")])
+def test_grad_cache_with_embedding_distillation_equals_the_full_batch(tiny_decoder, rows,
+                                                                      objective):  # fmt: skip
     ref = _model(tiny_decoder)
     cached = copy.deepcopy(ref)
     queries = [f"query {i} about {w}" for i, w in enumerate("abcdef")]
@@ -111,7 +163,8 @@ def test_grad_cache_with_embedding_distillation_equals_the_full_batch(tiny_decod
     scores = torch.randn(6, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     settings = LossSettings(temperature=0.05, cross_device_negatives=False, distil_weight=0.5,
                             embed_distil_model="teacher", embed_distil_weight=0.7,
-                            embed_distil_temperature=0.1)  # fmt: skip
+                            embed_distil_temperature=0.1, embed_distil_rows=rows,
+                            embed_distil_objective=objective)  # fmt: skip
 
     def loss(a, b):
         return training_loss(a, b, settings, None, scores, teacher_vectors)

@@ -56,7 +56,15 @@ cross-device candidates of InfoNCE), ``KL(softmax(T_i / t_t) || softmax(S_i / ta
 ``S = q d^T`` the student's cosines, ``T`` the teacher's, and ``t_t`` =
 ``embed_distil_temperature`` (none: tau). Like InfoNCE it is computed on the gathered batch, the
 same value on every rank, and multiplied by ``world`` for backward. The teacher is never saved
-with the student: there is nothing to drop at export.
+with the student: there is nothing to drop at export. Two options widen what is matched:
+``embed_distil_rows all`` matches every text's row (queries AND documents, against every other
+text of the batch: query-query, document-document and both directions of query-document),
+about 4x the pairs of the default ``queries`` rows for one hard negative; and
+``embed_distil_objective mse`` replaces the KL by the squared difference of the raw cosines,
+``mean_i sum_j (S_ij - T_ij)^2``: every pair counts, not only those near the top of a row's
+softmax, so the student is taught the teacher's whole geometry (how similar two unrelated texts
+are, too), which a sharp softmax of an easy batch hardly sees. Both are invariant to a rotation
+of either space, so neither needs a projection.
 
 The total is ``contrastive_weight * InfoNCE + distil_weight * KL_scores +
 embed_distil_weight * KL_similarities``.
@@ -73,6 +81,9 @@ import torch.nn.functional as F
 from conretriever.errors import ConfigError
 from conretriever.options import opt
 from conretriever.training.distributed import all_gather_no_grad, all_gather_with_grad, world_size
+
+EMBED_DISTIL_ROWS = ("queries", "all")  # the rows of similarity matching
+EMBED_DISTIL_OBJECTIVES = ("kl", "mse")
 
 
 @dataclass
@@ -122,6 +133,16 @@ class LossSettings:
     )
     embed_distil_temperature: float | None = opt(
         None, gt=0, help="teacher similarities' softmax temperature; none: tau"
+    )
+    embed_distil_rows: str = opt(
+        "queries",
+        choices=EMBED_DISTIL_ROWS,
+        help="queries: each query vs every document; all: every text vs every other text",
+    )
+    embed_distil_objective: str = opt(
+        "kl",
+        choices=EMBED_DISTIL_OBJECTIVES,
+        help="kl: of the rows' softmaxes; mse: squared cosine differences, summed over a row",
     )
 
     def validate(self) -> None:
@@ -268,13 +289,20 @@ def similarity_distillation(
     temperature: float,
     teacher_temperature: float,
     cross_device: bool = True,
+    rows: str = "queries",
+    objective: str = "kl",
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Embedding distillation by similarity matching (see the module docstring).
 
     ``q`` [B, dim] / ``d`` [B * (1 + n), dim]: the student's local unit vectors, laid out as in
     :func:`contrastive_loss`; ``teacher_q`` [B, dim_t] / ``teacher_d``: the teacher's unit vectors
-    of the same texts (any ``dim_t``). Returns (global mean KL, the loss to call backward on,
-    teacher stats)."""
+    of the same texts (any ``dim_t``). ``rows``: ``queries`` matches each query's row of
+    similarities to every document; ``all`` matches every text's row (queries and documents)
+    to every other text of the batch (itself left out). ``objective``: ``kl`` between the rows'
+    softmaxes (student at ``temperature``, teacher at ``teacher_temperature``), or ``mse``: the
+    squared difference of the raw cosines, summed over a row's columns and averaged over rows
+    (no temperature). Returns (global mean loss, the loss to call backward on, teacher stats:
+    those of the query rows' softmax at ``teacher_temperature``)."""
     world = world_size() if cross_device else 1
     b, docs_per_rank = q.shape[0], d.shape[0]
     if world > 1:
@@ -282,12 +310,24 @@ def similarity_distillation(
         teacher_q, teacher_d = all_gather_no_grad(teacher_q), all_gather_no_grad(teacher_d)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, d = q.to(dtype), d.to(dtype)
-    teacher = (teacher_q.to(q) @ teacher_d.to(q).T) / teacher_temperature
-    student = (q @ d.T) / temperature
-    target = F.log_softmax(teacher, dim=1)
-    kl = F.kl_div(F.log_softmax(student, dim=1), target, log_target=True, reduction="batchmean")
-    stats = teacher_stats(teacher, _labels(q.shape[0], b, docs_per_rank, q.device))
-    return kl, kl * world, stats
+    teacher_q, teacher_d = teacher_q.to(q), teacher_d.to(q)
+    stats = teacher_stats((teacher_q @ teacher_d.T) / teacher_temperature,
+                          _labels(q.shape[0], b, docs_per_rank, q.device))  # fmt: skip
+    if rows == "all":
+        student_x, teacher_x = torch.cat([q, d]), torch.cat([teacher_q, teacher_d])
+        student, teacher = student_x @ student_x.T, teacher_x @ teacher_x.T
+        keep = ~torch.eye(student.shape[0], dtype=torch.bool, device=q.device)
+        # every row loses its diagonal: [N, N - 1]
+        student, teacher = student[keep].view(len(keep), -1), teacher[keep].view(len(keep), -1)
+    else:
+        student, teacher = q @ d.T, teacher_q @ teacher_d.T
+    if objective == "mse":
+        loss = (student - teacher).pow(2).sum(1).mean()
+    else:
+        target = F.log_softmax(teacher / teacher_temperature, dim=1)
+        loss = F.kl_div(F.log_softmax(student / temperature, dim=1), target, log_target=True,
+                        reduction="batchmean")  # fmt: skip
+    return loss, loss * world, stats
 
 
 def _global_mean(value: torch.Tensor) -> float:
@@ -330,7 +370,8 @@ def training_loss(q, d, settings: LossSettings, doc_text_ids=None, teacher=None,
             raise ValueError("embed_distil_weight > 0 needs the teacher's vectors of the batch")
         kl, kl_backward, stats = similarity_distillation(
             q, d, *teacher_vectors, s.temperature, s.embed_teacher_temperature,
-            cross_device=s.cross_device_negatives,
+            cross_device=s.cross_device_negatives, rows=s.embed_distil_rows,
+            objective=s.embed_distil_objective,
         )  # fmt: skip
         out.stats["embed_kl"] = round(float(kl.detach()), 6)
         out.stats.update({f"embed_teacher_{k}": round(v, 4) for k, v in stats.items()})
