@@ -209,6 +209,47 @@ def test_training_with_an_embedding_teacher_logs_its_terms(tiny_decoder, tiny_en
     assert list((tmp_path / "cache").rglob("*.emb.npy")), "teacher passages not in the store"
 
 
+def test_the_teachers_vectors_are_stored_and_read_back_without_encoding(tiny_encoder, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    """A second run with the same teacher and data encodes nothing: queries (keyed by their
+    instruction too) and passages come from the store, equal to encoding them afresh."""
+    from conretriever.data.tasks import TaskRegistry
+    from conretriever.data.training import Example
+    from conretriever.training.teacher import TeacherVectors
+
+    def ex(i, instruction):
+        return Example(f"question {i % 3}", (f"answer {i}",), (f"wrong {i}",), instruction,
+                       "nq", f"nq.jsonl:{i}")  # fmt: skip
+
+    # the same three query texts under two instructions: six distinct query vectors
+    data = {"nq": [ex(i, "Find the answer" if i < 3 else "Find a passage") for i in range(6)]}
+    build = dict(spec=str(tiny_encoder), data=data, registry=TaskRegistry(),
+                 device=torch.device("cpu"), cache_dir=tmp_path / "cache", show_progress=False)
+    calls = []
+    original = Embedder.encode
+
+    def counting(self, texts, role="query", *a, **k):
+        calls.append((role, len(texts)))
+        return original(self, texts, role, *a, **k)
+
+    monkeypatch.setattr(Embedder, "encode", counting)
+    first = TeacherVectors.build(**build)
+    assert len(first.query_index) == 6 and len(first.doc_index) == 12
+    # the second instruction's queries are encoded too, not served by the first one's entries
+    assert sum(n for role, n in calls if role == "query") == 6
+    calls.clear()
+    second = TeacherVectors.build(**build)
+    assert calls == [], "the second build encoded texts the store holds"
+    np.testing.assert_array_equal(second.query_vectors, first.query_vectors)
+    np.testing.assert_array_equal(second.doc_vectors, first.doc_vectors)
+    teacher = Embedder.from_pretrained(str(tiny_encoder), device="cpu")
+    for instruction in ("Find the answer", "Find a passage"):
+        fresh = original(teacher, ["question 0", "question 1", "question 2"], "query",
+                         instruction=instruction)  # fmt: skip
+        rows = [first.query_index[(instruction, f"question {i}")] for i in range(3)]
+        np.testing.assert_allclose(first.query_vectors[rows], fresh, atol=1e-6)
+
+
 # ----- 3. bidirectional attention ----------------------------------------------------------------
 def _gemma(path, window: int | None = None):
     from transformers import AutoConfig, AutoModel

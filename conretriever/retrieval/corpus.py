@@ -203,19 +203,26 @@ def encode_corpus(
     store_dtype: str = "float32",
     show_progress: bool = True,
     memory_gb: float = 2.0,
+    role: str = "passage",
+    instruction: str | None = None,
 ) -> CorpusVectors:
-    """This rank's slice of ``texts`` encoded as passages (see the module docstring).
+    """This rank's slice of ``texts`` encoded as passages (see the module docstring), or as
+    queries with ``role="query"`` and their ``instruction`` (a teacher's vectors of training
+    queries): a query's store key is that of its role, instruction and text together, so the
+    same words under two instructions are two entries, and never a passage's.
 
     With ``cache_dir`` vectors are read from / added to the store for this model; only texts it
     lacks are encoded (each distinct text once), in chunks sized by ``memory_gb``, each chunk
     written as a shard before the next is encoded, so the slice never sits in memory. ``max_length``
-    None means the embedder's ``doc_max_length``; ``store_dtype`` float16 halves the store's
+    None means the embedder's ``doc_max_length`` (``query_max_length`` for queries); ``store_dtype`` float16 halves the store's
     disk and memory. Without ``cache_dir`` the slice's vectors are kept in memory."""
     texts = list(texts)
     if max_length is None:
-        max_length = getattr(getattr(embedder, "settings", None), "doc_max_length", None)
+        length = "query_max_length" if role == "query" else "doc_max_length"
+        max_length = getattr(getattr(embedder, "settings", None), length, None)
     lo, hi = rank_slice(len(texts))
-    keys = text_keys(texts[lo:hi])
+    keys = text_keys(texts[lo:hi] if role == "passage" else
+                     [f"{role}\0{instruction or ''}\0{t}" for t in texts[lo:hi]])  # fmt: skip
     store = open_store(embedder, cache_dir, max_length, store_dtype) if cache_dir else None
     n = hi - lo
     found, shard, row = store.lookup(keys) if store else (np.zeros(n, bool), None, None)
@@ -245,7 +252,7 @@ def encode_corpus(
     where = rank_of[inverse]  # position of each missing row's text in to_encode
     chunk = chunk_rows(getattr(embedder, "dim", 1024) or 1024, memory_gb)
     chunks = _encode_chunks(embedder, store, texts, lo, to_encode, keys, chunk, batch_size,
-                            max_length, show_progress)  # fmt: skip
+                            max_length, show_progress, role, instruction)  # fmt: skip
     for begin, array in chunks:
         sources.append(array)
         members = (where >= begin) & (where < begin + len(array))
@@ -259,7 +266,8 @@ def encode_corpus(
 
 
 def _encode_chunks(embedder, store, texts, lo, to_encode, keys, chunk, batch_size, max_length,
-                   show_progress) -> list[tuple[int, np.ndarray]]:  # fmt: skip
+                   show_progress, role="passage",
+                   instruction=None) -> list[tuple[int, np.ndarray]]:  # fmt: skip
     """Encode ``texts[lo + to_encode]`` in chunks; each chunk goes to the store when there is
     one (its on-disk shard is returned), else stays in memory. Every rank runs as many
     chunks of as many texts as the others (FSDP: see the module docstring)."""
@@ -273,8 +281,10 @@ def _encode_chunks(embedder, store, texts, lo, to_encode, keys, chunk, batch_siz
         batch += [filler] * (min(chunk, total - begin) - len(batch))  # equal forwards
         full = {"truncate": False} if getattr(getattr(embedder, "settings", None),
                                               "truncate_dim", 0) else {}  # fmt: skip
+        if role != "passage":
+            full["instruction"] = instruction
         emb = np.asarray(
-            embedder.encode(batch, role="passage", batch_size=batch_size, max_length=max_length,
+            embedder.encode(batch, role=role, batch_size=batch_size, max_length=max_length,
                             show_progress=show_progress and runtime.is_main(), **full),
             dtype=np.float32,
         )[: len(ids)]  # fmt: skip
