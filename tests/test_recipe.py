@@ -224,7 +224,8 @@ def test_the_teachers_vectors_are_stored_and_read_back_without_encoding(tiny_enc
     # the same three query texts under two instructions: six distinct query vectors
     data = {"nq": [ex(i, "Find the answer" if i < 3 else "Find a passage") for i in range(6)]}
     build = dict(spec=str(tiny_encoder), data=data, registry=TaskRegistry(),
-                 device=torch.device("cpu"), cache_dir=tmp_path / "cache", show_progress=False)
+                 device=torch.device("cpu"), cache_dir=tmp_path / "cache",
+                 show_progress=False)  # fmt: skip
     calls = []
     original = Embedder.encode
 

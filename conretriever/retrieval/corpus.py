@@ -213,9 +213,10 @@ def encode_corpus(
 
     With ``cache_dir`` vectors are read from / added to the store for this model; only texts it
     lacks are encoded (each distinct text once), in chunks sized by ``memory_gb``, each chunk
-    written as a shard before the next is encoded, so the slice never sits in memory. ``max_length``
-    None means the embedder's ``doc_max_length`` (``query_max_length`` for queries); ``store_dtype`` float16 halves the store's
-    disk and memory. Without ``cache_dir`` the slice's vectors are kept in memory."""
+    written as a shard before the next is encoded, so the slice never sits in memory.
+    ``max_length`` None means the embedder's ``doc_max_length`` (``query_max_length`` for
+    queries); ``store_dtype`` float16 halves the store's disk and memory. Without ``cache_dir``
+    the slice's vectors are kept in memory."""
     texts = list(texts)
     if max_length is None:
         length = "query_max_length" if role == "query" else "doc_max_length"
