@@ -26,10 +26,21 @@ learning rate; the rows add one ingredient at a time:
 7. **best**: row 3 at the 30-minute budget (80 steps), its last three save points averaged, and
    that average evaluated again with documents at 256 tokens instead of the trained 128;
 
+8. **+ embedding distillation over all pairs**: row 3 with every text of the batch matched
+   against every other (query-query and document-document pairs too), as a KL of each row
+   and as the raw cosines' squared difference (``--embed_distil_rows all`` with
+   ``--embed_distil_objective`` kl or mse);
+
 and two reference rows, evaluated the same way: the untrained Gemma-3-270M (e5 prompts,
 last-token pooling, the recipe's lengths) and all-MiniLM-L6-v2. The table gives SciFact nDCG@10
 at both sizes, the train and eval minutes and the CPU kind, and the distance to MiniLM; it is
 printed and appended to ``benchmarks/results.md``. One seed per row, stated as one seed.
+
+On a slow CPU (2 AVX2 cores: a Gemma evaluation of all 5,183 abstracts takes ~25 minutes
+there) ``--eval_docs 1000`` chooses between rows on a proxy: the same 300 queries over the
+documents they cite plus random others (seed 0), scored higher than the whole corpus; its rows
+go to ``<work>/rows_1000docs.json`` and folders ``<row>_1000docs``, apart from full rows, and
+its table compares them with MiniLM on the same proxy only.
 """
 
 from __future__ import annotations

@@ -150,3 +150,49 @@ def test_embedded_gemma_encodes_offline():
     assert ids[0] == emb.tokenizer.bos_token_id and ids[-1] == emb.tokenizer.eos_token_id
     vec = emb.encode(["hello world", "retrieval"], role="passage")
     assert vec.shape == (2, 640) and np.isfinite(vec).all()
+
+
+def test_the_plain_array_gguf_reader_reads_every_field_and_tensor_identically(tmp_path):
+    """The first load's faster GGUF reader (``specs.plain_array_reader``) against gguf-py's own
+    on a file with what Gemma's holds: a long string array (the vocabulary, non-ASCII too),
+    float and int arrays, scalars, and float and quantised tensors. Equal arrays, dtypes and
+    types for every field part and tensor mean the tokenizer and weights built from them are
+    the same, token for token and value for value."""
+    gguf = pytest.importorskip("gguf")
+    from conretriever.model.specs import plain_array_reader
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    tokens = ["<pad>", "<eos>", "▁the", "ünïcödé", "日本語"] + [f"tok{i}" for i in range(3000)]
+    writer.add_token_list(tokens)
+    writer.add_token_scores([float(-i) / 7 for i in range(len(tokens))])
+    writer.add_token_types([1 + i % 3 for i in range(len(tokens))])
+    writer.add_context_length(512)
+    writer.add_string("general.name", "tiny")
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 128)).astype(np.float32)
+    writer.add_tensor("token_embd.weight", weight)
+    quantised = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("blk.0.ffn_up.weight", quantised, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    plain, fast = gguf.GGUFReader(str(path)), plain_array_reader(gguf.GGUFReader)(str(path))
+    assert type(fast.data) is np.ndarray and type(plain.data) is np.memmap
+    assert list(fast.fields) == list(plain.fields)
+    for name, a in plain.fields.items():
+        b = fast.fields[name]
+        assert (a.offset, a.data, a.types) == (b.offset, b.data, b.types), name
+        assert len(a.parts) == len(b.parts), name
+        for x, y in zip(a.parts, b.parts, strict=True):
+            assert x.dtype == y.dtype and np.array_equal(x, y), name
+    vocab = fast.fields["tokenizer.ggml.tokens"]
+    assert [bytes(vocab.parts[i]).decode() for i in vocab.data] == tokens
+    assert len(plain.tensors) == len(fast.tensors) == 2
+    for a, b in zip(plain.tensors, fast.tensors, strict=True):
+        assert (a.name, a.tensor_type, list(a.shape)) == (b.name, b.tensor_type, list(b.shape))
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
+        np.testing.assert_array_equal(gguf.quants.dequantize(b.data, b.tensor_type),
+                                      gguf.quants.dequantize(a.data, a.tensor_type))  # fmt: skip

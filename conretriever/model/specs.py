@@ -28,6 +28,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from conretriever.errors import ConfigError
 
 log = logging.getLogger("conretriever.models")
@@ -62,9 +64,33 @@ def _gguf_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def plain_array_reader(reader_class):
+    """``reader_class`` (gguf-py's ``GGUFReader``) over a plain ndarray view of its memory map.
+
+    The reader cuts the file into one small array per metadata item: for Gemma's 262k-token
+    vocabulary that is over half a million slices, and as ``numpy.memmap`` slices each one runs
+    the memmap subclass's Python ``__getitem__`` and ``__array_finalize__`` (a third of the whole
+    first load in a profile on 2 cores). A plain ``ndarray`` view of the same map has the same
+    bytes, dtypes and shapes and slices in C; the map stays open through the view's ``base``.
+    Measured on the embedded Gemma GGUF (2-core AMD EPYC, AVX2, with another job running): 76 s
+    to read it with the plain reader class, 29 s with this one, every field and tensor equal."""
+
+    class PlainArrayReader(reader_class):
+        @property
+        def data(self):
+            return self._plain_data
+
+        @data.setter
+        def data(self, value):
+            self._plain_data = value.view(np.ndarray)
+
+    return PlainArrayReader
+
+
 @contextmanager
 def _one_gguf_parse():
-    """Within the block, every ``gguf.GGUFReader(path)`` of the same file is one shared reader.
+    """Within the block, every ``gguf.GGUFReader(path)`` of the same file is one shared reader
+    (a :func:`plain_array_reader`).
 
     transformers parses the GGUF metadata afresh for the tokenizer's config, the model's config
     and the weights; for Gemma's 262k-token vocabulary each parse takes 12-25 s of Python on
@@ -75,12 +101,13 @@ def _one_gguf_parse():
     import gguf
 
     original = gguf.GGUFReader
+    fast = plain_array_reader(original)
     readers: dict[tuple[str, str], object] = {}
 
     def shared(path, mode="r"):
         key = (os.path.realpath(path), mode)
         if key not in readers:
-            readers[key] = original(path, mode)
+            readers[key] = fast(path, mode)
         return readers[key]
 
     gguf.GGUFReader = shared
