@@ -84,6 +84,19 @@ def plain_array_reader(reader_class):
         def data(self, value):
             self._plain_data = value.view(np.ndarray)
 
+        def _get(self, offset, dtype, count=1, override_order=None):
+            # the reader's own _get, with each (dtype, byte order)'s item size and final dtype
+            # worked out once instead of twice per item (it builds a scratch array for the size)
+            key = (dtype, override_order, self.byte_order)
+            known = self.__dict__.setdefault("_dtypes", {}).get(key)
+            if known is None:
+                base = np.dtype(dtype)
+                order = self.byte_order if override_order is None else override_order
+                known = self._dtypes[key] = (base.itemsize, base.newbyteorder(order))
+            itemsize, final = known
+            count = int(count)
+            return self.data[offset : offset + itemsize * count].view(final)[:count]
+
     return PlainArrayReader
 
 
