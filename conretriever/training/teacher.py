@@ -9,7 +9,8 @@ its weights are freed before training starts.
 Queries and passages go through the verified embedding store (``retrieval.store``, under the
 evaluation's cache folder, ``$CONRETRIEVER_CACHE/embeddings``): a second run with the same
 teacher and data reads them back instead of encoding them again (minutes saved on a CPU: see
-docs/training.md, "Machine timings"), and a damaged shard is re-encoded. A query's key is its instruction and text together, since its vector depends on both.
+docs/training.md, "Machine timings"), and a damaged shard is re-encoded. A query's key is its
+instruction and text together, since its vector depends on both.
 
 Every rank holds the whole table (the teacher's vectors are small: 384 floats per text for
 all-MiniLM-L6-v2), so any rank can look up any slot of its batch.
