@@ -218,11 +218,12 @@ def main() -> int:
     cache = work / "cache"
     mined, mine_s = mine(work)
     beir = scifact_subset(work, args.eval_docs) if args.eval_docs else SHARED / "scifact"
-    saved_path = work / (f"rows_{args.eval_docs}docs.json" if args.eval_docs else "rows.json")
+    proxy = f"_{args.eval_docs}docs" if args.eval_docs else ""  # proxy rows apart from full ones
+    saved_path = work / f"rows{proxy}.json"
     saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
 
-    def folder_of(name: str) -> Path:  # a row's run folder; proxy rows apart from full ones
-        return work / (slug(name) + (f"_{args.eval_docs}docs" if args.eval_docs else ""))
+    def folder_of(name: str) -> Path:  # a row's run folder
+        return work / (slug(name) + proxy)
 
     for name, row in ROWS.items():
         if args.only and name not in args.only:

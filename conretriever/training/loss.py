@@ -311,7 +311,8 @@ def similarity_distillation(
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, d = q.to(dtype), d.to(dtype)
     teacher_q, teacher_d = teacher_q.to(q), teacher_d.to(q)
-    stats = teacher_stats((teacher_q @ teacher_d.T) / teacher_temperature,
+    query_rows = teacher_q @ teacher_d.T  # the teacher's query-document cosines
+    stats = teacher_stats(query_rows / teacher_temperature,
                           _labels(q.shape[0], b, docs_per_rank, q.device))  # fmt: skip
     if rows == "all":
         student_x, teacher_x = torch.cat([q, d]), torch.cat([teacher_q, teacher_d])
@@ -320,7 +321,7 @@ def similarity_distillation(
         # every row loses its diagonal: [N, N - 1]
         student, teacher = student[keep].view(len(keep), -1), teacher[keep].view(len(keep), -1)
     else:
-        student, teacher = q @ d.T, teacher_q @ teacher_d.T
+        student, teacher = q @ d.T, query_rows
     if objective == "mse":
         loss = (student - teacher).pow(2).sum(1).mean()
     else:
