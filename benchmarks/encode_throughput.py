@@ -78,6 +78,18 @@ def model_config(shape: str):
             max_position_embeddings=32768,
             sliding_window=512,
         )
+    if shape == "tiny-gemma":  # the embedded model's architecture (bidirectional attention) tiny
+        return Gemma3TextConfig(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            max_position_embeddings=2048,
+            sliding_window=64,
+        )
     if shape == "tiny":  # seconds on a CPU: for checking the script, not for numbers
         return MistralConfig(
             vocab_size=1000,

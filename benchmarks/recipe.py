@@ -93,6 +93,15 @@ ROWS: dict[str, dict] = {
         "train": [*EMBED, "--embed_distil_rows", "all"]},
     "+ embedding distillation over all pairs (cosine MSE)": {
         "train": [*EMBED, "--embed_distil_rows", "all", "--embed_distil_objective", "mse"]},
+    # All-pairs KL with a higher LoRA learning rate: 80 steps are short for 2e-4.
+    "+ all pairs (KL), lr 5e-4": {
+        "train": [*EMBED, "--embed_distil_rows", "all", "--learning_rate", "5e-4"]},
+    "+ all pairs (KL), lr 1e-3": {
+        "train": [*EMBED, "--embed_distil_rows", "all", "--learning_rate", "1e-3"]},
+    # the same tokens as 16 queries a step, in twice the steps
+    "+ all pairs (KL), lr 5e-4, batch 8": {
+        "train": [*EMBED, "--embed_distil_rows", "all", "--learning_rate", "5e-4",
+                  "--per_device_train_batch_size", "8"], "steps_factor": 2},
 }  # fmt: skip
 
 
@@ -100,6 +109,8 @@ def steps_of(name: str, default: int) -> int:
     """Training steps behind a row: its own, or those of the row it averages or re-evaluates."""
     row = ROWS[name]
     source = row.get("average_of") or row.get("model_of")
+    if "steps_factor" in row:
+        return round(row["steps_factor"] * default)
     return row.get("steps", steps_of(source, default) if source else default)
 
 
