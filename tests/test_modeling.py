@@ -196,3 +196,55 @@ def test_the_plain_array_gguf_reader_reads_every_field_and_tensor_identically(tm
         assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
         np.testing.assert_array_equal(gguf.quants.dequantize(b.data, b.tensor_type),
                                       gguf.quants.dequantize(a.data, a.tensor_type))  # fmt: skip
+
+
+def test_a_folder_whose_weights_match_nothing_is_refused_not_random_initialised(
+    tiny_decoder, tmp_path
+):
+    """transformers starts any weight missing from a checkpoint at random and only prints a
+    table: renamed keys (another architecture's folder, a bad conversion) would encode noise.
+    The load must stop with one line naming the folder and a missing weight."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from conretriever.errors import ConfigError
+
+    bad = tmp_path / "renamed"
+    shutil.copytree(tiny_decoder, bad)
+    weights = next(bad.glob("*.safetensors"))
+    state = load_file(weights)
+    save_file({"transformer." + k: v for k, v in state.items()}, weights, metadata={"format": "pt"})
+    Embedder.from_pretrained(str(tiny_decoder), device="cpu", dtype="float32")  # loads cleanly
+    with pytest.raises(ConfigError, match=r"renamed: \d+ weights of the model are not in its"):
+        Embedder.from_pretrained(str(bad), device="cpu", dtype="float32")
+
+
+def test_a_gguf_load_that_missed_the_files_weights_is_refused(tmp_path):
+    """The GGUF build checks that transformers took the file's weights: no weight missing
+    (the tied lm_head aside) and the token embedding's first rows equal to the file's."""
+    gguf = pytest.importorskip("gguf")
+    from types import SimpleNamespace
+
+    from conretriever.model.specs import check_gguf_weights
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    weight = np.random.default_rng(0).standard_normal((8, 32)).astype(np.float32)
+    writer.add_tensor("token_embd.weight", weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    def model(rows):
+        embedding = torch.nn.Embedding(8, 32)
+        embedding.weight.data = torch.from_numpy(rows.copy())
+        return SimpleNamespace(get_input_embeddings=lambda: embedding)
+
+    check_gguf_weights(path, model(weight), {"missing_keys": ["lm_head.weight"]})  # the file's
+    noise = np.random.default_rng(1).standard_normal((8, 32)).astype(np.float32)
+    with pytest.raises(ValueError, match="differs from the file's token_embd"):
+        check_gguf_weights(path, model(noise), {"missing_keys": []})
+    with pytest.raises(ValueError, match="1 weights not found in the file"):
+        check_gguf_weights(path, model(weight), {"missing_keys": ["layers.0.mlp.up_proj.weight"]})

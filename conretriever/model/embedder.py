@@ -178,8 +178,11 @@ class Embedder(nn.Module):
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         with _not_a_model(spec):
-            backbone = AutoModel.from_pretrained(path, config=config, **kwargs)
+            backbone, info = AutoModel.from_pretrained(
+                path, config=config, output_loading_info=True, **kwargs
+            )
             tokenizer = AutoTokenizer.from_pretrained(path)
+        _refuse_missing_weights(spec, info)
         if gradient_checkpointing:
             set_activation_checkpointing(backbone, True)
         if hasattr(backbone.config, "use_cache"):
@@ -528,6 +531,25 @@ def _with_attention(config, path, bidirectional: bool, spec):
             "option; it exists for Gemma-3 (use_bidirectional_attention)"
         )
     return AutoConfig.from_pretrained(path, use_bidirectional_attention=bidirectional)
+
+
+# Weights a checkpoint may lack without changing a vector: BERT's pooler (a dense layer over the
+# [CLS] state that no pooling mode here reads) is absent from many sentence-transformers saves.
+UNUSED_WEIGHTS = ("pooler.",)
+
+
+def _refuse_missing_weights(spec, info: dict) -> None:
+    """transformers random-initialises any weight its checkpoint lacks and only prints a table:
+    a folder of the wrong architecture, or with renamed keys, would then load "fine" and encode
+    noise (nDCG ~0). Refuse instead, naming what is missing."""
+    missing = [k for k in info.get("missing_keys", ()) if not k.startswith(UNUSED_WEIGHTS)]
+    if missing:
+        shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ConfigError(
+            f"{spec}: {len(missing)} weights of the model are not in its checkpoint ({shown}); "
+            "they would start at random. Is it the right folder, and a checkpoint of this "
+            "architecture?"
+        )
 
 
 @contextmanager

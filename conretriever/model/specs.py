@@ -144,9 +144,10 @@ def dequantise_gguf(gguf_path: Path, out_dir: Path) -> None:
     with _one_gguf_parse():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         bar.update()
-        quantised = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32
+        quantised, info = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, output_loading_info=True
         )
+        check_gguf_weights(gguf_path, quantised, info)
         bar.update()
     config = copy.deepcopy(quantised.config)
     # A GGUF-loaded config says "quantized with gguf": drop that, or the saved copy is refused.
@@ -165,6 +166,27 @@ def dequantise_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
     bar.update()
     bar.close()
+
+
+def check_gguf_weights(gguf_path: Path, model, info: dict) -> None:
+    """Refuse a GGUF load that did not take the file's weights. transformers random-initialises
+    whatever its GGUF name map misses (an architecture or a version it maps differently) and
+    only prints a table; the dequantised copy would then be noise, cached for good. Two checks:
+    no weight is missing (the tied ``lm_head`` aside), and the first rows of the token
+    embedding equal the file's own ``token_embd.weight`` dequantised by gguf-py."""
+    import gguf
+
+    missing = [k for k in info.get("missing_keys", ()) if not k.startswith("lm_head")]
+    if missing:
+        raise ValueError(f"{len(missing)} weights not found in the file ({', '.join(missing[:3])})")
+    reader = gguf.GGUFReader(str(gguf_path))  # the shared reader inside _one_gguf_parse
+    tensor = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if tensor is None:
+        return  # no token embedding by that name: nothing to compare
+    rows = np.asarray(gguf.quants.dequantize(tensor.data[:4], tensor.tensor_type), np.float32)
+    loaded = model.get_input_embeddings().weight[: len(rows)].detach().float().cpu().numpy()
+    if loaded.shape != rows.shape or not np.array_equal(loaded, rows):
+        raise ValueError("the loaded token embedding differs from the file's token_embd.weight")
 
 
 def _alive(pid: int) -> bool:
@@ -206,7 +228,7 @@ def _build_cached_gguf(gguf_path: Path, entry: Path, source: str) -> Path:
                 # a truncated or foreign file fails deep inside the GGUF reader
                 raise ConfigError(
                     f"{gguf_path}: cannot be read as a GGUF model ({type(err).__name__}: {err}); "
-                    "is the file complete?"
+                    "is the file complete, and of an architecture transformers reads from GGUF?"
                 ) from err
             (tmp / "conretriever_source.json").write_text(json.dumps({"source": source}))
             os.replace(tmp, entry)  # atomic: the entry appears complete or not at all
