@@ -16,8 +16,11 @@ trained on, so the CPU minutes, equal.
 
 Stage 1 adds one change at a time to the base (the shipped config with embedding distillation
 over all pairs, ``A``); stage 2 stacks the changes that beat ``A``, best first. Each finished
-row is printed and appended to ``<work>/sweep.jsonl`` (and copied to ``$OUT`` where set, so a
-device run that is cut short still returns what it finished); the table comes last. It is a
+row is printed and appended to ``<work>/sweep.jsonl``, the head and tail of its logs to
+``<work>/logs.txt`` (both copied to ``$OUT`` where set, so a device run that is cut short still
+returns what it finished and why); the table comes last. The untrained base model is scored
+first: a model that loaded wrongly on the machine shows there (a first GPU run, 2026-12-04,
+scored every trained row ~0 nDCG@10 and returned no logs to say why). It is a
 way to choose, not a result: the chosen recipe is then trained on the CPU by
 ``benchmarks/recipe.py`` and that row is what README reports.
 
@@ -156,6 +159,37 @@ class Sweep:
         print("row", json.dumps(shown), flush=True)
         if not record["ok"]:
             print(f"row {record['name']} failed:\n{record.get('error')}", flush=True)
+        # what went on inside the row, where it can come back from a device machine: the head
+        # of its training log (the loading report, the first steps) and its evaluations' tails
+        out = self.work / slug(record["name"])
+        parts = [f"===== {record['name']}"]
+        for log in sorted(out.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()
+            keep = lines[:40] + ["..."] + lines[-15:] if log.name == "train.log" else lines[-6:]
+            parts += [f"--- {log.name}", *keep]
+        self.note("\n".join(parts))
+
+    def note(self, text: str) -> None:
+        with self.lock:
+            with open(self.work / "logs.txt", "a") as handle:
+                handle.write(text + "\n")
+            if os.environ.get("OUT"):
+                shutil.copy(self.work / "logs.txt", Path(os.environ["OUT"]) / "logs.txt")
+
+    def untrained(self) -> None:
+        """The base model as loaded here, scored untrained (Gemma-3-270M: ~1.2 nDCG@10 on
+        SciFact): a load that went wrong on this machine shows here before any training."""
+        folder = self.work / "untrained"
+        try:
+            cli(["eval", "--model", self.args.model, "--beir_dir", self.args.beir, "--output",
+                 str(folder), "--overwrite", "--cache_dir", str(self.cache), "--no_progress",
+                 *shlex.split(self.args.eval_flags)], self.work / "untrained.log")  # fmt: skip
+            result = next(p for p in folder.glob("*.json") if p.name != "settings.json")
+            score = 100 * json.loads(result.read_text())["metrics"]["ndcg_at_10"]
+            self.note(f"===== untrained {self.args.model}: nDCG@10 {score:.2f}")
+            print(f"untrained: nDCG@10 {score:.2f}", flush=True)
+        except SystemExit as err:
+            self.note(f"===== untrained {self.args.model}: failed\n{err}")
 
     def run_all(self, rows: list[tuple[str, dict, int]]) -> None:
         # longest first, so the last wave is not one long row on an idle card
@@ -252,6 +286,7 @@ def main() -> int:
             if not args.only or name in args.only]  # fmt: skip
     # the base alone first: it encodes the teacher's vectors into the shared store once
     first = next(r for r in rows if r[0] == "A: all pairs (KL)") if not args.only else rows[0]
+    sweep.untrained()
     if not args.no_warm:
         sweep.row(*first)
     sweep.run_all([r for r in rows if r is not first or args.no_warm])

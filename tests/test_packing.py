@@ -152,6 +152,37 @@ def test_varlen_kernel_matches_padded_in_bf16(tmp_path, count_calls):
     np.testing.assert_allclose(packed, padded, atol=1e-2, rtol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_varlen_kernel_matches_padded_for_a_gemma3_shape_in_bf16(tmp_path, count_calls):
+    """The embedded model's attention shape through the varlen kernel: head_dim 256, 4 query
+    heads over 1 key/value head, query_pre_attn_scalar scaling, and a sliding window shorter
+    than the longest texts (so the kernel's window is exercised, unlike Gemma-3-270M's 512)."""
+    from transformers import Gemma3TextConfig
+
+    save_tiny_decoder(
+        tmp_path,
+        Gemma3TextConfig,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=24,
+    )
+    emb = Embedder.from_pretrained(tmp_path, device="cuda", dtype="bfloat16")
+    assert emb.packing_default()
+    texts = _texts(64, seed=7)
+    padded = emb.encode(texts, role="passage", packed=False)
+    packed = emb.encode(texts, role="passage", max_tokens=2048)
+    assert count_calls
+    cos = (padded * packed).sum(1)
+    print(f"gemma3 bf16 packed vs padded: min cos {cos.min():.6f}")
+    assert cos.min() > 0.999
+
+
 def test_softcapped_attention_is_not_packed(tmp_path):
     """Gemma-2 soft-caps attention logits, which the varlen kernel does not: never packed by
     default, and asking for it fails loudly instead of returning wrong vectors."""
