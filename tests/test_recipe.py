@@ -383,3 +383,19 @@ def test_a_run_saved_with_the_old_layout_has_the_same_trajectory():
     assert upgraded["loss"]["query_query"] is False and "temperature" not in upgraded["train"]
     a, b = trajectory(old), trajectory(new)
     assert {k: v for k, v in b.items() if not k.startswith("loss.embed_")} == a
+
+
+def test_every_recipe_row_has_its_own_folder():
+    """Rows named alike past the folder name's cut (a row and its averaged copy) must not write
+    into one folder: the averaged row would overwrite the model it averages."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from recipe import ROWS, slug
+
+    folders = [slug(name) for name in ROWS]
+    assert len(set(folders)) == len(folders)
+    long = "best: all pairs (KL), lr 5e-4, embed weight 4, 80 steps"
+    assert slug(long) != slug(long + ", averaged (last 3)")
+    assert all(len(f) <= 57 and f.replace("_", "").isalnum() for f in folders)
