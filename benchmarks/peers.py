@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -195,7 +196,8 @@ def train_step(args) -> dict:
                    "--temperature", "0.05", "--mixed_precision", "no", "--max_steps", "2",
                    "--learning_rate", "1e-4", "--lora_r", "16", "--lora_alpha", "32",
                    "--lora_dropout", "0", "--query_max_length", "512", "--doc_max_length", "512",
-                   "--report_to", "none", "--save_steps", "0", "--logging_steps", "1"]  # fmt: skip
+                   "--report_to", "none", "--save_steps", "0", "--logging_steps", "1",
+                   *shlex.split(args.ours_flags)]  # fmt: skip
             run(cmd)
             steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").open() if '"step"' in x]
             losses.setdefault("ours", steps[0]["loss"])
@@ -217,6 +219,8 @@ def train_step(args) -> dict:
     diff = abs(losses["ours"] - losses["peer"])
     extra = (f"first-step loss ours {losses['ours']:.6f}, sentence-transformers "
              f"{losses['peer']:.6f} (|diff| {diff:.1e})")  # fmt: skip
+    if args.ours_flags:
+        extra += f"; ours with {args.ours_flags}"
     return line("train-step", "sentence-transformers CMNRL", ours_s, peer_s, extra)
 
 
@@ -311,6 +315,11 @@ def main() -> int:
     parser.add_argument("--max_length", type=int, default=256, help="tokens a passage, both")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--ours_flags",
+        default="",
+        help="train-step: flags added to our `conretriever train` (e.g. '--packed false')",
+    )
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results.md"))
     args = parser.parse_args()
     import torch
