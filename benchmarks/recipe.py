@@ -220,9 +220,14 @@ def evaluate(
         cli(["eval", "--model", model, "--beir_dir", str(beir), "--output",
              str(folder), "--overwrite", "--truncate_dim", str(dim), "--cache_dir", str(cache),
              "--no_progress", *extra], out / f"eval_dim{dim}.log")  # fmt: skip
-        result = next(p for p in folder.glob("*.json") if p.name != "settings.json")
-        scores[dim] = 100 * json.loads(result.read_text())["metrics"]["ndcg_at_10"]
+        scores[dim] = ndcg_at_10(folder)
     return scores, time.perf_counter() - tic
+
+
+def ndcg_at_10(folder: Path) -> float:
+    """nDCG@10 (in points) from the results file `conretriever eval --output folder` wrote."""
+    result = next(p for p in folder.glob("*.json") if p.name != "settings.json")
+    return 100 * json.loads(result.read_text())["metrics"]["ndcg_at_10"]
 
 
 def train(out: Path, flags: list[str], steps: int, mined: Path) -> float:

@@ -56,12 +56,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from recipe import CONFIG, REPO, SHARED, cli, slug  # noqa: E402
+from recipe import CONFIG, REPO, SHARED, cli, ndcg_at_10, slug  # noqa: E402
 
 BASE_STEPS = 80
-# The base every stage-1 row changes: the shipped config (all-pairs embedding distillation at
-# weight 4, LoRA lr 5e-4: SciFact 57.31 on the CPU, 57.21 on an H200, 2026-12-04).
-A: dict[str, str] = {}
+# The base every stage-1 row changes, A, is the shipped config (all-pairs embedding distillation
+# at weight 4, LoRA lr 5e-4: SciFact 57.31 on the CPU, 57.21 on an H200, 2026-12-04).
 # name -> (flags on top of A, steps as a multiple of --steps: equal tokens trained on)
 STAGE1: dict[str, tuple[dict[str, str], float]] = {
     "A, query rows": ({"embed_distil_rows": "queries"}, 1.0),
@@ -137,7 +136,7 @@ class Sweep:
                  "--train_data", args.mined, "--output", str(out / "run"),
                  "--overwrite_output_dir", "true", "--save_steps", "0", "--report_to", "none",
                  "--embed_distil_model", args.teacher, "--max_steps", str(steps),
-                 *shlex.split(args.train_flags), *flag_list({**A, **flags})],
+                 *shlex.split(args.train_flags), *flag_list(flags)],
                 out / "train.log")  # fmt: skip
             record["train_s"] = time.perf_counter() - tic
             tic = time.perf_counter()
@@ -149,9 +148,7 @@ class Sweep:
                          str(dim), "--cache_dir", str(self.cache), "--no_progress",
                          *shlex.split(args.eval_flags), *extra],
                         folder.with_suffix(".log"))  # fmt: skip
-                    result = next(p for p in folder.glob("*.json") if p.name != "settings.json")
-                    score = json.loads(result.read_text())["metrics"]["ndcg_at_10"]
-                    record[f"{label}_dim{dim or 'full'}"] = round(100 * score, 2)
+                    record[f"{label}_dim{dim or 'full'}"] = round(ndcg_at_10(folder), 2)
             record["eval_s"] = time.perf_counter() - tic
             record["ok"] = True
         except SystemExit as err:  # cli's one-line failure with the log's tail
@@ -195,8 +192,7 @@ class Sweep:
             cli(["eval", "--model", self.args.model, "--beir_dir", self.args.beir, "--output",
                  str(folder), "--overwrite", "--cache_dir", str(self.cache), "--no_progress",
                  *shlex.split(self.args.eval_flags)], self.work / "untrained.log")  # fmt: skip
-            result = next(p for p in folder.glob("*.json") if p.name != "settings.json")
-            score = 100 * json.loads(result.read_text())["metrics"]["ndcg_at_10"]
+            score = ndcg_at_10(folder)
             self.note(f"===== untrained {self.args.model}: nDCG@10 {score:.2f}")
             print(f"untrained: nDCG@10 {score:.2f}", flush=True)
         except SystemExit as err:
