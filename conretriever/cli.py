@@ -62,6 +62,11 @@ COMMANDS: dict[str, Command] = {
         "conretriever.data.convert:run",
         "Hugging Face / BEIR / MS MARCO-style datasets -> training JSONL",
     ),
+    "cloze": Command(
+        "conretriever.data.cloze:ClozeSettings",
+        "conretriever.data.cloze:run",
+        "inverse-cloze training pairs (sentence -> its passage) from unlabelled passages",
+    ),
     "average": Command(
         "conretriever.model.average:AverageSettings",
         "conretriever.model.average:run",

@@ -163,6 +163,18 @@ CASES = [
      "--fields: 'title' is not allowed; use one of query, positive, negative"),
     ("decontaminate", ["--data", "{w}/good", "--eval_dir", "{w}/beir", "--report",
                        "{w}/afile/r.json"], "--report {w}/afile/r.json: {w}/afile is a file"),
+    # cloze
+    ("cloze", ["--output", "{w}/c.jsonl"], "--data is required"),
+    ("cloze", ["--data", "{w}/malformed", "--output", "{w}/c.jsonl"],
+     "malformed/nq.jsonl:1: malformed JSON"),
+    ("cloze", ["--data", "{w}/good", "--output", "{w}/afile/c.jsonl"],
+     "--output {w}/afile/c.jsonl: {w}/afile is a file, not a folder"),
+    ("cloze", ["--data", "{w}/good", "--output", "{w}/afile"],
+     "output {w}/afile already exists; pass --overwrite"),
+    ("cloze", ["--data", "{w}/good", "--output", "{w}/c.jsonl", "--min_words", "9",
+               "--max_words", "3"], "--min_words 9 is above --max_words 3"),
+    ("cloze", ["--data", "{w}/good", "--output", "{w}/c.jsonl", "--keep_sentence", "2"],
+     "--keep_sentence"),
     # encode
     ("encode", ["--model", "x", "--input", "{w}/none.txt", "--output", "{w}/v.npy"],
      "none.txt: cannot read"),

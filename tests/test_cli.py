@@ -122,6 +122,7 @@ BAD = {
     "decontaminate": ["--data", "/nonexistent.jsonl"],
     "convert": ["--dataset", "x.jsonl"],
     "average": ["/nonexistent/model", "--output", "/tmp/never_averaged"],
+    "cloze": ["--data", "/nonexistent.jsonl", "--output", "/tmp/never_cloze.jsonl"],
     "compare": ["/nonexistent/eval_folder"],
     "report": ["/nonexistent/run"],
     "brainstorm": ["--families", "poetry"],
