@@ -29,10 +29,14 @@ On an H200 with the project's own transformers 5.24, peft 0.21.2 and tokenizers 
 as wheels (2026-12-04, one seed, 80 steps, float32 training, SciFact nDCG@10 with bf16
 evaluation): query rows at lr 5e-4 54.00; all pairs at lr 5e-4 55.17; the same at embedding-
 distillation weight 4, 57.21, which the CPU then scored 57.31 (2-core AVX2, fp32 throughout):
-the device chooses as the CPU would. A float32 step took ~1.1 s (~4,000 tokens/s, packed; the
-bf16 step was not timed), so a row with its three float32 evaluations took ~4 minutes alone,
-and the untrained score plus one row filled a 6-minute window: budget about 4 minutes a row
-when sizing ``--deadline_s``.
+the device chooses as the CPU would. A second lease tried the teacher's weight further: 8
+scored 57.32, 16 56.44, and the similarity matching alone (no InfoNCE, no score KL) 56.49, so
+the weight is spent at 4-8. A float32 step took ~1.1 s (~4,000 tokens/s, packed; the bf16
+step was not timed), so a row with its three float32 evaluations took ~4 minutes alone, and the
+untrained score plus one row filled a 6-minute window: budget about 4 minutes a row when sizing
+``--deadline_s``. Rows side by side on the one card lose little speed (three at once: 135 s
+each for 80 float32 steps with the start, ~1.25 s a step), so run them with ``--jobs``; and one
+bf16 evaluation (the default GPU path, ~27 s) costs a fraction of three float32 ones.
 
 ``--model`` / ``--teacher`` take any model spec (a GPU machine without the PyPI packages passes
 the dequantised Gemma folder and a MiniLM folder); ``--mined`` is the MiniLM-mined training
