@@ -174,7 +174,7 @@ CASES = [
     ("cloze", ["--data", "{w}/good", "--output", "{w}/c.jsonl", "--min_words", "9",
                "--max_words", "3"], "--min_words 9 is above --max_words 3"),
     ("cloze", ["--data", "{w}/good", "--output", "{w}/c.jsonl", "--keep_sentence", "2"],
-     "--keep_sentence"),
+     "--keep_sentence: must be <= 1, got 2.0"),
     # encode
     ("encode", ["--model", "x", "--input", "{w}/none.txt", "--output", "{w}/v.npy"],
      "none.txt: cannot read"),

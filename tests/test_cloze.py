@@ -42,6 +42,28 @@ def test_split_sentences_at_ends_followed_by_a_capital():
     ]
 
 
+def test_split_sentences_in_any_script_and_with_curly_quotes():
+    assert split_sentences("La Terre tourne. \u00c9lodie le sait. 3 fois par jour.") == [
+        "La Terre tourne.",
+        "\u00c9lodie le sait.",
+        "3 fois par jour.",
+    ]
+    assert split_sentences("\u201cStop.\u201d Then he left. \u00abNon.\u00bb \u201cOui.\u201d") == [
+        "\u201cStop.\u201d",
+        "Then he left.",
+        "\u00abNon.\u00bb",
+        "\u201cOui.\u201d",
+    ]
+
+
+def test_a_passage_s_rows_do_not_depend_on_the_other_passages():
+    settings = ClozeSettings(data=[Path("x")], output=Path("o"), seed=5)
+    other = PASSAGE.replace("Amazon", "Nile")
+    alone = list(cloze_rows([("", PASSAGE)], settings))
+    after = list(cloze_rows([("", other), ("", SHORT), ("", PASSAGE)], settings))
+    assert after[-1] == alone[0]
+
+
 def test_the_query_sentence_is_cut_out_of_its_positive():
     settings = ClozeSettings(data=[Path("x")], output=Path("o"), keep_sentence=0.0, seed=3)
     rows = list(cloze_rows([("", PASSAGE), ("", SHORT)], settings))
@@ -95,6 +117,26 @@ def test_cli_reads_training_and_corpus_files_once_per_passage_and_is_seeded(tmp_
     assert cli_main([*args[:-1], "2", "--overwrite"]) == 0 and out.read_text() != first
 
 
+def test_gz_input_string_positive_null_title_and_a_beir_folder_s_corpus_only(tmp_path):
+    import gzip
+
+    gz = tmp_path / "train.jsonl.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as handle:
+        handle.write(json.dumps({"query": "q", "positive": PASSAGE}) + "\n")
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    write_jsonl(beir / "corpus.jsonl", [{"_id": "1", "title": None, "text": PASSAGE + " Yes."}])
+    # a BEIR folder's queries are evaluation data: never read as passages
+    write_jsonl(beir / "queries.jsonl", [{"_id": "q", "text": SHORT + " A third one here."}])
+    out = beir / "cloze.jsonl"  # written into a folder it reads: not read back on a rerun
+    args = ["cloze", "--data", str(gz), str(beir), "--output", str(out)]
+    assert cli_main(args) == 0
+    first = out.read_text()
+    positives = [r["positive"][0] for r in rows_of(out)]
+    assert len(positives) == 2 and not any("third" in p for p in positives)
+    assert cli_main([*args, "--overwrite"]) == 0 and out.read_text() == first
+
+
 def test_bad_inputs_are_named_and_nothing_is_replaced(tmp_path, capsys):
     out = tmp_path / "cloze.jsonl"
     out.write_text("kept\n")
@@ -105,10 +147,30 @@ def test_bad_inputs_are_named_and_nothing_is_replaced(tmp_path, capsys):
     bad.write_text(json.dumps({"positive": [PASSAGE, 7]}) + "\n")
     assert cli_main(["cloze", "--data", str(bad), "--output", str(out), "--overwrite"]) == 2
     assert f"{bad}:1: field 'positive': expected a string" in capsys.readouterr().err
+    bad.write_text(json.dumps({"positive": [PASSAGE], "text": "x"}) + "\n")
+    assert cli_main(["cloze", "--data", str(bad), "--output", str(out), "--overwrite"]) == 2
+    assert f"{bad}:1: fields 'positive' and 'text'" in capsys.readouterr().err
+    bad.write_text('{"positive": ["a \\ud800 b"]}\n')
+    assert cli_main(["cloze", "--data", str(bad), "--output", str(out), "--overwrite"]) == 2
+    assert f"{bad}:1: field 'positive': holds a lone surrogate" in capsys.readouterr().err
+    bad.write_bytes(json.dumps({"positive": ["caf\u00e9"]}, ensure_ascii=False).encode("latin-1"))
+    assert cli_main(["cloze", "--data", str(bad), "--output", str(out), "--overwrite"]) == 2
+    assert f"{bad}: cannot read" in capsys.readouterr().err
+    fake_gz = tmp_path / "fake.jsonl.gz"
+    fake_gz.write_text("{}\n")
+    assert cli_main(["cloze", "--data", str(fake_gz), "--output", str(out), "--overwrite"]) == 2
+    assert f"{fake_gz}: cannot read" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert cli_main(["cloze", "--data", str(empty), "--output", str(out), "--overwrite"]) == 2
+    assert f"no passage in {empty}" in capsys.readouterr().err
+    assert cli_main(["cloze", "--data", str(empty), "--output", str(out) + ".gz"]) == 2
+    assert "write a plain .jsonl" in capsys.readouterr().err
     short = write_jsonl(tmp_path / "short.jsonl", [{"positive": [SHORT]}])
     assert cli_main(["cloze", "--data", str(short), "--output", str(out), "--overwrite"]) == 2
     assert "no row written" in capsys.readouterr().err
     assert cli_main(["cloze", "--data", str(short), "--output", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert out.read_text() == "kept\n"  # no failed run touched it
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "cloze.jsonl", "short.jsonl"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["bad.jsonl", "cloze.jsonl", "empty.jsonl", "fake.jsonl.gz", "short.jsonl"]

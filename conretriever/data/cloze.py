@@ -1,4 +1,4 @@
-"""Inverse-cloze pairs: one sentence of a passage as the query, the passage as its positive.
+"""Inverse-cloze pairs: one sentence of a passage as the query, the rest of it as the positive.
 
 The Inverse Cloze Task (ICT; Lee, Chang and Toutanova 2019, "Latent Retrieval for Weakly
 Supervised Open Domain Question Answering") makes retrieval training pairs out of unlabelled
@@ -10,18 +10,22 @@ paper), so the model also learns that a verbatim copy is relevant.
 
 ``conretriever cloze --data <files or folders> --output <task>.jsonl`` reads passages from
 training task files (every ``positive`` and ``negative``) or corpus files (``text``, with its
-``title`` kept in front of the positive and never drawn as a query), keeps each distinct
-passage once, and writes up to ``per_passage`` rows per passage in the training schema, each
-carrying ``--instruction``. The rows have no negatives: mine them (``conretriever mine
---corpus self``). One row per passage is the default because two rows of the same passage
-would have near-identical positives, and each would be a false in-batch negative for the other.
+``title`` kept in front of the positive and never drawn as a query; of a BEIR folder only its
+corpus is read, never its queries), keeps each distinct (title, passage) once, and writes up
+to ``per_passage`` rows per passage in the training schema, each carrying ``--instruction``.
+The rows have no negatives: mine them (``conretriever mine --corpus self``). One row per
+passage is the default because two rows of the same passage would have near-identical
+positives, and each would be a false in-batch negative for the other.
 
-Sentences are split at ``.``, ``!`` or ``?`` followed by white space and an upper-case letter,
-a digit or an opening quote or bracket; an abbreviation such as "U.S. Army" splits wrongly,
+Sentences are split at ``.``, ``!`` or ``?`` (and any closing quote or bracket) followed by
+white space and an upper-case letter of any script, a digit, or an opening quote or bracket
+(straight, curly or angle quotes); the positive is the kept sentences joined by single spaces
+(line breaks inside a passage are not kept). An abbreviation such as "U.S. Army" splits wrongly,
 which costs one odd query, not a wrong pair. A sentence is drawn only if it has between
 ``min_words`` and ``max_words`` words, and only from passages of at least ``min_sentences``
-sentences (so that the rest is context enough to find it from). The draw is seeded: the same
-inputs and flags give the same file.
+sentences (so that the rest is context enough to find it from). Each passage's draw is seeded
+by ``--seed`` and the passage itself: the same inputs and flags give the same file, and adding,
+removing or editing a passage leaves the other passages' rows as they were.
 """
 
 from __future__ import annotations
@@ -43,9 +47,11 @@ from conretriever.files import (
 from conretriever.options import opt, output_opt
 
 DEFAULT_INSTRUCTION = "Given a sentence, retrieve the passage it was taken from"
-# white space after an end mark (or an end mark and a closing quote or bracket), before a capital,
-# a digit or an opening quote or bracket
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[A-Z0-9\"'(\[])")
+# white space after an end mark, or after an end mark and a closing quote or bracket: a sentence
+# boundary when the next character opens a sentence (see split_sentences)
+_CLOSERS = "\"')]\u201d\u2019\u00bb"
+_OPENERS = "\"'([\u201c\u2018\u00ab"
+_BOUNDARY = re.compile(rf"(?:(?<=[.!?])|(?<=[.!?][{re.escape(_CLOSERS)}]))\s+")
 
 
 @dataclass
@@ -78,15 +84,31 @@ class ClozeSettings:
 
 
 def split_sentences(text: str) -> list[str]:
-    """``text`` cut into sentences (see the module docstring for the rule)."""
-    return [part.strip() for part in _SENTENCE_END.split(text.strip()) if part.strip()]
+    """``text`` cut into sentences: at white space after ``.``, ``!`` or ``?`` (and any closing
+    quote or bracket) when the next character is an upper-case letter of any script, a digit,
+    or an opening quote or bracket."""
+    text = text.strip()
+    sentences, start = [], 0
+    for gap in _BOUNDARY.finditer(text):
+        nxt = text[gap.end() : gap.end() + 1]
+        if nxt and (nxt.isupper() or nxt.isdigit() or nxt in _OPENERS):
+            sentences.append(text[start : gap.start()])
+            start = gap.end()
+    sentences.append(text[start:])
+    return [s.strip() for s in sentences if s.strip()]
 
 
-def _input_files(paths: list[Path]) -> list[Path]:
+def _input_files(paths: list[Path], output: Path | None = None) -> list[Path]:
+    """The files to read: each file named, and each folder's ``.jsonl[.gz]`` files; of a BEIR
+    folder (one holding ``corpus.jsonl``) only the corpus, never its queries (evaluation data).
+    ``output`` is left out, so a rerun into a data folder does not read its own last output."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")))
+            corpus = [path / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (path / n).is_file()]
+            found = corpus or sorted(
+                p for p in path.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz"))
+            )
             if not found:
                 raise DataError(f"{path}: no .jsonl or .jsonl.gz files in this folder")
             files += found
@@ -94,49 +116,68 @@ def _input_files(paths: list[Path]) -> list[Path]:
             files.append(path)
         else:
             raise DataError(f"{path}: not found")
-    return files
+    skip = output.resolve() if output is not None else None
+    return [f for f in files if f.resolve() != skip]
 
 
 def _strings(value, where: str, name: str) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
         raise DataError(f"{where}: field {name!r}: expected a string or a list of strings")
+    for item in items:
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:  # JSON allows "\ud800"; UTF-8 output does not
+            raise DataError(
+                f"{where}: field {name!r}: holds a lone surrogate (\\ud800-\\udfff)"
+            ) from None
     return items
 
 
-def read_passages(paths: list[Path]) -> list[tuple[str, str]]:
+def read_passages(paths: list[Path], output: Path | None = None) -> list[tuple[str, str]]:
     """Every distinct passage of the files as (title, text), in the order first seen; the
-    title is "" for training rows' passages."""
+    title is "" for training rows' passages. A training row's fields are ``positive`` and
+    ``negative``, a corpus row's ``text`` and ``title``: a row with both kinds is refused."""
     seen: dict[tuple[str, str], None] = {}
-    for path in _input_files(paths):
-        with open_text(path) as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                row = json_line(where, line)
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected a JSON object")
-                texts: list[tuple[str, str]] = []
-                for name in ("positive", "negative"):
-                    if name in row:
-                        texts += [("", t) for t in _strings(row[name], where, name)]
-                if "text" in row:
-                    text = " ".join(_strings(row["text"], where, "text"))
-                    title = " ".join(_strings(row.get("title") or "", where, "title"))
-                    texts.append((title.strip(), text))
-                if not texts and not ({"positive", "negative", "text"} & row.keys()):
-                    raise DataError(
-                        f"{where}: no 'positive', 'negative' or 'text' field to take passages from"
-                    )
-                seen.update(dict.fromkeys((title, t) for title, t in texts if t.strip()))
+    files = _input_files(paths, output)
+    for path in files:
+        try:
+            with open_text(path) as handle:
+                for lineno, line in enumerate(handle, 1):
+                    if line.strip():
+                        _read_row(f"{path}:{lineno}", line, seen)
+        except (OSError, EOFError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: cannot read: {err}") from None
+    if not seen:
+        raise DataError(f"no passage in {', '.join(map(str, files))}")
     return list(seen)
+
+
+def _read_row(where: str, line: str, seen: dict) -> None:
+    row = json_line(where, line)
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    training = [name for name in ("positive", "negative") if name in row]
+    if training and "text" in row:
+        raise DataError(
+            f"{where}: fields {training[0]!r} and 'text': a training row and a corpus row at "
+            "once; which is the passage?"
+        )
+    texts: list[tuple[str, str]] = []
+    for name in training:
+        texts += [("", t) for t in _strings(row[name], where, name)]
+    if "text" in row:
+        text = " ".join(_strings(row["text"], where, "text"))
+        title = " ".join(_strings(row.get("title") or "", where, "title"))
+        texts.append((title.strip(), text))
+    elif not training:
+        raise DataError(f"{where}: no 'positive', 'negative' or 'text' field to take passages from")
+    seen.update(dict.fromkeys((title, t) for title, t in texts if t.strip()))
 
 
 def cloze_rows(passages: list[tuple[str, str]], settings: ClozeSettings):
     """The training rows, one dict per row, drawn with ``settings.seed``. A title is never
     drawn as a query: it stays in front of the positive, as context."""
-    rng = random.Random(settings.seed)
     written = 0
     for title, passage in passages:
         sentences = split_sentences(passage)
@@ -147,6 +188,9 @@ def cloze_rows(passages: list[tuple[str, str]], settings: ClozeSettings):
             for i, s in enumerate(sentences)
             if settings.min_words <= len(s.split()) <= settings.max_words
         ]
+        # a draw of its own per passage (seeded by the seed and the passage's text): adding or
+        # changing one passage, or the sentence rule on one, changes no other passage's rows
+        rng = random.Random(f"{settings.seed}\n{title}\n{passage}")
         for i in rng.sample(eligible, min(settings.per_passage, len(eligible))):
             keep = rng.random() < settings.keep_sentence
             rest = sentences if keep else sentences[:i] + sentences[i + 1 :]
@@ -166,8 +210,10 @@ def run(settings: ClozeSettings) -> int:
     import json
 
     out = output_file(settings.output, "--output")
+    if out.name.endswith(".gz"):
+        raise ConfigError(f"--output {out}: write a plain .jsonl (this command does not gzip)")
     refuse_existing([out], settings.overwrite)
-    passages = read_passages(settings.data)
+    passages = read_passages(settings.data, out)
     rows = list(cloze_rows(passages, settings))  # small: one short row per passage at most
     if not rows:
         raise DataError(
