@@ -181,6 +181,12 @@ def cli(args: list[str], log: Path | None = None) -> None:
         raise SystemExit(f"recipe: `{' '.join(args[:1])}` failed (exit {code}); {log}:\n{tail}")
 
 
+# how every training file is mined (MiniLM, positive-aware negatives from ranks 2-30, scores)
+MINE_FLAGS = ["--model", "embedded:minilm", "--corpus", "self", "--window", "2-30",
+              "--n_negatives", "3", "--output_scores", "--max_score_ratio", "0.95",
+              "--min_negatives", "1", "--no_progress", "--overwrite"]  # fmt: skip
+
+
 def mine_cloze(work: Path, mined: Path) -> Path:
     """``<work>/mined_cloze``: the mined files (linked) plus ``cloze.jsonl``, inverse-cloze
     pairs from every passage of the training files (``conretriever cloze``), mined the same way."""
@@ -195,11 +201,8 @@ def mine_cloze(work: Path, mined: Path) -> Path:
         raw = work / "cloze_raw.jsonl"
         cli(["cloze", "--data", *sources, "--output", str(raw), "--overwrite"],
             work / "cloze.log")  # fmt: skip
-        cli(["mine", "--model", "embedded:minilm", "--data", str(raw), "--corpus", "self",
-             "--output", str(out / "cloze.jsonl"), "--window", "2-30", "--n_negatives", "3",
-             "--output_scores", "--max_score_ratio", "0.95", "--min_negatives", "1",
-             "--no_progress", "--overwrite", "--task", "cloze"],
-            work / "mine_cloze.log")  # fmt: skip
+        cli(["mine", "--data", str(raw), "--output", str(out / "cloze.jsonl"), *MINE_FLAGS,
+             "--task", "cloze"], work / "mine_cloze.log")  # fmt: skip
     return out
 
 
@@ -212,10 +215,8 @@ def mine(work: Path) -> tuple[Path, float]:
         task = source.name.split(".")[0]
         if task in EXCLUDED or (out / f"{task}.jsonl").exists():
             continue
-        cli(["mine", "--model", "embedded:minilm", "--data", str(source), "--corpus", "self",
-             "--output", str(out / f"{task}.jsonl"), "--window", "2-30", "--n_negatives", "3",
-             "--output_scores", "--max_score_ratio", "0.95", "--min_negatives", "1",
-             "--no_progress", "--overwrite"], work / f"mine_{task}.log")  # fmt: skip
+        cli(["mine", "--data", str(source), "--output", str(out / f"{task}.jsonl"),
+             *MINE_FLAGS], work / f"mine_{task}.log")  # fmt: skip
     return out, time.perf_counter() - tic
 
 
@@ -270,9 +271,6 @@ def ndcg_at_10(folder: Path) -> float:
 
 def train(out: Path, flags: list[str], steps: int, mined: Path) -> float:
     tic = time.perf_counter()
-    if "--train_data" in flags:  # the row's own data folder instead
-        at = flags.index("--train_data")
-        mined, flags = Path(flags[at + 1]), flags[:at] + flags[at + 2 :]
     cli(["train", "--config", CONFIG, "--train_data", str(mined), "--output", str(out),
          "--overwrite_output_dir", "true", "--save_steps", "0", "--report_to", "none",
          "--max_steps", str(steps), *ABLATION_BASE, *flags],
@@ -328,13 +326,12 @@ def main() -> int:
         out = folder_of(name)
         train_s = 0.0
         if "train" in row:
-            flags = list(row["train"])
+            flags, data = list(row["train"]), mined
             if row.get("cloze"):
-                flags += ["--train_data", str(mine_cloze(work, mined)),
-                          "--task_config", str(CLOZE_TASKS)]  # fmt: skip
+                flags, data = [*flags, "--task_config", str(CLOZE_TASKS)], mine_cloze(work, mined)
             if row.get("export"):  # save points for an averaging row
                 flags += ["--export_steps", str(max(1, steps // 4))]
-            train_s = train(out, flags, steps, mined)
+            train_s = train(out, flags, steps, data)
             model = str(out / "final")
         elif "model_of" in row:  # another row's model, evaluated differently
             out.mkdir(parents=True, exist_ok=True)
