@@ -108,6 +108,11 @@ CASES = [
      "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
     ("train", ["--use_lora", "true", "--lora_target_modules", "q_proj,norm"],
      "--lora_target_modules q_proj,norm: Target module"),  # peft's own refusal, one line
+    ("train", ["--use_lora", "true", "--lora_top_layers", "5"],
+     "--lora_top_layers 5: LlamaModel has only 2 layers (layers); use 0 (every layer) or at "
+     "most 2"),
+    ("train", ["--use_lora", "false", "--lora_top_layers", "1"],
+     "--lora_top_layers 1: applies to a LoRA adapter, and --use_lora is false"),
     ("train", ["--config", "{w}/tag.yaml"],
      "tag.yaml:2: YAML tag !!python/object/apply:os.system is not allowed"),
     ("train", ["--task_config", "{w}/tag_tasks.yaml"],

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conretriever.model.embedder import Embedder, LoraSettings, pool
+from conretriever.model.embedder import Embedder, LoraSettings, layer_stack, pool
 
 TEXTS = ["hello world", "a much longer text about retrieval and pooling", "x", "two words"]
 
@@ -106,12 +106,13 @@ def test_save_merges_lora_and_round_trips(tiny_decoder, tmp_path):
     np.testing.assert_allclose(loaded.encode(TEXTS, role="passage"), before_d, atol=1e-5)
 
 
-def test_sentence_transformers_loads_saved_model(tiny_decoder, tmp_path):
+@pytest.mark.parametrize("top_layers", [0, 1])
+def test_sentence_transformers_loads_saved_model(tiny_decoder, tmp_path, top_layers):
     st = pytest.importorskip("sentence_transformers")
     emb = Embedder.from_pretrained(
         tiny_decoder,
         {"default_instruction": "Given a claim, retrieve evidence"},
-        {"r": 4, "alpha": 8, "dropout": 0.0},
+        {"r": 4, "alpha": 8, "dropout": 0.0, "top_layers": top_layers},
         device="cpu",
     )
     _randomize_lora(emb)
@@ -121,6 +122,45 @@ def test_sentence_transformers_loads_saved_model(tiny_decoder, tmp_path):
     np.testing.assert_allclose(model.encode(TEXTS), ours_d, atol=1e-5)
     ours_q = emb.encode(TEXTS, role="query")
     np.testing.assert_allclose(model.encode(TEXTS, prompt_name="query"), ours_q, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", ["decoder", "encoder"])
+def test_lora_on_the_top_layers_trains_only_them_and_stops_the_backward_there(
+    tiny_decoder, tiny_encoder, make
+):
+    """``top_layers=1`` of 2: adapters only in the last layer, and nothing below it is part of
+    the graph (the saving: no backward pass through the frozen layers). The adapted layer's
+    gradients equal those of the same adapters in an every-layer model whose lower adapters are
+    still at their zero start (the same function, so the same gradients)."""
+    path = tiny_decoder if make == "decoder" else tiny_encoder
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0}
+    top = Embedder.from_pretrained(path, lora={**lora, "top_layers": 1}, device="cpu")
+    full = Embedder.from_pretrained(path, lora=lora, device="cpu")
+    trained = {n for n, p in top.named_parameters() if p.requires_grad}
+    assert trained and all(".1." in n for n in trained), sorted(trained)[:4]
+    # the same adapter weights where both have them (full's lower B stay zero: no change)
+    full_params = dict(full.named_parameters())
+    torch.manual_seed(0)
+    for name, param in top.named_parameters():
+        if param.requires_grad:
+            with torch.no_grad():
+                param.normal_(0, 0.1)
+                full_params[name].copy_(param)
+    stack = top.base_model.get_submodule(layer_stack(top.base_model)[0])
+    seen = []
+    stack[0].register_forward_hook(
+        lambda m, i, out: seen.append((out[0] if isinstance(out, tuple) else out).requires_grad)
+    )
+    grads = []
+    for emb in (top, full):
+        emb.eval()  # no dropout (BERT's would draw differently in the two models)
+        batch = emb.tokenize(emb.format(TEXTS, role="passage"), max_length=32)
+        vectors = emb(batch["input_ids"], batch["attention_mask"])
+        (vectors @ vectors.T).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad for n, p in emb.named_parameters() if p.requires_grad})
+    assert seen == [False], "the frozen first layer's output must need no gradient"
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], atol=1e-6, rtol=1e-5)
 
 
 def test_encoder_mean_pooling_matches_sentence_transformers(tiny_encoder, tmp_path):

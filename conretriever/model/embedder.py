@@ -478,8 +478,23 @@ def linear_module_names(backbone: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name in linear})
 
 
+def layer_stack(backbone: nn.Module) -> tuple[str, int]:
+    """The dotted name and length of the backbone's stack of transformer layers: its longest
+    ``nn.ModuleList`` (``model.layers`` in a decoder, ``encoder.layer`` in BERT)."""
+    stacks = [(len(m), name) for name, m in backbone.named_modules() if isinstance(m, nn.ModuleList)]
+    if not stacks:
+        raise ConfigError(
+            f"--lora_top_layers: {type(backbone).__name__} has no list of layers to count from"
+        )
+    count, name = max(stacks)
+    return name, count
+
+
 def apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
-    """``backbone`` wrapped in a new LoRA adapter on ``lora.target_modules``.
+    """``backbone`` wrapped in a new LoRA adapter on ``lora.target_modules`` (of the last
+    ``lora.top_layers`` layers only, when set: no weight below them trains, so autograd stops
+    the backward pass at the first adapted layer, and a step costs the forward pass plus the
+    backward of those layers alone).
 
     A module name the model does not have is checked here, before peft sees it (peft's own
     ValueError would surface as a traceback), with peft's matching rule: ``name`` matches a
@@ -497,12 +512,28 @@ def apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
                 f"no such module in {type(backbone).__name__}; its linear modules are "
                 f"{', '.join(linear_module_names(backbone))} (or use all-linear)"
             )
+    layers = {}
+    if lora.top_layers:
+        stack, count = layer_stack(backbone)
+        if lora.top_layers > count:
+            raise ConfigError(
+                f"--lora_top_layers {lora.top_layers}: {type(backbone).__name__} has only "
+                f"{count} layers ({stack}); use 0 (every layer) or at most {count}"
+            )
+        if targets == "all-linear":  # peft takes a layer range with a list of names only
+            inside = (n for n, m in backbone.named_modules() if isinstance(m, nn.Linear))
+            targets = sorted({n.rsplit(".", 1)[-1] for n in inside if n.startswith(f"{stack}.")})
+        layers = {
+            "layers_to_transform": list(range(count - lora.top_layers, count)),
+            "layers_pattern": stack.rsplit(".", 1)[-1],
+        }
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.modules(),
+        target_modules=targets,
         bias="none",
+        **layers,
     )
     with warnings.catch_warnings():
         # peft reads transformers' deprecated ``is_gradient_checkpointing``; not our call to fix

@@ -90,6 +90,12 @@ class LoraSettings:
     target_modules: str = opt(
         "all-linear", help="all-linear, or comma-separated module names (q_proj,v_proj)"
     )
+    top_layers: int = opt(
+        0,
+        ge=0,
+        help="0: adapt every layer; N: only the last N transformer layers (the layers below "
+        "are frozen and need no backward pass: a faster step)",
+    )
 
     def modules(self) -> str | list[str]:
         if self.target_modules == "all-linear":

@@ -53,6 +53,13 @@ class TrainModelSettings:
     embedder: EmbedderSettings = opt(default_factory=EmbedderSettings)
     lora: LoraSettings = opt(default_factory=LoraSettings, prefix="lora_")
 
+    def validate(self) -> None:
+        if not self.use_lora and self.lora.top_layers:
+            raise ConfigError(
+                f"--lora_top_layers {self.lora.top_layers}: applies to a LoRA adapter, and "
+                "--use_lora is false (full fine-tuning trains every layer)"
+            )
+
 
 @dataclass
 class TrainDataSettings:
