@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,3 +289,163 @@ def test_a_gguf_load_that_missed_the_files_weights_is_refused(tmp_path):
         check_gguf_weights(path, model(noise), {"missing_keys": []})
     with pytest.raises(ValueError, match="1 weights not found in the file"):
         check_gguf_weights(path, model(weight), {"missing_keys": ["layers.0.mlp.up_proj.weight"]})
+
+
+def _write_tiny_gemma3_gguf(path, quant_types) -> None:
+    """A small Gemma-3 GGUF with everything the real one holds: the metadata keys, a
+    sentencepiece-style vocabulary with control, user-defined and byte tokens, F32 norms and
+    quantised matrices (``quant_types``: the types the matrices cycle through)."""
+    import gguf
+
+    # K-quant blocks hold 256 values of a row: every matrix's rows are a multiple of that
+    hidden, ffn, heads, kv_heads, head_dim, layers = 256, 512, 2, 1, 128, 2
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_string("general.name", "tiny gemma")
+    arch = "gemma3"
+    for key, value in {
+        "context_length": 512,
+        "embedding_length": hidden,
+        "block_count": layers,
+        "feed_forward_length": ffn,
+        "attention.head_count": heads,
+        "attention.head_count_kv": kv_heads,
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        "attention.sliding_window": 16,
+    }.items():
+        writer.add_uint32(f"{arch}.{key}", value)  # fmt: skip
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    writer.add_float32(f"{arch}.rope.freq_base", 1e6)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]"]
+    pieces = ["▁", "e", "t", "h", "a", "▁t", "he", "▁the", "▁a", "at", "▁cat", "c", "ü", "ün"]
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    scores = [-1000.0] * (len(tokens) - len(pieces)) + [-float(i) for i in range(len(pieces))]
+    writer.add_token_scores(scores)
+    writer.add_token_types([3, 3, 3, 3, 3, 4] + [6] * 256 + [1] * len(pieces))
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd": (len(tokens), hidden), "output_norm": (hidden,)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.attn_q": (heads * head_dim, hidden),
+                       f"blk.{i}.attn_k": (kv_heads * head_dim, hidden),
+                       f"blk.{i}.attn_v": (kv_heads * head_dim, hidden),
+                       f"blk.{i}.attn_output": (hidden, heads * head_dim),
+                       f"blk.{i}.attn_q_norm": (head_dim,), f"blk.{i}.attn_k_norm": (head_dim,),
+                       f"blk.{i}.attn_norm": (hidden,), f"blk.{i}.post_attention_norm": (hidden,),
+                       f"blk.{i}.ffn_norm": (hidden,), f"blk.{i}.post_ffw_norm": (hidden,),
+                       f"blk.{i}.ffn_gate": (ffn, hidden), f"blk.{i}.ffn_up": (ffn, hidden),
+                       f"blk.{i}.ffn_down": (hidden, ffn)})  # fmt: skip
+    matrices = 0
+    for name, shape in shapes.items():
+        values = rng.standard_normal(shape).astype(np.float32)
+        if len(shape) == 1:  # a norm: stored as 1 + w, as llama.cpp writes Gemma's
+            writer.add_tensor(f"{name}.weight", 1.0 + 0.1 * values)
+            continue
+        qtype = quant_types[matrices % len(quant_types)]
+        matrices += 1
+        if qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(f"{name}.weight", values.astype(np.float16))
+        elif qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K):
+            # gguf-py cannot quantise to these: random blocks, with sane f16 scales
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            raw = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
+            scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+            at = slice(0, 2) if qtype == gguf.GGMLQuantizationType.Q4_K else slice(size - 2, size)
+            raw[..., at] = scale  # Q4_K: d (and dmin next) first; Q6_K: d last
+            if qtype == gguf.GGMLQuantizationType.Q4_K:
+                raw[..., 2:4] = scale
+            writer.add_tensor(f"{name}.weight", raw.reshape(shape[0], -1), raw_dtype=qtype)
+        else:
+            data = gguf.quants.quantize(values, qtype)
+            writer.add_tensor(f"{name}.weight", data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _assert_same_checkpoint(ours, theirs) -> None:
+    """Two checkpoint folders: every file but the weights byte for byte, every weight bit for
+    bit (as raw 32-bit patterns: a NaN or a -0.0 counts too)."""
+    names = sorted(p.name for p in theirs.iterdir())
+    assert sorted(p.name for p in ours.iterdir()) == names
+    for name in names:
+        if name != "model.safetensors":
+            assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+    a, b = load_file(str(ours / "model.safetensors")), load_file(str(theirs / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for key in b:
+        assert a[key].dtype == b[key].dtype == torch.float32, key
+        assert torch.equal(a[key].view(torch.int32), b[key].view(torch.int32)), key
+
+
+def test_the_fast_gguf_conversion_writes_what_transformers_writes(tmp_path):
+    """Our conversion of a Gemma-3 GGUF (gguf_checkpoint.build_plain_checkpoint) against
+    transformers' own (specs.transformers_checkpoint): the same config and tokenizer files and
+    bit-identical weights, for every kind of tensor the embedded file holds (F32 norms stored as
+    1 + w, and Q8_0, Q5_0, Q4_K, Q6_K and F16 matrices). Then the loaded tokenizers give the
+    same ids."""
+    gguf = pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from conretriever.model.gguf_checkpoint import build_plain_checkpoint
+    from conretriever.model.specs import transformers_checkpoint
+
+    Q = gguf.GGMLQuantizationType
+    kinds = [Q.Q8_0, Q.F16, Q.Q5_0, Q.Q4_K, Q.Q6_K]
+    path = tmp_path / "tiny-gemma3.gguf"
+    _write_tiny_gemma3_gguf(path, kinds)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    build_plain_checkpoint(path, ours)
+    transformers_checkpoint(path, theirs)
+    _assert_same_checkpoint(ours, theirs)
+    text = ["the cat ate", "hüt at the cat", "<mask> x"]
+    ids = [AutoTokenizer.from_pretrained(str(d))(text).input_ids for d in (ours, theirs)]
+    assert ids[0] == ids[1]
+
+
+@pytest.mark.full
+def test_the_embedded_gemma_converts_to_what_transformers_writes(tmp_path):
+    """The same comparison on the embedded Gemma-3-270M itself: no weight and no token id of
+    the first load changes with the fast path (opt-in, ``-m full``: transformers' conversion
+    alone takes ~45 s on 2 cores)."""
+    from conretriever.model.gguf_checkpoint import build_plain_checkpoint
+    from conretriever.model.specs import _embedded_gguf, transformers_checkpoint
+
+    path = _embedded_gguf()
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    build_plain_checkpoint(path, ours)
+    transformers_checkpoint(path, theirs)
+    _assert_same_checkpoint(ours, theirs)
+
+
+def test_a_truncated_or_foreign_gguf_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A GGUF cut short (a download that stopped) and a file that is not a GGUF at all: one
+    ConfigError naming the file, and nothing left in the cache that a later run would trust."""
+    pytest.importorskip("gguf")
+    from conretriever.errors import ConfigError
+    from conretriever.model.specs import resolve_model
+
+    monkeypatch.setenv("CONRETRIEVER_CACHE", str(tmp_path / "cache"))
+    whole = tmp_path / "whole.gguf"
+    _write_tiny_gemma3_gguf(whole, [__import__("gguf").GGMLQuantizationType.Q8_0])
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size - 5000])
+    with pytest.raises(ConfigError, match=r"cut\.gguf: cannot be read as a GGUF model .*truncated"):
+        resolve_model(str(cut))
+    foreign = tmp_path / "foreign.gguf"
+    foreign.write_bytes(b"PK\x03\x04 not a gguf" * 100)
+    with pytest.raises(ConfigError, match=r"foreign\.gguf: cannot be read as a GGUF model"):
+        resolve_model(str(foreign))
+    left = [p.name for p in (tmp_path / "cache" / "models").iterdir() if p.suffix != ".lock"]
+    assert not left  # no entry, and no half-built folder
+    assert (Path(resolve_model(str(whole))) / "model.safetensors").is_file()  # the whole one

