@@ -10,7 +10,8 @@ A spec is one of
 * anything else is passed through as a Hugging Face hub id (downloaded when online).
 
 GGUF weights are quantised, and ``transformers`` refuses to ``save_pretrained`` a GGUF-loaded
-model, so a GGUF is dequantised ONCE (timed in docs/training.md) into a plain float32 safetensors
+model, so a GGUF is dequantised ONCE (timed in docs/training.md; Gemma-3 by our own conversion,
+``gguf_checkpoint``, other architectures by transformers) into a plain float32 safetensors
 checkpoint under the cache (``$CONRETRIEVER_CACHE``, default ``~/.cache/conretriever``) and loaded
 from there afterwards in seconds. The entry is built in a temporary folder and renamed into place,
 so a killed build never leaves a half-written entry that a later run would trust; a file lock
@@ -238,8 +239,8 @@ def _build_cached_gguf(gguf_path: Path, entry: Path, source: str) -> Path:
         tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        log.info("%s: dequantising the GGUF into %s, once (~45 s on 2 CPU cores; later runs "
-                 "load the cached copy in seconds)", source, entry)  # fmt: skip
+        log.info("%s: dequantising the GGUF into %s, once (~15 s for Gemma-3-270M on 2 CPU "
+                 "cores; later runs load the cached copy)", source, entry)  # fmt: skip
         try:
             try:
                 dequantise_gguf(gguf_path, tmp)
