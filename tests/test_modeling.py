@@ -125,17 +125,21 @@ def test_sentence_transformers_loads_saved_model(tiny_decoder, tmp_path, top_lay
     np.testing.assert_allclose(model.encode(TEXTS, prompt_name="query"), ours_q, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", ["decoder", "encoder"])
+@pytest.mark.parametrize("make,checkpointing", [("decoder", False), ("encoder", False),
+                                                ("decoder", True)])  # fmt: skip
 def test_lora_on_the_top_layers_trains_only_them_and_stops_the_backward_there(
-    tiny_decoder, tiny_encoder, make
+    tiny_decoder, tiny_encoder, make, checkpointing
 ):
     """``top_layers=1`` of 2: adapters only in the last layer, and nothing below it is part of
     the graph (the saving: no backward pass through the frozen layers). The adapted layer's
     gradients equal those of the same adapters in an every-layer model whose lower adapters are
-    still at their zero start (the same function, so the same gradients)."""
+    still at their zero start (the same function, so the same gradients). With activation
+    checkpointing too: peft would make the embeddings need a gradient there."""
     path = tiny_decoder if make == "decoder" else tiny_encoder
     lora = {"r": 4, "alpha": 8, "dropout": 0.0}
-    top = Embedder.from_pretrained(path, lora={**lora, "top_layers": 1}, device="cpu")
+    top = Embedder.from_pretrained(
+        path, lora={**lora, "top_layers": 1}, device="cpu", gradient_checkpointing=checkpointing
+    )
     full = Embedder.from_pretrained(path, lora=lora, device="cpu")
     trained = {n for n, p in top.named_parameters() if p.requires_grad}
     assert trained and all(".1." in n for n in trained), sorted(trained)[:4]
@@ -154,7 +158,9 @@ def test_lora_on_the_top_layers_trains_only_them_and_stops_the_backward_there(
     )
     grads = []
     for emb in (top, full):
-        emb.eval()  # no dropout (BERT's would draw differently in the two models)
+        # no dropout (BERT's would draw differently in the two models); the decoder has none,
+        # and checkpointing recomputes only in training mode
+        emb.train(checkpointing)
         batch = emb.tokenize(emb.format(TEXTS, role="passage"), max_length=32)
         vectors = emb(batch["input_ids"], batch["attention_mask"])
         (vectors @ vectors.T).logsumexp(-1).sum().backward()
@@ -442,6 +448,10 @@ def test_a_truncated_or_foreign_gguf_is_refused_in_one_line(tmp_path, monkeypatc
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size - 5000])
     with pytest.raises(ConfigError, match=r"cut\.gguf: cannot be read as a GGUF model .*truncated"):
         resolve_model(str(cut))
+    header = tmp_path / "header.gguf"  # cut inside the metadata
+    header.write_bytes(whole.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"header\.gguf: cannot be read as a GGUF model"):
+        resolve_model(str(header))
     foreign = tmp_path / "foreign.gguf"
     foreign.write_bytes(b"PK\x03\x04 not a gguf" * 100)
     with pytest.raises(ConfigError, match=r"foreign\.gguf: cannot be read as a GGUF model"):

@@ -91,6 +91,22 @@ def test_resume_refuses_a_changed_trajectory_and_force_applies_the_new_values(
     assert "learning_rate: 0.002" in (out / "config.yaml").read_text()
 
 
+def test_resume_force_refuses_a_change_of_which_weights_the_checkpoint_holds(
+    tiny_decoder, tmp_path, capsys
+):
+    """Fewer adapted layers would load a subset of the saved adapters and drop the rest
+    silently; more would fail on a checkpoint that lacks them. Refused, even with force."""
+    out = tmp_path / "run"
+    base = ("--max_steps", "4", "--save_steps", "2", "--lora_top_layers", "2")
+    assert cli(train_args(tiny_decoder, out, *base)) == 0
+    saved = (out / "config.yaml").read_text()
+    assert cli(train_args(tiny_decoder, out, *base, "--lora_top_layers", "1",
+                          "--resume", "force")) == 2  # fmt: skip
+    line = error_line(capsys, "train")
+    assert "--resume force cannot change" in line and "model.lora.top_layers: 2 -> 1" in line
+    assert (out / "config.yaml").read_text() == saved
+
+
 def test_resume_with_unchanged_settings_is_accepted(tiny_decoder, tmp_path):
     out = tmp_path / "run"
     base = ("--max_steps", "4", "--save_steps", "2", "--logging_steps", "1")

@@ -479,16 +479,25 @@ def linear_module_names(backbone: nn.Module) -> list[str]:
 
 
 def layer_stack(backbone: nn.Module) -> tuple[str, int]:
-    """The dotted name and length of the backbone's stack of transformer layers: its longest
-    ``nn.ModuleList`` (``model.layers`` in a decoder, ``encoder.layer`` in BERT)."""
-    modules = backbone.named_modules()
-    stacks = [(len(m), name) for name, m in modules if isinstance(m, nn.ModuleList)]
-    if not stacks:
+    """The dotted name and length of the backbone's stack of transformer layers (``layers`` in
+    a decoder, ``encoder.layer`` in BERT): the one ``nn.ModuleList`` as long as the config's
+    ``num_hidden_layers`` (of the text model, for a multimodal config). No guessing: a model
+    with none, or several (a vision tower of the same depth), is refused in one line."""
+    config = getattr(backbone, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    count = getattr(text, "num_hidden_layers", None)
+    stacks = [
+        name
+        for name, m in backbone.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) == count
+    ]
+    if count is None or len(stacks) != 1:
+        found = f"{len(stacks)} lists of {count} layers" if count else "no num_hidden_layers"
         raise ConfigError(
-            f"--lora_top_layers: {type(backbone).__name__} has no list of layers to count from"
+            f"--lora_top_layers: cannot tell the layer stack of {type(backbone).__name__} "
+            f"({found} in its config and modules); use 0 (every layer)"
         )
-    count, name = max(stacks)
-    return name, count
+    return stacks[0], count
 
 
 def apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
@@ -522,8 +531,22 @@ def apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
                 f"{count} layers ({stack}); use 0 (every layer) or at most {count}"
             )
         if targets == "all-linear":  # peft takes a layer range with a list of names only
-            inside = (n for n, m in backbone.named_modules() if isinstance(m, nn.Linear))
+            from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+            inside = (n for n, m in backbone.named_modules() if isinstance(m, (nn.Linear, Conv1D)))
             targets = sorted({n.rsplit(".", 1)[-1] for n in inside if n.startswith(f"{stack}.")})
+            if not targets:
+                raise ConfigError(
+                    f"--lora_top_layers {lora.top_layers}: no linear module in the layers of "
+                    f"{stack} of {type(backbone).__name__}; name them with --lora_target_modules"
+                )
+        else:  # a dotted path peft would match exactly, ignoring the layer range: refused
+            dotted = [t for t in targets if "." in t]
+            if dotted:
+                raise ConfigError(
+                    f"--lora_top_layers with --lora_target_modules {dotted[0]}: give module "
+                    "names (q_proj), not paths; the layer range picks the layers"
+                )
         layers = {
             "layers_to_transform": list(range(count - lora.top_layers, count)),
             "layers_pattern": stack.rsplit(".", 1)[-1],
@@ -542,13 +565,24 @@ def apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
             "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
         )
         try:
-            return get_peft_model(backbone, config)
+            model = get_peft_model(backbone, config)
         except ValueError as err:
             first = (str(err).strip().splitlines() or [""])[0]
             raise ConfigError(
                 f"--lora_target_modules {lora.target_modules}: {first}; the linear modules of "
                 f"{type(backbone).__name__} are {', '.join(linear_module_names(backbone))}"
             ) from None
+    if lora.top_layers:
+        # Activation checkpointing makes the embeddings' output need a gradient (transformers
+        # and peft each hook it, for the reentrant form), which would run the backward through
+        # every frozen layer again; ours is non-reentrant and needs none. Registered last, this
+        # hook hands the layers a tensor outside the graph, whatever the earlier hooks did.
+        model.get_base_model().get_input_embeddings().register_forward_hook(_outside_the_graph)
+    return model
+
+
+def _outside_the_graph(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    return output.detach()
 
 
 def _with_attention(config, path, bidirectional: bool, spec):

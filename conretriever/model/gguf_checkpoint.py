@@ -209,7 +209,9 @@ def build_plain_checkpoint(gguf_path: Path, out_dir: Path) -> None:
     with _one_name_table():
         names = get_gguf_hf_weights_map(model, processor)
     state = {}
-    alignment = int(metadata.get("general.alignment", 32))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment is {alignment!r}; a power of two is required")
     for name, (raw, qtype) in tensor_arrays(gguf_path, alignment).items():
         result = processor.process(
             weights=gguf.quants.dequantize(raw, qtype),

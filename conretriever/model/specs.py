@@ -142,7 +142,7 @@ def dequantise_gguf(gguf_path: Path, out_dir: Path) -> None:
     try:
         architecture = read_gguf_metadata(str(gguf_path))[0]["general.architecture"]
     except (ValueError, KeyError, IndexError, OSError, struct.error):
-        architecture = None  # transformers' own reader says what is wrong with the file
+        architecture = None  # transformers' path reports what is wrong with the file
     if architecture in FAST_ARCHITECTURES:
         build_plain_checkpoint(gguf_path, out_dir)
     else:
@@ -244,7 +244,7 @@ def _build_cached_gguf(gguf_path: Path, entry: Path, source: str) -> Path:
         try:
             try:
                 dequantise_gguf(gguf_path, tmp)
-            except (ValueError, OSError, KeyError, IndexError, RuntimeError) as err:
+            except (ValueError, OSError, KeyError, IndexError, RuntimeError, struct.error) as err:
                 # a truncated or foreign file fails deep inside the GGUF reader
                 raise ConfigError(
                     f"{gguf_path}: cannot be read as a GGUF model ({type(err).__name__}: {err}); "

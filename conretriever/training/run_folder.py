@@ -105,6 +105,16 @@ def _remove_leftovers(out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# settings that decide which weights a checkpoint holds: even --resume force cannot change them
+CHECKPOINT_SHAPE = (
+    "model.model_name_or_path",
+    "model.use_lora",
+    "model.lora.r",
+    "model.lora.target_modules",
+    "model.lora.top_layers",
+)
+
+
 def _differences(old: dict, new: dict) -> dict[str, tuple]:
     a, b = trajectory(old), trajectory(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
@@ -126,6 +136,13 @@ def _decide(cfg: TrainSettings) -> dict:
         if not isinstance(old, dict):
             raise ConfigError(f"{saved_config}: the top level must be a mapping of settings")
         changes = _differences(old, cfg.to_dict())
+        fixed = [k for k in changes if k in CHECKPOINT_SHAPE]
+        if fixed and mode == "force":
+            listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed)
+            raise ConfigError(
+                f"{out}: --resume force cannot change what the checkpoints' weights are ("
+                f"{listed}): they would load partly or not at all; start a new run instead"
+            )
         if changes and mode == "true":
             listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
             raise ConfigError(
