@@ -500,6 +500,42 @@ def layer_stack(backbone: nn.Module) -> tuple[str, int]:
     return stacks[0], count
 
 
+def _layer_range(backbone: nn.Module, lora: LoraSettings, targets):
+    """``(targets, peft layer-range kwargs)`` for ``lora.top_layers``: the last N layers of
+    the stack (:func:`layer_stack`), with ``all-linear`` spelt out as the names of the linear
+    modules inside it (peft takes a layer range with a list of names only)."""
+    if not lora.top_layers:
+        return targets, {}
+    stack, count = layer_stack(backbone)
+    if lora.top_layers > count:
+        raise ConfigError(
+            f"--lora_top_layers {lora.top_layers}: {type(backbone).__name__} has only "
+            f"{count} layers ({stack}); use 0 (every layer) or at most {count}"
+        )
+    if targets == "all-linear":
+        from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+        inside = (n for n, m in backbone.named_modules() if isinstance(m, (nn.Linear, Conv1D)))
+        targets = sorted({n.rsplit(".", 1)[-1] for n in inside if n.startswith(f"{stack}.")})
+        if not targets:
+            raise ConfigError(
+                f"--lora_top_layers {lora.top_layers}: no linear module in the layers of "
+                f"{stack} of {type(backbone).__name__}; name them with --lora_target_modules"
+            )
+    else:  # a dotted path peft would match exactly, ignoring the layer range: refused
+        dotted = [t for t in targets if "." in t]
+        if dotted:
+            raise ConfigError(
+                f"--lora_top_layers with --lora_target_modules {dotted[0]}: give module "
+                "names (q_proj), not paths; the layer range picks the layers"
+            )
+    layers = {
+        "layers_to_transform": list(range(count - lora.top_layers, count)),
+        "layers_pattern": stack.rsplit(".", 1)[-1],
+    }
+    return targets, layers
+
+
 def apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
     """``backbone`` wrapped in a new LoRA adapter on ``lora.target_modules`` (of the last
     ``lora.top_layers`` layers only, when set: no weight below them trains, so autograd stops
@@ -522,35 +558,7 @@ def apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
                 f"no such module in {type(backbone).__name__}; its linear modules are "
                 f"{', '.join(linear_module_names(backbone))} (or use all-linear)"
             )
-    layers = {}
-    if lora.top_layers:
-        stack, count = layer_stack(backbone)
-        if lora.top_layers > count:
-            raise ConfigError(
-                f"--lora_top_layers {lora.top_layers}: {type(backbone).__name__} has only "
-                f"{count} layers ({stack}); use 0 (every layer) or at most {count}"
-            )
-        if targets == "all-linear":  # peft takes a layer range with a list of names only
-            from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
-
-            inside = (n for n, m in backbone.named_modules() if isinstance(m, (nn.Linear, Conv1D)))
-            targets = sorted({n.rsplit(".", 1)[-1] for n in inside if n.startswith(f"{stack}.")})
-            if not targets:
-                raise ConfigError(
-                    f"--lora_top_layers {lora.top_layers}: no linear module in the layers of "
-                    f"{stack} of {type(backbone).__name__}; name them with --lora_target_modules"
-                )
-        else:  # a dotted path peft would match exactly, ignoring the layer range: refused
-            dotted = [t for t in targets if "." in t]
-            if dotted:
-                raise ConfigError(
-                    f"--lora_top_layers with --lora_target_modules {dotted[0]}: give module "
-                    "names (q_proj), not paths; the layer range picks the layers"
-                )
-        layers = {
-            "layers_to_transform": list(range(count - lora.top_layers, count)),
-            "layers_pattern": stack.rsplit(".", 1)[-1],
-        }
+    targets, layers = _layer_range(backbone, lora, targets)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
