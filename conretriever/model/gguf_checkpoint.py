@@ -74,25 +74,22 @@ def fast_gguf_config(architecture: str):
     """Within the block, transformers builds this architecture's config from a GGUF with
     :func:`legacy_config` over its fast metadata reader (its ``GGUF_CONFIG_ARCHS`` entry),
     instead of the legacy full parse; the table is restored after."""
-    from transformers.integrations import gguf as hf_gguf
-    from transformers.integrations.gguf import gguf_config_mapping
+    # transformers.integrations.gguf re-exports this very dict: one table to set and restore
+    from transformers.integrations.gguf.gguf_config_mapping import GGUF_CONFIG_ARCHS
 
-    tables = {id(t): t for t in (gguf_config_mapping.GGUF_CONFIG_ARCHS, hf_gguf.GGUF_CONFIG_ARCHS)}
-    saved = {key: table.get(architecture) for key, table in tables.items()}
-    for table in tables.values():
-        table[architecture] = legacy_config
+    saved = GGUF_CONFIG_ARCHS.get(architecture)
+    GGUF_CONFIG_ARCHS[architecture] = legacy_config
     try:
         yield
     finally:
-        for key, table in tables.items():
-            if saved[key] is None:
-                table.pop(architecture, None)
-            else:
-                table[architecture] = saved[key]
+        if saved is None:
+            GGUF_CONFIG_ARCHS.pop(architecture, None)
+        else:
+            GGUF_CONFIG_ARCHS[architecture] = saved
 
 
 @contextmanager
-def _one_name_table():
+def one_name_table():
     """gguf-py's tensor-name table built once per (architecture, layer count) within the block:
     transformers' weight-name map asks for it once per submodule, and each build walks every
     known tensor name of every architecture."""
@@ -176,9 +173,10 @@ def tensor_arrays(path: Path, alignment: int = 32) -> dict[str, tuple[np.ndarray
     return out
 
 
-def build_plain_checkpoint(gguf_path: Path, out_dir: Path) -> None:
+def build_plain_checkpoint(gguf_path: Path, out_dir: Path, header=None) -> None:
     """``out_dir`` gets ``config.json``, ``model.safetensors`` (float32) and the tokenizer files
-    of the GGUF model at ``gguf_path``, one of ``FAST_ARCHITECTURES`` (see the module)."""
+    of the GGUF model at ``gguf_path``, one of ``FAST_ARCHITECTURES`` (see the module).
+    ``header``: the file's ``read_gguf_metadata`` result, when the caller has read it."""
     import gguf
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -191,10 +189,13 @@ def build_plain_checkpoint(gguf_path: Path, out_dir: Path) -> None:
 
     from conretriever.progress import Progress
 
-    metadata, tensor_names = read_gguf_metadata(str(gguf_path))
+    metadata, tensor_names = header or read_gguf_metadata(str(gguf_path))
     architecture = metadata["general.architecture"]
     if architecture not in FAST_ARCHITECTURES:
         raise ValueError(f"no fast path for GGUF architecture {architecture!r}")
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment is {alignment!r}; a power of two is required")
     bar = Progress(3, f"convert {gguf_path.name}", unit="stages")
     with fast_gguf_config(architecture):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -206,12 +207,9 @@ def build_plain_checkpoint(gguf_path: Path, out_dir: Path) -> None:
     with torch.device("meta"):  # no random init of weights that are overwritten next
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config_dict)
-    with _one_name_table():
+    with one_name_table():
         names = get_gguf_hf_weights_map(model, processor)
     state = {}
-    alignment = metadata.get("general.alignment", 32)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise ValueError(f"general.alignment is {alignment!r}; a power of two is required")
     for name, (raw, qtype) in tensor_arrays(gguf_path, alignment).items():
         result = processor.process(
             weights=gguf.quants.dequantize(raw, qtype),

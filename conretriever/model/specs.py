@@ -140,11 +140,12 @@ def dequantise_gguf(gguf_path: Path, out_dir: Path) -> None:
     from conretriever.model.gguf_checkpoint import FAST_ARCHITECTURES, build_plain_checkpoint
 
     try:
-        architecture = read_gguf_metadata(str(gguf_path))[0]["general.architecture"]
+        header = read_gguf_metadata(str(gguf_path))
+        architecture = header[0]["general.architecture"]
     except (ValueError, KeyError, IndexError, OSError, struct.error):
         architecture = None  # transformers' path reports what is wrong with the file
     if architecture in FAST_ARCHITECTURES:
-        build_plain_checkpoint(gguf_path, out_dir)
+        build_plain_checkpoint(gguf_path, out_dir, header)
     else:
         transformers_checkpoint(gguf_path, out_dir)
 
@@ -156,12 +157,13 @@ def transformers_checkpoint(gguf_path: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from conretriever.model.gguf_checkpoint import one_name_table
     from conretriever.progress import Progress
 
     folder, name = str(gguf_path.parent), gguf_path.name
     # three stages of ~15-20 s each on 2 CPU cores: a log file sees a line as they finish
     bar = Progress(3, f"convert {name}", unit="stages")
-    with _one_gguf_parse():
+    with _one_gguf_parse(), one_name_table():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         bar.update()
         quantised, info = AutoModelForCausalLM.from_pretrained(
