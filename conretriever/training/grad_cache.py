@@ -13,6 +13,10 @@ computation instead, in three steps:
    ``dL/de`` through it (``backward`` of ``sum(e * dL/de)``). By the chain rule the accumulated
    parameter gradients equal those of one full-batch backward.
 
+The last chunk of step 1 is run with its graph and never replayed: no other forward runs between
+it and its backward (right after step 2), so memory still holds one chunk's activations at a
+time, and a step of ``N`` chunks costs ``2N - 1`` forwards instead of ``2N``.
+
 The replay must reproduce step 1 exactly, so each chunk's RNG state (CPU and CUDA: dropout,
 including LoRA dropout) is saved before its first forward and restored before its replay. Under
 FSDP2 the gradient reduce-scatter is disabled for all replays but the last, so gradients are
@@ -146,6 +150,14 @@ def _packed_context(model: nn.Module, packed: bool):
     return packed_attention(model.base_model)
 
 
+def _push(model: nn.Module, emb: torch.Tensor, grad: torch.Tensor, sync: bool, packed: bool):
+    """Backpropagate the cached ``dL/de`` through a chunk's graph (``backward`` of
+    ``sum(e * dL/de)``); ``sync``: this backward reduces the gradient across ranks."""
+    set_gradient_sync(model, sync)
+    with _packed_context(model, packed):
+        torch.dot(emb.flatten(), grad.flatten().to(emb.dtype)).backward()
+
+
 def grad_cache_step(
     model: nn.Module,
     queries: Batch,
@@ -187,12 +199,17 @@ def grad_cache_step(
         q_groups, d_groups = _same_count_on_every_rank(q_groups, d_groups, device)
     chunks = [make_chunk(queries, g, packed) for g in q_groups]
     chunks += [make_chunk(docs, g, packed) for g in d_groups]
-    # 1. embed every chunk without a graph, remembering the RNG state it started from
+    # 1. embed every chunk without a graph, remembering the RNG state it started from; the last
+    # chunk keeps its graph instead (no forward runs between it and its backward, so memory
+    # holds one chunk's activations at a time, as in a replay), and is never replayed
     states, embs = [], []
     with torch.no_grad():
-        for chunk in chunks:
+        for chunk in chunks[:-1]:
             states.append(RandState(device))
             embs.append(_embed(model, chunk, device, autocast))
+    with _packed_context(model, packed):
+        kept = _embed(model, chunks[-1], device, autocast)
+    embs.append(kept.detach())
     # 2. loss on the detached embeddings; its backward stops at them
     n_q = len(q_groups)
     # The leaves hold rows in chunk order; the loss sees them in batch order (argsort(order) is
@@ -205,14 +222,15 @@ def grad_cache_step(
     out.backward_loss.backward()
     grads = list(q_leaf.grad.split([e.shape[0] for e in embs[:n_q]]))
     grads += list(d_leaf.grad.split([e.shape[0] for e in embs[n_q:]]))
-    # 3. replay each chunk with a graph and push the cached gradient through it
+    # 3. the kept chunk's backward, then each other chunk replayed with a graph; the gradient is
+    # synchronised across ranks (FSDP) on the last backward only
+    _push(model, kept, grads[-1], sync=len(chunks) == 1, packed=packed)
     after = RandState(device)
-    for i, chunk in enumerate(chunks):
-        set_gradient_sync(model, i == len(chunks) - 1)
+    for i, chunk in enumerate(chunks[:-1]):
         states[i].restore()
         with _packed_context(model, packed):
             emb = _embed(model, chunk, device, autocast)
-            torch.dot(emb.flatten(), grads[i].flatten().to(emb.dtype)).backward()
+        _push(model, emb, grads[i], sync=i == len(chunks) - 2, packed=packed)
     after.restore()  # leave the RNG where a single pass would have left it
     return LossOutput(
         loss=out.loss.detach(),
