@@ -471,10 +471,18 @@ def is_activation_checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, name))
 
 
-def linear_module_names(backbone: nn.Module) -> list[str]:
-    """The distinct last names of the backbone's linear layers (``q_proj``, ``down_proj``...):
-    what ``--lora_target_modules`` may name."""
-    linear = (name for name, m in backbone.named_modules() if isinstance(m, nn.Linear))
+def linear_module_names(backbone: nn.Module, under: str = "") -> list[str]:
+    """The distinct last names of the backbone's linear layers (``q_proj``, ``down_proj``...,
+    GPT-2's ``Conv1D`` too), those inside the module ``under`` when given: what
+    ``--lora_target_modules`` may name."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    prefix = f"{under}." if under else ""
+    linear = (
+        name
+        for name, m in backbone.named_modules()
+        if isinstance(m, (nn.Linear, Conv1D)) and name.startswith(prefix)
+    )
     return sorted({name.rsplit(".", 1)[-1] for name in linear})
 
 
@@ -513,10 +521,7 @@ def _layer_range(backbone: nn.Module, lora: LoraSettings, targets):
             f"{count} layers ({stack}); use 0 (every layer) or at most {count}"
         )
     if targets == "all-linear":
-        from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
-
-        inside = (n for n, m in backbone.named_modules() if isinstance(m, (nn.Linear, Conv1D)))
-        targets = sorted({n.rsplit(".", 1)[-1] for n in inside if n.startswith(f"{stack}.")})
+        targets = linear_module_names(backbone, under=stack)
         if not targets:
             raise ConfigError(
                 f"--lora_top_layers {lora.top_layers}: no linear module in the layers of "
