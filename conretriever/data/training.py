@@ -16,7 +16,9 @@ deterministically from ``(seed, epoch)`` so every rank builds the same plan with
 2. with ``batch_same_task`` rows are shuffled within their task and cut into global batches, so a
    batch's in-batch negatives all come from one task (as E5 trained); a task's last incomplete
    batch is dropped (a duplicate row would be its own false negative); the batches of all tasks
-   are then shuffled together. Without it, all rows are shuffled together and cut.
+   are then shuffled together. Without it, all rows are shuffled together and cut. With
+   ``topic_rows`` (``data.topics``) a task's shuffled rows are reordered topic by topic before
+   the cut, so a batch's documents share a subject.
 3. rank ``r`` takes slice ``r`` of each global batch.
 
 For every slot of the plan, one positive and ``n_hard_negative`` negatives are drawn from the row
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conretriever.data.tasks import TaskRegistry
+from conretriever.data.topics import TaskTopics, topic_order
 from conretriever.errors import DataError
 from conretriever.files import json_line, open_text
 
@@ -278,6 +281,10 @@ class EpochSampler:
         seed: int = 42,
         batch_same_task: bool = True,
     ):
+        # {task: TaskTopics}: set by the training setup when data.topic_rows > 0 (the topics
+        # need the teacher's vectors, built after the plan's length is known); rows of a task
+        # with topics are ordered topic by topic (``data.topics``), which rows are not changed
+        self.topics: dict[str, TaskTopics] = {}
         self.task_sizes = dict(sorted(task_sizes.items()))
         self.weights = {t: float(weights.get(t, 1.0)) for t in self.task_sizes}
         self.global_batch_size = global_batch_size
@@ -310,6 +317,8 @@ class EpochSampler:
     def batches(self, epoch: int) -> list[list[Slot]]:
         rng = random.Random(f"{self.seed}:{epoch}:plan")
         per_task = {t: self._task_rows(t, rng) for t in self.task_sizes}
+        for task, topics in self.topics.items():
+            per_task[task] = topic_order(per_task[task], topics, rng)
         size = self.global_batch_size
         if self.batch_same_task:
             out = [

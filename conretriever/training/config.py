@@ -76,6 +76,12 @@ class TrainDataSettings:
     mask_false_negatives: bool = opt(
         True, help="drop in-batch documents whose text equals the query's positive"
     )
+    topic_rows: int = opt(
+        0,
+        ge=0,
+        help="batches from topics of ~N rows (k-means of the teacher's document vectors, "
+        "--embed_distil_model) so in-batch negatives share a subject; 0: off",
+    )
     allow_extra_fields: bool = opt(
         False, help="accept training rows with keys beyond the known ones (ignored, counted)"
     )
@@ -173,6 +179,17 @@ class TrainSettings:
     train: TrainLoopSettings = field(default_factory=TrainLoopSettings)
     loss: LossSettings = field(default_factory=LossSettings)
     evaluation: TrainEvalSettings = field(default_factory=TrainEvalSettings)
+
+    def validate(self) -> None:
+        if self.data.topic_rows and not self.loss.embed_distil_model:
+            raise ConfigError(
+                "--topic_rows groups rows by a teacher's document vectors: it needs "
+                "--embed_distil_model (e.g. embedded:minilm; --embed_distil_weight may be 0)"
+            )
+        if self.data.topic_rows and not self.data.batch_same_task:
+            raise ConfigError(
+                "--topic_rows orders each task's rows by topic: it needs --batch_same_task true"
+            )
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from conretriever import runtime
+from conretriever.data import topics
 from conretriever.data.tasks import TaskRegistry
 from conretriever.data.training import EpochSampler, build_items, collate, load_training_data
 from conretriever.errors import ConfigError, TrainingError
@@ -213,15 +214,37 @@ def setup(cfg: TrainSettings, info: DistInfo, folder: RunFolder) -> Setup:
         optimizer, lambda s: lr_factor(s, t.warmup_steps, total, t.lr_scheduler)
     )
     teacher = None
-    if cfg.loss.embed_distil_weight > 0:
+    if cfg.loss.embed_distil_weight > 0 or cfg.data.topic_rows > 0:
         from conretriever.evaluation.evaluate import default_cache_dir
 
         teacher = TeacherVectors.build(cfg.loss.embed_distil_model, data, registry, info.device,
                                        cache_dir=default_cache_dir())  # fmt: skip
+    if cfg.data.topic_rows > 0:
+        sampler.topics = _topics(data, teacher, cfg.data.topic_rows, t.seed)
+    if cfg.loss.embed_distil_weight == 0:
+        teacher = None  # built for the topics only: no distillation term
     return Setup(cfg=cfg, info=info, folder=folder, registry=registry, data=data,
                  sampler=sampler, total_steps=total, model=model, params=params,
                  optimizer=optimizer, scheduler=scheduler, bf16=bf16, packed=packed,
                  monitor=monitor, teacher=teacher)  # fmt: skip
+
+
+def _topics(data: dict, teacher: TeacherVectors, topic_rows: int, seed: int) -> dict:
+    """{task: TaskTopics} of every task (``data.topics``), from the teacher's vectors of each
+    row's first positive. Rank 0 computes them and the others receive its result: the batch
+    plan must be the same everywhere, and k-means' matrix products may round differently on
+    another node's CPU."""
+    out = {}
+    if runtime.is_main():
+        for task, rows in data.items():
+            out[task] = topics.task_topics([ex.positives[0] for ex in rows], teacher.documents,
+                                           topic_rows, seed)  # fmt: skip
+            log.info(topics.describe(task, out[task]))
+    if runtime.is_distributed():
+        shared = [out]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        out = shared[0]
+    return out
 
 
 def resume(s: Setup) -> int:

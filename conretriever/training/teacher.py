@@ -79,6 +79,10 @@ class TeacherVectors:
         return cls(query_index, query_vectors.astype(np.float32), doc_index,
                    np.ascontiguousarray(vectors, dtype=np.float32), spec)  # fmt: skip
 
+    def documents(self, texts: Sequence[str]) -> np.ndarray:
+        """The teacher's unit vectors of training documents [len(texts), dim]."""
+        return self.doc_vectors[[self.doc_index[t] for t in texts]]
+
     def for_items(self, items: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's vectors of a rank's batch items, laid out as ``collate`` lays out the
         student's: queries [B, dim_t]; documents [B * (1 + n), dim_t] (positives, then each
