@@ -66,10 +66,15 @@ def test_lr_schedule_shapes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", ["true", "false"])
-def test_two_process_fsdp_equals_one_process(tiny_decoder, tmp_path, lora):
-    """2 ranks x 4 (FSDP2, gloo, cross-device negatives) == 1 process x 8: same losses, weights."""
+@pytest.mark.parametrize("lora, topics", [("true", False), ("false", False), ("true", True)])
+def test_two_process_fsdp_equals_one_process(tiny_decoder, tiny_encoder, tmp_path, monkeypatch,
+                                             lora, topics):  # fmt: skip
+    """2 ranks x 4 (FSDP2, gloo, cross-device negatives) == 1 process x 8: same losses, weights.
+    With topic batches, rank 0's topics reach rank 1: the two ranks cut the same plan."""
     common = ["--max_steps", "3", "--use_lora", lora, "--lora_dropout", "0.0", "--seed", "7"]
+    if topics:  # the teacher's vectors go to the store of this test's own cache
+        monkeypatch.setenv("CONRETRIEVER_CACHE", str(tmp_path / "cache"))
+        common += ["--embed_distil_model", str(tiny_encoder), "--topic_rows", "8"]
     single, sharded = tmp_path / "single", tmp_path / "fsdp"
     _run(
         [
