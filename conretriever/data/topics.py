@@ -32,15 +32,12 @@ Which rows an epoch uses (each task's weighted share) does not change; only thei
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-log = logging.getLogger("conretriever.data")
 
 FIT_SAMPLE = 65_536  # groups the centroids are fitted on, at most
 ITERATIONS = 15  # Lloyd's iterations; the assignments of a few thousand groups settle in ~10

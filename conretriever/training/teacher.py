@@ -89,9 +89,7 @@ class TeacherVectors:
         query's negatives)."""
         q_rows = [self.query_index[(it.instruction, it.query)] for it in items]
         texts = [it.positive for it in items] + [n for it in items for n in it.negatives]
-        d_rows = [self.doc_index[t] for t in texts]
-        return (torch.from_numpy(self.query_vectors[q_rows]),
-                torch.from_numpy(self.doc_vectors[d_rows]))  # fmt: skip
+        return torch.from_numpy(self.query_vectors[q_rows]), torch.from_numpy(self.documents(texts))
 
 
 def _encode_all(teacher, texts: list[str], cache_dir, show_progress: bool, **role) -> np.ndarray:
