@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import make_decoder_dir
 from safetensors.torch import load_file
 
 from conretriever.model.embedder import Embedder, LoraSettings, layer_stack, pool
@@ -459,3 +461,40 @@ def test_a_truncated_or_foreign_gguf_is_refused_in_one_line(tmp_path, monkeypatc
     left = [p.name for p in (tmp_path / "cache" / "models").iterdir() if p.suffix != ".lock"]
     assert not left  # no entry, and no half-built folder
     assert (Path(resolve_model(str(whole))) / "model.safetensors").is_file()  # the whole one
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_keep_layers_reads_the_vector_after_the_first_layers(tmp_path, arch):
+    """``keep_layers=1`` of 2: the vector is the full model's state after its first layer,
+    through the model's final norm, at the last token (computed here from the uncut model's
+    hidden states, one text at a time: no padding); the cut model saves as a plain 1-layer
+    checkpoint (config and, for Gemma-3, its per-layer attention types) that
+    sentence-transformers loads to the same vectors, LoRA merged in."""
+    st = pytest.importorskip("sentence_transformers")
+    path = make_decoder_dir(tmp_path / arch, arch=arch)
+    full = Embedder.from_pretrained(path, device="cpu")
+    cut = Embedder.from_pretrained(path, device="cpu", keep_layers=1)
+    assert len(cut.base_model.layers) == 1 and cut.base_model.config.num_hidden_layers == 1
+    got = cut.encode(TEXTS, role="passage")
+    for text, vector in zip(TEXTS, got, strict=True):
+        ids = torch.tensor([cut.tokenizer(text).input_ids])
+        with torch.no_grad():
+            states = full.base_model(input_ids=ids, output_hidden_states=True).hidden_states
+            last = full.base_model.norm(states[1])[0, -1]
+        np.testing.assert_allclose(vector, F.normalize(last, dim=-1).numpy(), atol=1e-5)
+    assert not np.allclose(got, full.encode(TEXTS, role="passage"), atol=1e-3)
+
+    adapted = Embedder.from_pretrained(
+        path, lora={"r": 4, "alpha": 8, "dropout": 0.0}, device="cpu", keep_layers=1
+    )
+    assert {n.split(".layers.")[1][0] for n, p in adapted.named_parameters()
+            if p.requires_grad} == {"0"}  # fmt: skip
+    _randomize_lora(adapted)
+    out = adapted.save(tmp_path / "saved")
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1
+    if arch == "gemma3":
+        assert len(config["layer_types"]) == 1
+    model = st.SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(model.encode(TEXTS), adapted.encode(TEXTS, role="passage"),
+                               atol=1e-5)  # fmt: skip

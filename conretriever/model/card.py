@@ -95,7 +95,8 @@ def _recipe(config: dict, settings: dict) -> list[str]:
     objective = config.get("loss", {})
     lora = m.get("lora", {})
     rows = [
-        ("base model", m.get("model_name_or_path")),
+        ("base model", f"{m.get('model_name_or_path')}" + (
+            f" (its first {m['keep_layers']} transformer layers)" if m.get("keep_layers") else "")),
         ("fine-tuning", f"LoRA r={lora.get('r')}, alpha={lora.get('alpha')}, dropout="
          f"{lora.get('dropout')}, modules={lora.get('target_modules')}" if m.get("use_lora")
          else "full"),

@@ -143,6 +143,7 @@ class Embedder(nn.Module):
         device: str | torch.device | None = None,
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
+        keep_layers: int = 0,
     ) -> Embedder:
         """Load a backbone from any model spec (see ``conretriever.model.specs``).
 
@@ -150,8 +151,9 @@ class Embedder(nn.Module):
         a sentence-transformers pooling config, else :meth:`EmbedderSettings.defaults_for` the
         architecture). ``lora``: wrap the backbone in a new LoRA adapter. The load options:
         ``dtype`` (``auto``: bf16 where native, see ``conretriever.precision``), ``device``,
-        ``attn_implementation`` (None: transformers' choice, SDPA where supported) and
-        ``gradient_checkpointing``.
+        ``attn_implementation`` (None: transformers' choice, SDPA where supported),
+        ``gradient_checkpointing`` and ``keep_layers`` (N > 0: only the first N transformer
+        layers, see :func:`keep_first_layers`; before LoRA, so the adapters are theirs).
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -183,6 +185,8 @@ class Embedder(nn.Module):
             )
             tokenizer = AutoTokenizer.from_pretrained(path)
         _refuse_missing_weights(spec, info)
+        if keep_layers:
+            keep_first_layers(backbone, keep_layers)
         if gradient_checkpointing:
             set_activation_checkpointing(backbone, True)
         if hasattr(backbone.config, "use_cache"):
@@ -486,11 +490,12 @@ def linear_module_names(backbone: nn.Module, under: str = "") -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name in linear})
 
 
-def layer_stack(backbone: nn.Module) -> tuple[str, int]:
+def layer_stack(backbone: nn.Module, flag: str = "--lora_top_layers") -> tuple[str, int]:
     """The dotted name and length of the backbone's stack of transformer layers (``layers`` in
     a decoder, ``encoder.layer`` in BERT): the one ``nn.ModuleList`` as long as the config's
     ``num_hidden_layers`` (of the text model, for a multimodal config). No guessing: a model
-    with none, or several (a vision tower of the same depth), is refused in one line."""
+    with none, or several (a vision tower of the same depth), is refused in one line, which
+    names ``flag``, the option that asked."""
     config = getattr(backbone, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     count = getattr(text, "num_hidden_layers", None)
@@ -502,10 +507,37 @@ def layer_stack(backbone: nn.Module) -> tuple[str, int]:
     if count is None or len(stacks) != 1:
         found = f"{len(stacks)} lists of {count} layers" if count else "no num_hidden_layers"
         raise ConfigError(
-            f"--lora_top_layers: cannot tell the layer stack of {type(backbone).__name__} "
+            f"{flag}: cannot tell the layer stack of {type(backbone).__name__} "
             f"({found} in its config and modules); use 0 (every layer)"
         )
     return stacks[0], count
+
+
+def keep_first_layers(backbone: nn.Module, keep: int) -> None:
+    """Cut the backbone to its first ``keep`` transformer layers, in place (``--keep_layers``).
+
+    The last layers of a decoder LLM serve next-token prediction; an embedding can be read
+    from the middle of the stack, and contrastive training adapts the layers kept (pruning
+    the last ~30% costs little after fine-tuning: Thennal et al., 2024, "Large Language
+    Models Are Overparameterized Text Encoders"). Every forward and backward pass then costs
+    about ``keep / layers`` of the whole model's, in training and at inference alike. The
+    model's final norm still runs on the last layer kept. The config follows (its
+    ``num_hidden_layers`` and, where the model has one, its per-layer ``layer_types``), so a
+    saved folder is a plain checkpoint of the smaller model for any loader."""
+    stack, count = layer_stack(backbone, "--keep_layers")
+    if not 1 <= keep <= count:
+        raise ConfigError(
+            f"--keep_layers {keep}: {type(backbone).__name__} has {count} layers ({stack}); "
+            f"use 0 (all) or 1 to {count}"
+        )
+    layers = backbone.get_submodule(stack)
+    del layers[keep:]
+    config = backbone.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text.num_hidden_layers = keep
+    types = getattr(text, "layer_types", None)
+    if isinstance(types, list) and len(types) == count:
+        text.layer_types = types[:keep]
 
 
 def _layer_range(backbone: nn.Module, lora: LoraSettings, targets):

@@ -50,6 +50,13 @@ class TrainModelSettings:
     gradient_checkpointing: bool = opt(
         False, help="recompute activations in backward: less memory, ~30% more compute"
     )
+    keep_layers: int = opt(
+        0,
+        ge=0,
+        help="0: every layer; N: only the model's first N transformer layers (the rest are cut "
+        "before training: each step and each encoding costs about N/layers, and the saved "
+        "model is the smaller one)",
+    )
     embedder: EmbedderSettings = opt(default_factory=EmbedderSettings)
     lora: LoraSettings = opt(default_factory=LoraSettings, prefix="lora_")
 

@@ -94,6 +94,7 @@ def build_model(cfg: TrainSettings, info: DistInfo) -> Embedder:
         device=info.device,
         attn_implementation=m.attn_implementation,
         gradient_checkpointing=m.gradient_checkpointing,
+        keep_layers=m.keep_layers,
     )
     model.train()
     return model

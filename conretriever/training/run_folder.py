@@ -109,6 +109,7 @@ def _remove_leftovers(out: Path) -> None:
 CHECKPOINT_SHAPE = (
     "model.model_name_or_path",
     "model.use_lora",
+    "model.keep_layers",
     "model.lora.r",
     "model.lora.target_modules",
     "model.lora.top_layers",
@@ -116,7 +117,10 @@ CHECKPOINT_SHAPE = (
 
 
 def _differences(old: dict, new: dict) -> dict[str, tuple]:
-    a, b = trajectory(old), trajectory(new)
+    # A setting added since the run was saved is absent from its config.yaml: the run used
+    # that setting's default (the behaviour before it existed), so it reads as the default.
+    a = {**trajectory(TrainSettings().to_dict()), **trajectory(old)}
+    b = trajectory(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
