@@ -483,6 +483,11 @@ def test_keep_layers_reads_the_vector_after_the_first_layers(tmp_path, arch):
             last = full.base_model.norm(states[1])[0, -1]
         np.testing.assert_allclose(vector, F.normalize(last, dim=-1).numpy(), atol=1e-5)
     assert not np.allclose(got, full.encode(TEXTS, role="passage"), atol=1e-3)
+    # the padding-free forward of training (per-text attention over one packed row) agrees
+    seqs = [cut.tokenizer(t).input_ids for t in TEXTS]
+    with torch.no_grad():
+        packed = cut.forward_packed(seqs).numpy()
+    np.testing.assert_allclose(packed, got, atol=1e-5)
 
     adapted = Embedder.from_pretrained(
         path, lora={"r": 4, "alpha": 8, "dropout": 0.0}, device="cpu", keep_layers=1
