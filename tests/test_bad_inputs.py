@@ -115,6 +115,8 @@ CASES = [
      "--keep_layers 3: LlamaModel has 2 layers (layers); use 0 (all) or 1 to 2"),
     ("train", ["--use_lora", "true", "--keep_layers", "1", "--lora_top_layers", "2"],
      "--lora_top_layers 2: LlamaModel has only 1 layers (layers)"),
+    ("train", ["--use_lora", "true", "--freeze_embeddings", "true"],
+     "--freeze_embeddings applies to full fine-tuning (--use_lora false)"),
     ("train", ["--use_lora", "false", "--lora_top_layers", "1"],
      "--lora_top_layers 1: applies to a LoRA adapter, and --use_lora is false"),
     ("train", ["--config", "{w}/tag.yaml"],

@@ -167,3 +167,27 @@ def test_packed_chunks_equal_padded_chunks_under_two_process_fsdp(tiny_decoder, 
     w1, w2 = _weights(outs["false"]), _weights(outs["true"])
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], atol=2e-5, rtol=1e-4)
+
+
+def test_full_fine_tuning_with_frozen_embeddings_keeps_them_and_resumes_exactly(
+    tiny_decoder, tmp_path
+):
+    """``--use_lora false --freeze_embeddings true``: every weight but the token embeddings
+    trains (the saved embedding matrix is the base model's, bit for bit; the layers moved),
+    and a resume from a checkpoint continues with the same losses as the uninterrupted run."""
+    common = ["--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "4",
+              "--use_lora", "false", "--freeze_embeddings", "true", "--seed", "3"]  # fmt: skip
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "conretriever", "train"]
+    _run(cmd + _args(tiny_decoder, out, *common))
+    first = _losses(out)
+    base, tuned = load_file(str(tiny_decoder / "model.safetensors")), _weights(out)
+    key = "embed_tokens.weight"
+    assert torch.equal(tuned[key], base[key])
+    moved = [k for k in tuned if k != key and not torch.equal(tuned[k], base[k])]
+    assert "layers.0.self_attn.q_proj.weight" in moved and "layers.1.mlp.up_proj.weight" in moved
+    shutil.rmtree(out / "checkpoint-4", ignore_errors=True)
+    shutil.rmtree(out / "final")
+    _run(cmd + _args(tiny_decoder, out, *common, "--resume", "true"))
+    assert _losses(out) == first
+    assert torch.equal(_weights(out)[key], base[key])

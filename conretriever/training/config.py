@@ -47,6 +47,12 @@ class TrainModelSettings:
         help="none: transformers' choice for the architecture (SDPA where supported)",
     )
     use_lora: bool = opt(True, help="train a LoRA adapter (false: full fine-tuning)")
+    freeze_embeddings: bool = opt(
+        False,
+        help="full fine-tuning: keep the token embedding matrix fixed (Gemma-3-270M: 168M of "
+        "its 268M weights, whose dense gradient and AdamW update are most of what a full step "
+        "costs over a LoRA one)",
+    )
     gradient_checkpointing: bool = opt(
         False, help="recompute activations in backward: less memory, ~30% more compute"
     )
@@ -61,6 +67,11 @@ class TrainModelSettings:
     lora: LoraSettings = opt(default_factory=LoraSettings, prefix="lora_")
 
     def validate(self) -> None:
+        if self.use_lora and self.freeze_embeddings:
+            raise ConfigError(
+                "--freeze_embeddings applies to full fine-tuning (--use_lora false); a LoRA "
+                "adapter leaves the embeddings fixed already"
+            )
         if not self.use_lora and self.lora.top_layers:
             raise ConfigError(
                 f"--lora_top_layers {self.lora.top_layers}: applies to a LoRA adapter, and "

@@ -96,6 +96,8 @@ def build_model(cfg: TrainSettings, info: DistInfo) -> Embedder:
         gradient_checkpointing=m.gradient_checkpointing,
         keep_layers=m.keep_layers,
     )
+    if m.freeze_embeddings:
+        model.base_model.get_input_embeddings().weight.requires_grad_(False)
     model.train()
     return model
 

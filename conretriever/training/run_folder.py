@@ -110,6 +110,7 @@ CHECKPOINT_SHAPE = (
     "model.model_name_or_path",
     "model.use_lora",
     "model.keep_layers",
+    "model.freeze_embeddings",
     "model.lora.r",
     "model.lora.target_modules",
     "model.lora.top_layers",
