@@ -490,14 +490,18 @@ def linear_module_names(backbone: nn.Module, under: str = "") -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name in linear})
 
 
+def _text_config(config):
+    """The config of the text model: a multimodal config's text part, else ``config``."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def layer_stack(backbone: nn.Module, flag: str = "--lora_top_layers") -> tuple[str, int]:
     """The dotted name and length of the backbone's stack of transformer layers (``layers`` in
     a decoder, ``encoder.layer`` in BERT): the one ``nn.ModuleList`` as long as the config's
     ``num_hidden_layers`` (of the text model, for a multimodal config). No guessing: a model
     with none, or several (a vision tower of the same depth), is refused in one line, which
     names ``flag``, the option that asked."""
-    config = getattr(backbone, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(getattr(backbone, "config", None))
     count = getattr(text, "num_hidden_layers", None)
     stacks = [
         name
@@ -532,8 +536,7 @@ def keep_first_layers(backbone: nn.Module, keep: int) -> None:
         )
     layers = backbone.get_submodule(stack)
     del layers[keep:]
-    config = backbone.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(backbone.config)
     text.num_hidden_layers = keep
     types = getattr(text, "layer_types", None)
     if isinstance(types, list) and len(types) == count:
