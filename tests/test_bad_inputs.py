@@ -205,6 +205,7 @@ CASES = [
      "--weights: 1 weights for 2 model folders"),
     # train: the recipe's options
     ("train", ["--embed_distil_weight", "1"], "needs --embed_distil_model"),
+    ("train", ["--embed_distil_vector_weight", "1"], "needs --embed_distil_model"),
     ("train", ["--bidirectional", "true"], "has no bidirectional attention option"),
     ("train", ["--distil_temperature", "0"], "--distil_temperature: must be > 0"),
     ("compare", ["{w}/nowhere", "--output", "{w}/afile/t.md"],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import random
 from pathlib import Path
 
 import numpy as np
@@ -419,6 +421,51 @@ def test_the_fast_gguf_conversion_writes_what_transformers_writes(tmp_path):
     text = ["the cat ate", "hüt at the cat", "<mask> x"]
     ids = [AutoTokenizer.from_pretrained(str(d))(text).input_ids for d in (ours, theirs)]
     assert ids[0] == ids[1]
+
+
+def test_derived_merges_equal_transformers_generate_merges():
+    """derive_merges is a drop-in for transformers' generate_merges: the same merges in the
+    same order, with and without scores, with tied scores (ties ordered by the halves'
+    lengths, then by token order) and with skipped tokens, on random vocabularies."""
+    from transformers.tokenization_utils_base import generate_merges
+
+    from conretriever.model.gguf_checkpoint import derive_merges
+
+    rng = random.Random(0)
+    for trial in range(30):
+        alphabet = "abcd\u2581"[: 3 + trial % 3]  # 3-5 letters: >= 360 strings of 2-6
+        tokens = list(alphabet)
+        while len(tokens) < 60 + trial * 5:
+            piece = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6)))
+            if piece not in tokens:
+                tokens.append(piece)
+        vocab = {t: i for i, t in enumerate(tokens)}
+        scores = {t: float(rng.randint(-8, 0)) for t in rng.sample(tokens, len(tokens))}
+        positions = {t: -i for i, t in enumerate(tokens)}
+        skip = rng.sample(tokens, 3) if trial % 3 == 0 else None
+        for given in (None, scores, positions):
+            expected = generate_merges(vocab, given, skip)
+            assert derive_merges(vocab, given, skip) == expected, (trial, given is scores)
+            assert expected or trial < 2  # non-trivial vocabularies have merges
+
+
+def test_a_failed_tokenizer_conversion_is_reported_in_one_line(tmp_path, monkeypatch):
+    """The tokenizer is converted in a forked child: its error reaches the caller as one
+    ValueError naming the file, and no child is left behind."""
+    gguf = pytest.importorskip("gguf")
+    from conretriever.model import gguf_checkpoint
+
+    path = tmp_path / "tiny-gemma3.gguf"
+    _write_tiny_gemma3_gguf(path, [gguf.GGMLQuantizationType.Q8_0])
+
+    def broken(*_args):
+        raise KeyError("tokenizer.ggml.tokens")
+
+    monkeypatch.setattr(gguf_checkpoint, "save_gguf_tokenizer", broken)
+    with pytest.raises(ValueError, match="tiny-gemma3.gguf: KeyError") as raised:
+        gguf_checkpoint.build_plain_checkpoint(path, tmp_path / "out")
+    assert "\n" not in str(raised.value)
+    assert not multiprocessing.active_children()
 
 
 @pytest.mark.full

@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from conretriever.training.loss import (
     similarity_distillation,
     teacher_stats,
     training_loss,
+    vector_distillation,
 )
 
 
@@ -179,6 +181,122 @@ def test_grad_cache_with_embedding_distillation_equals_the_full_batch(tiny_decod
     assert out.stats["embed_kl"] > 0 and all(v.abs().sum() > 0 for v in g.values())
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+# ----- 2b. vector distillation through a learned projection -------------------------------------
+def test_vector_distillation_gradient_matches_a_float64_hand_computation():
+    """``1 - cos(W s, t)`` averaged over every text: its value and its gradients with respect
+    to the student's vectors and to W equal the chain rule written out by hand (float64)."""
+    b, n, dim, dim_t = 3, 2, 8, 5
+    q = unit(b, dim).requires_grad_()
+    d = unit(b * (1 + n), dim, seed=1).requires_grad_()
+    tq, td = unit(b, dim_t, seed=2), unit(b * (1 + n), dim_t, seed=3)
+    projection = torch.nn.Linear(dim, dim_t, bias=False).double()
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        projection.weight.copy_(torch.randn(dim_t, dim, dtype=torch.float64, generator=generator))
+    settings = LossSettings(temperature=0.05, cross_device_negatives=False,
+                            contrastive_weight=0, embed_distil_model="teacher",
+                            embed_distil_vector_weight=0.7)  # fmt: skip
+    out = training_loss(q, d, settings, teacher_vectors=(tq, td), projection=projection)
+    out.backward_loss.backward()
+    # by hand: p = W x, u = p / |p|, c = u . t, L = 0.7 * mean(1 - c);
+    # dL/dp = -0.7 / N * (t - c u) / |p|, dL/dx = W^T dL/dp, dL/dW = sum dL/dp x^T
+    x, t, w = torch.cat([q, d]).detach(), torch.cat([tq, td]), projection.weight.detach()
+    p = x @ w.T
+    norm = p.norm(dim=1, keepdim=True)
+    u = p / norm
+    c = (u * t).sum(1, keepdim=True)
+    torch.testing.assert_close(out.loss, 0.7 * (1 - c).mean(), atol=1e-12, rtol=1e-12)
+    g_p = -0.7 / len(x) * (t - c * u) / norm
+    grad_x = g_p @ w
+    torch.testing.assert_close(q.grad, grad_x[:b], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(d.grad, grad_x[b:], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(projection.weight.grad, g_p.T @ x, atol=1e-12, rtol=1e-10)
+    assert out.stats["embed_vec_cos"] == pytest.approx(float(c.mean()), abs=1e-6)
+    # a teacher that IS a linear map of the student (any scale) is matched exactly by that map
+    mapped = F.normalize(3 * x @ w.T, dim=-1)
+    zero = vector_distillation(x[:b], x[b:], mapped[:b], mapped[b:], projection).detach()
+    assert float(zero) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_grad_cache_with_vector_distillation_equals_the_full_batch(tiny_decoder):
+    """GradCache (chunks of 2) gives the adapters AND the learned projection the gradients
+    of one full-batch backward, with every term of the loss on."""
+    from conretriever.training.loop import add_distil_projection
+
+    ref = _model(tiny_decoder)
+    add_distil_projection(ref, 5, sharded=False, seed=0)
+    cached = copy.deepcopy(ref)
+    queries = [f"query {i} about {w}" for i, w in enumerate("abcdef")]
+    docs = [f"document {i} on {w}" for i, w in enumerate("abcdef")]
+    negs = [f"other text {i}" for i in range(6)]
+    q, d = ref.tokenize(queries, 32), ref.tokenize(docs + negs, 32)
+    teacher_vectors = (unit(6, 5, seed=4), unit(12, 5, seed=5))
+    settings = LossSettings(temperature=0.05, cross_device_negatives=False,
+                            embed_distil_model="teacher", embed_distil_weight=0.7,
+                            embed_distil_rows="all", embed_distil_vector_weight=2.0)  # fmt: skip
+
+    def grads(model, chunk):
+        def loss(a, b):
+            return training_loss(a, b, settings, None, None, teacher_vectors,
+                                 model.distil_projection)  # fmt: skip
+
+        out = grad_cache_step(model, q, d, loss, chunk, torch.device("cpu"))
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    out_ref, g_ref = grads(ref, 0)
+    out, g = grads(cached, 2)
+    assert "distil_projection.weight" in g and g["distil_projection.weight"].abs().sum() > 0
+    torch.testing.assert_close(out.loss, out_ref.loss, atol=1e-9, rtol=1e-9)
+    assert out.stats["embed_vec_cos"] == pytest.approx(out_ref.stats["embed_vec_cos"], abs=1e-9)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_vector_distillation_trains_resumes_exactly_and_exports_without_its_projection(
+    tiny_decoder, tiny_encoder, tmp_path, monkeypatch
+):
+    """A run with the projection logs the teacher cosine, resumes from a checkpoint with the
+    same losses (the projection and its optimizer state are saved), and its final/ folder
+    holds the retriever alone: no projection weight, and sentence-transformers loads it and
+    encodes as conretriever does. FSDP is refused in one line."""
+    from safetensors.torch import load_file
+
+    from conretriever.cli import main as cli
+
+    st = pytest.importorskip("sentence_transformers")
+    monkeypatch.setenv("CONRETRIEVER_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"query": f"question {i}", "positive": [f"answer {i}"], "negative": [f"wrong {i}"]}
+            for i in range(8)]  # fmt: skip
+    (data / "nq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    base = ["train", "--model_name_or_path", str(tiny_decoder), "--train_data", str(data),
+            "--per_device_train_batch_size", "4", "--max_steps", "4", "--save_steps", "2",
+            "--report_to", "none", "--embed_distil_model", str(tiny_encoder),
+            "--embed_distil_vector_weight", "1.0", "--learning_rate", "1e-2",
+            "--output_dir", str(run)]  # fmt: skip
+    assert cli(base) == 0
+
+    def metrics():
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    first = metrics()
+    assert len(first) == 4 and all(-1 <= r["embed_vec_cos"] <= 1 for r in first)
+    assert first[-1]["embed_vec_cos"] > first[0]["embed_vec_cos"], "the map did not learn"
+    weights = load_file(str(next((run / "final").glob("*.safetensors"))))
+    assert not [k for k in weights if "distil" in k or "projection" in k]
+    texts = ["a short passage", "another one about trains"]
+    ours = Embedder.from_pretrained(str(run / "final"), device="cpu").encode(texts, role="passage")
+    theirs = st.SentenceTransformer(str(run / "final"), device="cpu").encode(texts)
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+    for leftover in ("checkpoint-4", "final"):
+        shutil.rmtree(run / leftover, ignore_errors=True)
+    assert cli([*base, "--resume", "true"]) == 0
+    assert [r["loss"] for r in metrics()] == [r["loss"] for r in first]
+    assert cli([*base, "--overwrite_output_dir", "true", "--fsdp", "true"]) == 2
 
 
 def test_embedding_distillation_needs_a_teacher():

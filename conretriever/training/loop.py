@@ -202,7 +202,11 @@ def setup(cfg: TrainSettings, info: DistInfo, folder: RunFolder) -> Setup:
             "--fsdp false with several processes: gradients would not be synchronised; "
             "multi-process training shards with FSDP2 (leave --fsdp unset)"
         )
-    if t.fsdp if t.fsdp is not None else info.world_size > 1:
+    teacher = _teacher(cfg, info, registry, data, sampler)
+    sharded = t.fsdp if t.fsdp is not None else info.world_size > 1
+    if cfg.loss.embed_distil_vector_weight > 0:
+        add_distil_projection(model, teacher.dim, sharded, cfg.train.seed)
+    if sharded:
         shard_model(model, info.device, bf16=bf16)
         if info.is_main:
             log.info("FSDP2: every decoder layer sharded over %d process(es)", info.world_size)
@@ -216,20 +220,46 @@ def setup(cfg: TrainSettings, info: DistInfo, folder: RunFolder) -> Setup:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.warmup_steps, total, t.lr_scheduler)
     )
-    teacher = None
-    if cfg.loss.embed_distil_weight > 0 or cfg.data.topic_rows > 0:
-        from conretriever.evaluation.evaluate import default_cache_dir
-
-        teacher = TeacherVectors.build(cfg.loss.embed_distil_model, data, registry, info.device,
-                                       cache_dir=default_cache_dir())  # fmt: skip
-    if cfg.data.topic_rows > 0:
-        sampler.topics = _topics(data, teacher, cfg.data.topic_rows, t.seed)
-    if cfg.loss.embed_distil_weight == 0:
-        teacher = None  # built for the topics only: no distillation term
     return Setup(cfg=cfg, info=info, folder=folder, registry=registry, data=data,
                  sampler=sampler, total_steps=total, model=model, params=params,
                  optimizer=optimizer, scheduler=scheduler, bf16=bf16, packed=packed,
                  monitor=monitor, teacher=teacher)  # fmt: skip
+
+
+def _teacher(cfg: TrainSettings, info: DistInfo, registry, data: dict,
+             sampler: EpochSampler) -> TeacherVectors | None:  # fmt: skip
+    """The teacher's vectors of every training text, where a loss term or the topic batches
+    (which it also sets up here) read them; None otherwise."""
+    if not (cfg.loss.needs_teacher_vectors or cfg.data.topic_rows > 0):
+        return None
+    from conretriever.evaluation.evaluate import default_cache_dir
+
+    teacher = TeacherVectors.build(cfg.loss.embed_distil_model, data, registry, info.device,
+                                   cache_dir=default_cache_dir())  # fmt: skip
+    if cfg.data.topic_rows > 0:
+        sampler.topics = _topics(data, teacher, cfg.data.topic_rows, cfg.train.seed)
+    # built for the topics only: no distillation term reads it
+    return teacher if cfg.loss.needs_teacher_vectors else None
+
+
+def add_distil_projection(model: Embedder, teacher_dim: int, sharded: bool, seed: int) -> None:
+    """Give ``model`` vector distillation's learned map ``distil_projection`` (its dimension ->
+    the teacher's, no bias; see ``training.loss``), in the backbone's parameter dtype and on its
+    device. A submodule, so the optimizer, gradient clipping and checkpoints hold it like an
+    adapter; the export writes the backbone alone, so no saved model carries it."""
+    if sharded:
+        raise ConfigError(
+            "--embed_distil_vector_weight needs a single process without FSDP: the learned "
+            "projection runs outside the sharded model's forward (use --embed_distil_weight, "
+            "which needs no projection, for multi-process runs)"
+        )
+    weight = next(p for p in model.backbone.parameters() if p.is_floating_point())
+    generator = torch.Generator().manual_seed(seed + 1)  # the same map on every rerun
+    projection = torch.nn.Linear(model.dim, teacher_dim, bias=False)
+    bound = math.sqrt(3 / model.dim)  # entries of variance 1 / dim: |W s| ~ 1 for a unit s
+    with torch.no_grad():
+        projection.weight.uniform_(-bound, bound, generator=generator)
+    model.distil_projection = projection.to(device=weight.device, dtype=weight.dtype)
 
 
 def _topics(data: dict, teacher: TeacherVectors, topic_rows: int, seed: int) -> dict:
@@ -285,15 +315,16 @@ def resume(s: Setup) -> int:
     return start
 
 
-def objective(cfg: TrainSettings, batch: dict):
-    """The loss of one batch, as a function of its query and document embeddings."""
+def objective(cfg: TrainSettings, batch: dict, projection: torch.nn.Module | None = None):
+    """The loss of one batch, as a function of its query and document embeddings
+    (``projection``: the model's ``distil_projection``, where vector distillation is on)."""
     settings = cfg.loss
     ids = batch["doc_text_ids"] if cfg.data.mask_false_negatives else None
     teacher = batch.get("teacher_scores")
     vectors = batch.get("teacher_vectors")
 
     def loss(q: torch.Tensor, d: torch.Tensor):
-        return training_loss(q, d, settings, ids, teacher, vectors)
+        return training_loss(q, d, settings, ids, teacher, vectors, projection)
 
     return loss
 
@@ -312,7 +343,7 @@ def one_step(s: Setup, step: int, plan: list) -> StepResult:
     return train_step(
         s.model,
         batch,
-        objective(s.cfg, batch),
+        objective(s.cfg, batch, getattr(s.model, "distil_projection", None)),
         s.optimizer,
         s.scheduler,
         params=s.params,

@@ -66,8 +66,23 @@ softmax, so the student is taught the teacher's whole geometry (how similar two 
 are, too), which a sharp softmax of an easy batch hardly sees. Both are invariant to a rotation
 of either space, so neither needs a projection.
 
+**Vector distillation** (``embed_distil_vector_weight`` > 0, same teacher): every text of the
+batch, query or document, is matched to the teacher's own vector of it, not only to its
+similarities with the batch's other texts. The two spaces differ in size (640 dimensions for
+Gemma-3-270M, 384 for all-MiniLM-L6-v2), so a learned linear map ``W`` (student dimension ->
+teacher dimension, no bias) carries the student's unit vector ``s`` over, and the loss is the
+mean over texts of ``1 - cos(W s, t)``. Where a batch's similarity rows say little once the
+teacher's softmax is nearly one-hot (an easy batch: the teacher's entropy is ~1% of uniform on
+the recipe's data), this term hands the student the teacher's whole vector of every text:
+hundreds of numbers per text instead of about one bit per row, and, through ``W``, one map
+shared by every batch (Jasper/Stella distil through such a map too). ``W`` lives on the model
+as ``distil_projection``: it is trained with the adapters, saved in checkpoints (a resume
+continues it) and left out of every exported folder (it is not part of the retriever: the
+saved model encodes exactly as before). It is single-process only (an FSDP run is refused:
+the sharded model's forward never runs ``W``). Its backward is the local mean.
+
 The total is ``contrastive_weight * InfoNCE + distil_weight * KL_scores +
-embed_distil_weight * KL_similarities``.
+embed_distil_weight * KL_similarities + embed_distil_vector_weight * (1 - cos)``.
 """
 
 from __future__ import annotations
@@ -145,6 +160,13 @@ class LossSettings:
         help="kl: of the rows' softmaxes; mse: squared cosine differences, summed over a row",
     )
 
+    embed_distil_vector_weight: float = opt(
+        0.0,
+        ge=0,
+        help="weight of 1 - cos(W s, t): each text's vector mapped by a learned W "
+        "(student dim -> teacher dim, not exported) against the teacher's",
+    )
+
     def validate(self) -> None:
         if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims):
             raise ConfigError(
@@ -155,13 +177,20 @@ class LossSettings:
             self.contrastive_weight == 0
             and self.distil_weight == 0
             and (self.embed_distil_weight == 0)
+            and (self.embed_distil_vector_weight == 0)
         ):
-            raise ConfigError("--contrastive_weight and both distillation weights are 0: no loss")
-        if self.embed_distil_weight > 0 and not self.embed_distil_model:
-            raise ConfigError(
-                "--embed_distil_weight > 0 needs --embed_distil_model (a teacher embedder spec, "
-                "e.g. embedded:minilm)"
-            )
+            raise ConfigError("--contrastive_weight and every distillation weight are 0: no loss")
+        for name in ("embed_distil_weight", "embed_distil_vector_weight"):
+            if getattr(self, name) > 0 and not self.embed_distil_model:
+                raise ConfigError(
+                    f"--{name} > 0 needs --embed_distil_model (a teacher embedder spec, "
+                    "e.g. embedded:minilm)"
+                )
+
+    @property
+    def needs_teacher_vectors(self) -> bool:
+        """Whether a term of the loss reads the teacher's vectors of the batch's texts."""
+        return self.embed_distil_weight > 0 or self.embed_distil_vector_weight > 0
 
     @property
     def score_teacher_temperature(self) -> float:
@@ -331,6 +360,24 @@ def similarity_distillation(
     return loss, loss * world, stats
 
 
+def vector_distillation(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    teacher_q: torch.Tensor,
+    teacher_d: torch.Tensor,
+    projection: torch.nn.Module,
+) -> torch.Tensor:
+    """Mean over this rank's texts (queries ``q`` [B, dim], then documents ``d``) of
+    ``1 - cos(W s, t)``: ``W`` = ``projection`` (dim -> dim_t), ``t`` the teacher's unit vector
+    of the same text (``teacher_q`` [B, dim_t], ``teacher_d``). Computed in the projection's
+    dtype (float32, or float64 in the tests)."""
+    weight = projection.weight
+    student = torch.cat([q, d]).to(weight.dtype)
+    teacher = torch.cat([teacher_q, teacher_d]).to(weight.dtype)
+    mapped = F.normalize(projection(student), dim=-1)
+    return (1 - (mapped * teacher).sum(-1)).mean()
+
+
 def _global_mean(value: torch.Tensor) -> float:
     shown = value.detach().clone()
     if world_size() > 1:
@@ -340,10 +387,11 @@ def _global_mean(value: torch.Tensor) -> float:
 
 
 def training_loss(q, d, settings: LossSettings, doc_text_ids=None, teacher=None,
-                  teacher_vectors=None) -> LossOutput:  # fmt: skip
+                  teacher_vectors=None, projection=None) -> LossOutput:  # fmt: skip
     """The run's objective on one batch's embeddings (see the module docstring).
     ``teacher``: [B, 1 + n] scores (score distillation); ``teacher_vectors``: the teacher's
-    (query, document) vectors of the batch's texts (embedding distillation)."""
+    (query, document) vectors of the batch's texts (embedding distillation); ``projection``:
+    the learned map of vector distillation (the model's ``distil_projection``)."""
     s = settings
     contrastive = dict(temperature=s.temperature, doc_text_ids=doc_text_ids,
                        cross_device=s.cross_device_negatives,
@@ -378,4 +426,13 @@ def training_loss(q, d, settings: LossSettings, doc_text_ids=None, teacher=None,
         out.stats.update({f"embed_teacher_{k}": round(v, 4) for k, v in stats.items()})
         loss = loss + s.embed_distil_weight * kl.detach()
         backward = backward + s.embed_distil_weight * kl_backward
+    if s.embed_distil_vector_weight > 0:
+        if teacher_vectors is None or projection is None:
+            raise ValueError("embed_distil_vector_weight > 0 needs the teacher's vectors of the "
+                             "batch and the model's distil_projection")  # fmt: skip
+        distance = vector_distillation(q, d, *teacher_vectors, projection)
+        shown = _global_mean(distance)
+        out.stats["embed_vec_cos"] = round(1 - shown, 6)
+        loss = loss + s.embed_distil_vector_weight * shown
+        backward = backward + s.embed_distil_vector_weight * distance
     return LossOutput(loss, backward, out.accuracy, out.stats)

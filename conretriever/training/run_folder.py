@@ -125,6 +125,19 @@ def _differences(old: dict, new: dict) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def _shape_changes(changes: dict[str, tuple], new: dict) -> list[str]:
+    """The changed settings that decide which weights a checkpoint holds: CHECKPOINT_SHAPE's,
+    and vector distillation's learned projection (whether the model has one, and the teacher
+    whose width it has)."""
+    fixed = [k for k in changes if k in CHECKPOINT_SHAPE]
+    vector, teacher = "loss.embed_distil_vector_weight", "loss.embed_distil_model"
+    if vector in changes and bool(changes[vector][0]) != bool(changes[vector][1]):
+        fixed.append(vector)
+    elif teacher in changes and trajectory(new).get(vector):
+        fixed.append(teacher)
+    return fixed
+
+
 def _decide(cfg: TrainSettings) -> dict:
     """Rank 0: check the folder and prepare it; returns what every rank needs to know."""
     out = Path(cfg.train.output)
@@ -141,7 +154,7 @@ def _decide(cfg: TrainSettings) -> dict:
         if not isinstance(old, dict):
             raise ConfigError(f"{saved_config}: the top level must be a mapping of settings")
         changes = _differences(old, cfg.to_dict())
-        fixed = [k for k in changes if k in CHECKPOINT_SHAPE]
+        fixed = _shape_changes(changes, cfg.to_dict())
         if fixed and mode == "force":
             listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed)
             raise ConfigError(
