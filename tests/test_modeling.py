@@ -468,6 +468,89 @@ def test_a_failed_tokenizer_conversion_is_reported_in_one_line(tmp_path, monkeyp
     assert not multiprocessing.active_children()
 
 
+def _assert_same_tokenizer(ours, theirs, tmp_path) -> None:
+    """Two loaded tokenizers: the same class, ids, special and added tokens, and the same
+    files when saved."""
+    texts = ["the cat ate", "hüt at the cat", "<mask> x", "  two  spaces\n\ttab", "", "日本 🙂"]
+    assert type(ours) is type(theirs)
+    assert ours(texts).input_ids == theirs(texts).input_ids
+    assert ours.all_special_tokens == theirs.all_special_tokens
+    assert ours.added_tokens_decoder == theirs.added_tokens_decoder
+    assert ours.padding_side == theirs.padding_side
+    a, b = tmp_path / "saved_ours", tmp_path / "saved_theirs"
+    ours.save_pretrained(a)
+    theirs.save_pretrained(b)
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for file in b.iterdir():
+        assert (a / file.name).read_bytes() == file.read_bytes(), file.name
+
+
+def test_a_converted_gemma_tokenizer_loads_without_python_json_parses(tmp_path, monkeypatch):
+    """tokenizer_files.load_tokenizer on a GGUF conversion (GemmaTokenizer: a class with its
+    own __init__, which transformers rebuilds from Python-parsed vocab and merges) gives the
+    tokenizer transformers' own load gives, and never parses tokenizer.json with json."""
+    gguf = pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from conretriever.model import tokenizer_files
+    from conretriever.model.gguf_checkpoint import build_plain_checkpoint
+
+    path = tmp_path / "tiny-gemma3.gguf"
+    _write_tiny_gemma3_gguf(path, [gguf.GGMLQuantizationType.Q8_0])
+    folder = tmp_path / "converted"
+    build_plain_checkpoint(path, folder)
+    assert tokenizer_files._added_tokens(folder) is None, "an unmarked folder: their load"
+    (folder / "conretriever_source.json").write_text('{"source": "test"}')
+    theirs = AutoTokenizer.from_pretrained(str(folder))
+    parsed = []
+    original = json.load
+
+    def watching(handle, *args, **kwargs):
+        parsed.append(getattr(handle, "name", "?"))
+        return original(handle, *args, **kwargs)
+
+    monkeypatch.setattr(json, "load", watching)
+    ours = tokenizer_files.load_tokenizer(folder)
+    assert not [name for name in parsed if str(name).endswith("tokenizer.json")]
+    monkeypatch.undo()
+    assert type(ours).__name__ == "GemmaTokenizer"
+    _assert_same_tokenizer(ours, theirs, tmp_path)
+    # transformers' load is back to itself after the block
+    again = AutoTokenizer.from_pretrained(str(folder))
+    assert again(["the cat"]).input_ids == theirs(["the cat"]).input_ids
+
+
+def test_an_exported_folder_loads_its_tokenizer_the_same_fast(tiny_decoder, tmp_path):
+    """An exported model folder (marked conretriever.json) reloads the same tokenizer through
+    load_tokenizer as through transformers; a legacy special_tokens_map.json sends the load
+    back to transformers' own."""
+    from transformers import AutoTokenizer
+
+    from conretriever.model.tokenizer_files import _added_tokens, load_tokenizer
+
+    out = Embedder.from_pretrained(tiny_decoder, device="cpu").save(tmp_path / "exported")
+    assert _added_tokens(out) is not None
+    _assert_same_tokenizer(load_tokenizer(out), AutoTokenizer.from_pretrained(str(out)), tmp_path)
+    (out / "special_tokens_map.json").write_text("{}")
+    assert _added_tokens(out) is None
+
+
+@pytest.mark.slow
+def test_the_embedded_gemma_tokenizer_loads_fast_and_the_same(tmp_path):
+    """The embedded Gemma-3-270M's cached folder (262,144 tokens, 514,906 merges): the fast
+    load and transformers' give the same tokenizer (ids on real text included)."""
+    from transformers import AutoTokenizer
+
+    from conretriever.model.specs import resolve_model
+    from conretriever.model.tokenizer_files import load_tokenizer
+
+    folder = resolve_model("embedded:gemma-3-270m")
+    ours, theirs = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    _assert_same_tokenizer(ours, theirs, tmp_path)
+    text = "Photosynthesis converts light into chemical energy. <start_of_image> x" * 20
+    assert ours(text).input_ids == theirs(text).input_ids
+
+
 @pytest.mark.full
 def test_the_embedded_gemma_converts_to_what_transformers_writes(tmp_path):
     """The same comparison on the embedded Gemma-3-270M itself: no weight and no token id of

@@ -226,7 +226,7 @@ def test_grad_cache_with_vector_distillation_equals_the_full_batch(tiny_decoder)
     from conretriever.training.loop import add_distil_projection
 
     ref = _model(tiny_decoder)
-    add_distil_projection(ref, 5, sharded=False, seed=0)
+    add_distil_projection(ref, 5, seed=0)
     cached = copy.deepcopy(ref)
     queries = [f"query {i} about {w}" for i, w in enumerate("abcdef")]
     docs = [f"document {i} on {w}" for i, w in enumerate("abcdef")]
@@ -254,6 +254,23 @@ def test_grad_cache_with_vector_distillation_equals_the_full_batch(tiny_decoder)
         torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-6, msg=name)
 
 
+def test_the_learned_map_has_its_own_learning_rate(tiny_decoder):
+    """The optimizer's groups: every trainable weight but the map at the run's rate, the map
+    alone at ``--embed_distil_projection_lr`` (the run's rate when unset)."""
+    from conretriever.training.loop import add_distil_projection, param_groups
+
+    model = _model(tiny_decoder)
+    assert [g["lr"] for g in param_groups(model, 1e-3, 5e-2)] == [1e-3]  # no map: one group
+    add_distil_projection(model, 5, seed=0)
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    for rate, expected in ((5e-2, 5e-2), (None, 1e-3)):
+        adapters, mapped = param_groups(model, 1e-3, rate)
+        assert (adapters["lr"], mapped["lr"]) == (1e-3, expected)
+        assert [id(p) for p in mapped["params"]] == [id(model.distil_projection.weight)]
+        ids = [id(p) for p in adapters["params"] + mapped["params"]]
+        assert len(ids) == len(set(ids)) and set(ids) == trained
+
+
 def test_vector_distillation_trains_resumes_exactly_and_exports_without_its_projection(
     tiny_decoder, tiny_encoder, tmp_path, monkeypatch
 ):
@@ -277,7 +294,7 @@ def test_vector_distillation_trains_resumes_exactly_and_exports_without_its_proj
             "--per_device_train_batch_size", "4", "--max_steps", "4", "--save_steps", "2",
             "--report_to", "none", "--embed_distil_model", str(tiny_encoder),
             "--embed_distil_vector_weight", "1.0", "--learning_rate", "1e-2",
-            "--output_dir", str(run)]  # fmt: skip
+            "--embed_distil_projection_lr", "5e-2", "--output_dir", str(run)]  # fmt: skip
     assert cli(base) == 0
 
     def metrics():

@@ -155,7 +155,9 @@ class Embedder(nn.Module):
         ``gradient_checkpointing`` and ``keep_layers`` (N > 0: only the first N transformer
         layers, see :func:`keep_first_layers`; before LoRA, so the adapters are theirs).
         """
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoModel
+
+        from conretriever.model.tokenizer_files import load_tokenizer
 
         if isinstance(settings, dict):
             settings = EmbedderSettings(**settings)
@@ -183,7 +185,7 @@ class Embedder(nn.Module):
             backbone, info = AutoModel.from_pretrained(
                 path, config=config, output_loading_info=True, **kwargs
             )
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = load_tokenizer(path)
         _refuse_missing_weights(spec, info)
         if keep_layers:
             keep_first_layers(backbone, keep_layers)

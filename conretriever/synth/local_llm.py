@@ -71,15 +71,16 @@ class LocalLLM:
     """A causal LM with a KV-cached sampling loop (see the module docstring)."""
 
     def __init__(self, spec: str, device: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from conretriever.model.specs import resolve_model
+        from conretriever.model.tokenizer_files import load_tokenizer
 
         path = resolve_model(spec)
         self.name = spec
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = load_tokenizer(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         # transformers >= 5.2x calls the KV cache ``cache``; earlier 5.x ``past_key_values``
         params = inspect.signature(self.model.forward).parameters

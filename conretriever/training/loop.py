@@ -202,17 +202,23 @@ def setup(cfg: TrainSettings, info: DistInfo, folder: RunFolder) -> Setup:
             "--fsdp false with several processes: gradients would not be synchronised; "
             "multi-process training shards with FSDP2 (leave --fsdp unset)"
         )
-    teacher = _teacher(cfg, info, registry, data, sampler)
     sharded = t.fsdp if t.fsdp is not None else info.world_size > 1
+    if cfg.loss.embed_distil_vector_weight > 0 and sharded:
+        raise ConfigError(
+            "--embed_distil_vector_weight needs a single process without FSDP: the learned "
+            "projection runs outside the sharded model's forward (use --embed_distil_weight, "
+            "which needs no projection, for multi-process runs)"
+        )
+    teacher = _teacher(cfg, info, registry, data, sampler)
     if cfg.loss.embed_distil_vector_weight > 0:
-        add_distil_projection(model, teacher.dim, sharded, cfg.train.seed)
+        add_distil_projection(model, teacher.dim, cfg.train.seed)
     if sharded:
         shard_model(model, info.device, bf16=bf16)
         if info.is_main:
             log.info("FSDP2: every decoder layer sharded over %d process(es)", info.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params,
+        param_groups(model, t.learning_rate, cfg.loss.embed_distil_projection_lr),
         lr=t.learning_rate,
         weight_decay=t.weight_decay,
         fused=info.device.type == "cuda",  # one kernel for all parameters on GPU
@@ -224,6 +230,19 @@ def setup(cfg: TrainSettings, info: DistInfo, folder: RunFolder) -> Setup:
                  sampler=sampler, total_steps=total, model=model, params=params,
                  optimizer=optimizer, scheduler=scheduler, bf16=bf16, packed=packed,
                  monitor=monitor, teacher=teacher)  # fmt: skip
+
+
+def param_groups(model: Embedder, lr: float, projection_lr: float | None) -> list[dict]:
+    """The optimizer's parameter groups: every trainable weight at ``lr``, and vector
+    distillation's map (where there is one) in a group of its own at ``projection_lr`` (none:
+    ``lr``), in that order."""
+    projection = getattr(model, "distil_projection", None)
+    mapped = {id(p) for p in projection.parameters()} if projection is not None else set()
+    trained = [p for p in model.parameters() if p.requires_grad and id(p) not in mapped]
+    groups = [{"params": trained, "lr": lr}]
+    if projection is not None:
+        groups.append({"params": list(projection.parameters()), "lr": projection_lr or lr})
+    return groups
 
 
 def _teacher(cfg: TrainSettings, info: DistInfo, registry, data: dict,
@@ -242,21 +261,16 @@ def _teacher(cfg: TrainSettings, info: DistInfo, registry, data: dict,
     return teacher if cfg.loss.needs_teacher_vectors else None
 
 
-def add_distil_projection(model: Embedder, teacher_dim: int, sharded: bool, seed: int) -> None:
+def add_distil_projection(model: Embedder, teacher_dim: int, seed: int) -> None:
     """Give ``model`` vector distillation's learned map ``distil_projection`` (its dimension ->
     the teacher's, no bias; see ``training.loss``), in the backbone's parameter dtype and on its
     device. A submodule, so the optimizer, gradient clipping and checkpoints hold it like an
-    adapter; the export writes the backbone alone, so no saved model carries it."""
-    if sharded:
-        raise ConfigError(
-            "--embed_distil_vector_weight needs a single process without FSDP: the learned "
-            "projection runs outside the sharded model's forward (use --embed_distil_weight, "
-            "which needs no projection, for multi-process runs)"
-        )
+    adapter; the export writes the backbone alone, so no saved model carries it. Not for a
+    sharded model (``setup`` refuses that first)."""
     weight = next(p for p in model.backbone.parameters() if p.is_floating_point())
     generator = torch.Generator().manual_seed(seed + 1)  # the same map on every rerun
     projection = torch.nn.Linear(model.dim, teacher_dim, bias=False)
-    bound = math.sqrt(3 / model.dim)  # entries of variance 1 / dim: |W s| ~ 1 for a unit s
+    bound = math.sqrt(3 / model.dim)  # entries of variance 1 / dim: |W s| of order 1
     with torch.no_grad():
         projection.weight.uniform_(-bound, bound, generator=generator)
     model.distil_projection = projection.to(device=weight.device, dtype=weight.dtype)
@@ -304,11 +318,14 @@ def resume(s: Setup) -> int:
             damaged += (found,)
     s.monitor.restore(found)
     t = s.cfg.train
-    s.scheduler.base_lrs = [t.learning_rate] * len(s.optimizer.param_groups)
+    # the settings' rates, not the checkpoint's: --resume force may have changed them
+    groups = param_groups(s.model, t.learning_rate, s.cfg.loss.embed_distil_projection_lr)
+    rates = [group["lr"] for group in groups]
+    s.scheduler.base_lrs = rates
     factor = lr_factor(start, t.warmup_steps, s.total_steps, t.lr_scheduler)
-    for group in s.optimizer.param_groups:
-        group["initial_lr"] = t.learning_rate
-        group["lr"] = t.learning_rate * factor
+    for group, rate in zip(s.optimizer.param_groups, rates, strict=True):
+        group["initial_lr"] = rate
+        group["lr"] = rate * factor
         group["weight_decay"] = t.weight_decay
     if s.info.is_main:
         log.info("resumed from %s at step %d (lr %.3g)", found, start, t.learning_rate * factor)

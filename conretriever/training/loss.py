@@ -167,6 +167,13 @@ class LossSettings:
         "(student dim -> teacher dim, not exported) against the teacher's",
     )
 
+    embed_distil_projection_lr: float | None = opt(
+        None,
+        gt=0,
+        help="learning rate of vector distillation's learned map (none: the run's); "
+        "it starts random, so it may want more than the adapters",
+    )
+
     def validate(self) -> None:
         if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims):
             raise ConfigError(
