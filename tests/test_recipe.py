@@ -152,16 +152,32 @@ def _model(path):
     return emb
 
 
+def _distil_batch(model):
+    """Six queries with a positive and a negative each, tokenized, and a 5-dim teacher's unit
+    vectors of them (queries, then documents)."""
+    queries = [f"query {i} about {w}" for i, w in enumerate("abcdef")]
+    docs = [f"document {i} on {w}" for i, w in enumerate("abcdef")]
+    negs = [f"other text {i}" for i in range(6)]
+    q, d = model.tokenize(queries, 32), model.tokenize(docs + negs, 32)
+    return q, d, (unit(6, 5, seed=4), unit(12, 5, seed=5))
+
+
+def _nq_folder(tmp_path):
+    """A training folder of one task, nq.jsonl: eight rows with a positive and a negative."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"query": f"question {i}", "positive": [f"answer {i}"], "negative": [f"wrong {i}"]}
+            for i in range(8)]  # fmt: skip
+    (data / "nq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
 @pytest.mark.parametrize("rows, objective", [("queries", "kl"), ("all", "mse")])
 def test_grad_cache_with_embedding_distillation_equals_the_full_batch(tiny_decoder, rows,
                                                                       objective):  # fmt: skip
     ref = _model(tiny_decoder)
     cached = copy.deepcopy(ref)
-    queries = [f"query {i} about {w}" for i, w in enumerate("abcdef")]
-    docs = [f"document {i} on {w}" for i, w in enumerate("abcdef")]
-    negs = [f"other text {i}" for i in range(6)]
-    q, d = ref.tokenize(queries, 32), ref.tokenize(docs + negs, 32)
-    teacher_vectors = (unit(6, 5, seed=4), unit(12, 5, seed=5))
+    q, d, teacher_vectors = _distil_batch(ref)
     scores = torch.randn(6, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     settings = LossSettings(temperature=0.05, cross_device_negatives=False, distil_weight=0.5,
                             embed_distil_model="teacher", embed_distil_weight=0.7,
@@ -228,11 +244,7 @@ def test_grad_cache_with_vector_distillation_equals_the_full_batch(tiny_decoder)
     ref = _model(tiny_decoder)
     add_distil_projection(ref, 5, seed=0)
     cached = copy.deepcopy(ref)
-    queries = [f"query {i} about {w}" for i, w in enumerate("abcdef")]
-    docs = [f"document {i} on {w}" for i, w in enumerate("abcdef")]
-    negs = [f"other text {i}" for i in range(6)]
-    q, d = ref.tokenize(queries, 32), ref.tokenize(docs + negs, 32)
-    teacher_vectors = (unit(6, 5, seed=4), unit(12, 5, seed=5))
+    q, d, teacher_vectors = _distil_batch(ref)
     settings = LossSettings(temperature=0.05, cross_device_negatives=False,
                             embed_distil_model="teacher", embed_distil_weight=0.7,
                             embed_distil_rows="all", embed_distil_vector_weight=2.0)  # fmt: skip
@@ -284,11 +296,7 @@ def test_vector_distillation_trains_resumes_exactly_and_exports_without_its_proj
 
     st = pytest.importorskip("sentence_transformers")
     monkeypatch.setenv("CONRETRIEVER_CACHE", str(tmp_path / "cache"))
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"query": f"question {i}", "positive": [f"answer {i}"], "negative": [f"wrong {i}"]}
-            for i in range(8)]  # fmt: skip
-    (data / "nq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = _nq_folder(tmp_path)
     run = tmp_path / "run"
     base = ["train", "--model_name_or_path", str(tiny_decoder), "--train_data", str(data),
             "--per_device_train_batch_size", "4", "--max_steps", "4", "--save_steps", "2",
@@ -328,11 +336,7 @@ def test_training_with_an_embedding_teacher_logs_its_terms(tiny_decoder, tiny_en
     from conretriever.cli import main as cli
 
     monkeypatch.setenv("CONRETRIEVER_CACHE", str(tmp_path / "cache"))
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"query": f"question {i}", "positive": [f"answer {i}"], "negative": [f"wrong {i}"]}
-            for i in range(8)]  # fmt: skip
-    (data / "nq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = _nq_folder(tmp_path)
     base = ["train", "--model_name_or_path", str(tiny_decoder), "--train_data", str(data),
             "--per_device_train_batch_size", "4", "--max_steps", "2", "--report_to", "none",
             "--embed_distil_model", str(tiny_encoder), "--embed_distil_weight", "0.5",
