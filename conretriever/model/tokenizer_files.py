@@ -90,10 +90,12 @@ def _added_tokens(folder: Path) -> dict[int, dict] | None:
 def _rust_reads_tokenizer_json():
     """Within the block, every fast tokenizer class is loaded from a ``tokenizer.json`` as a
     class without its own ``__init__`` is: Rust reads the file (see the module)."""
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
-
-    original = TokenizersBackend.__dict__.get("convert_to_native_format")
-    if not isinstance(original, classmethod):  # another transformers: its own load
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers: its own load
+        TokenizersBackend = None
+    original = TokenizersBackend and TokenizersBackend.__dict__.get("convert_to_native_format")
+    if not isinstance(original, classmethod):
         yield
         return
 
