@@ -141,6 +141,9 @@ TODAY = ["--distil_temperature", "1.0"]
 # the config shipped from 2026-12-04 to 2026-12-05 (row 10) over the ablation base: the
 # "shipped, ..." rows 11-18 change it
 SHIPPED = ["--learning_rate", "5e-4", "--embed_distil_rows", "all", "--embed_distil_weight", "4"]
+# row 16, the shipped config since 2026-12-05, over SHIPPED: the base of rows 17-25
+ROW16 = [*SHIPPED, "--n_hard_negative", "0", "--distil_weight", "0", "--lora_dropout", "0",
+         "--embed_distil_weight", "8"]  # fmt: skip
 CLOZE_TASKS = REPO / "benchmarks" / "recipe_cloze_tasks.yaml"
 EMBED = ["--embed_distil_model", "embedded:minilm", "--embed_distil_weight", "1.0"]
 NO_EMBED = ["--embed_distil_weight", "0"]
@@ -231,28 +234,23 @@ ROWS: dict[str, dict] = {
     # reaches 1.0 early in row 14, so InfoNCE stops teaching and the teacher's term is what
     # still moves the model (row 16; two changes at once, stated as such)
     "shipped, no hard negative, no LoRA dropout, embed weight 8, 140 steps": {
-        "train": [*SHIPPED, "--n_hard_negative", "0", "--distil_weight", "0",
-                  "--lora_dropout", "0", "--embed_distil_weight", "8"], "steps": 140},
+        "train": ROW16, "steps": 140},
     # row 16 with topic batches (row 17): each batch's 16 documents from one topic of ~128 rows
     # (k-means of MiniLM's document vectors), so the in-batch negatives share a subject; on
     # this data the hardest in-batch negative's teacher cosine averages 0.47 instead of 0.23
     "shipped, no hard negative, no LoRA dropout, embed weight 8, topic batches, 140 steps": {
-        "train": [*SHIPPED, "--n_hard_negative", "0", "--distil_weight", "0",
-                  "--lora_dropout", "0", "--embed_distil_weight", "8", "--topic_rows", "128"],
+        "train": [*ROW16, "--topic_rows", "128"],
         "steps": 140},
     # row 16 again with another seed (row 18): another batch plan and LoRA initialisation, for
     # how far one seed's score moves
     "shipped, no hard negative, no LoRA dropout, embed weight 8, 140 steps, seed 43": {
-        "train": [*SHIPPED, "--n_hard_negative", "0", "--distil_weight", "0",
-                  "--lora_dropout", "0", "--embed_distil_weight", "8", "--seed", "43"],
+        "train": [*ROW16, "--seed", "43"],
         "steps": 140},
     # row 16 at twice the batch in half the steps (row 19): the same tokens, but the teacher's
     # similarities span 64 texts a step instead of 32 (twice the pairs per text), and InfoNCE
     # sees 31 in-batch negatives instead of 15; peak memory ~2x (the plain step, no GradCache)
     "shipped, no hard negative, no LoRA dropout, embed weight 8, batch 32, 70 steps": {
-        "train": [*SHIPPED, "--n_hard_negative", "0", "--distil_weight", "0",
-                  "--lora_dropout", "0", "--embed_distil_weight", "8",
-                  "--per_device_train_batch_size", "32"],
+        "train": [*ROW16, "--per_device_train_batch_size", "32"],
         "steps": 70},
     # row 16 as full fine-tuning (row 20): every weight trained, at lr 5e-5 (row 6's 2e-5 was
     # 1.8 below LoRA at 40 steps, where LoRA too wanted a higher rate than it had); no adapter
@@ -265,8 +263,7 @@ ROWS: dict[str, dict] = {
     # row 16 on Gemma-3-270M's first 12 of 18 layers (row 21, ``--keep_layers 12``): a step
     # and an encoding cost ~2/3 as much, so the 30-minute budget buys 200 steps instead of 140
     "shipped, no hard negative, no LoRA dropout, embed weight 8, first 12 layers, 200 steps": {
-        "train": [*SHIPPED, "--n_hard_negative", "0", "--distil_weight", "0",
-                  "--lora_dropout", "0", "--embed_distil_weight", "8", "--keep_layers", "12"],
+        "train": [*ROW16, "--keep_layers", "12"],
         "steps": 200},
     # row 20 with the token embeddings fixed (row 22): row 20's step took 19 s (the dense
     # gradient and AdamW update of the 168M-weight embedding matrix), past the budget; the
@@ -281,26 +278,21 @@ ROWS: dict[str, dict] = {
     # ``--matryoshka_dims 256``: InfoNCE on the truncated, re-normalised vectors next to the
     # full ones), for the table's 256-dimension column; the step cost is unchanged
     "shipped, no hard negative, no LoRA dropout, embed weight 8, matryoshka 256, 140 steps": {
-        "train": [*SHIPPED, "--n_hard_negative", "0", "--distil_weight", "0",
-                  "--lora_dropout", "0", "--embed_distil_weight", "8",
-                  "--matryoshka_dims", "256"],
+        "train": [*ROW16, "--matryoshka_dims", "256"],
         "steps": 140},
     # row 16 with vector distillation too (row 24, ``--embed_distil_vector_weight 16``): every
     # text's vector, carried to MiniLM's 384 dimensions by a learned map, matched to MiniLM's own
     # vector of it (1 - cos), next to the similarity KL; the map is not exported
     "shipped, no hard negative, no LoRA dropout, embed weight 8, vector distillation 16, "
     "140 steps": {
-        "train": [*SHIPPED, "--n_hard_negative", "0", "--distil_weight", "0",
-                  "--lora_dropout", "0", "--embed_distil_weight", "8",
-                  "--embed_distil_vector_weight", "16"],
+        "train": [*ROW16, "--embed_distil_vector_weight", "16"],
         "steps": 140},
     # row 24 with the map learning 20x faster than the adapters (row 25): it starts random,
     # and at lr 5e-4 it had barely moved in 140 steps
     "shipped, no hard negative, no LoRA dropout, embed weight 8, vector distillation 16, "
     "map lr 1e-2, 140 steps": {
-        "train": [*SHIPPED, "--n_hard_negative", "0", "--distil_weight", "0",
-                  "--lora_dropout", "0", "--embed_distil_weight", "8",
-                  "--embed_distil_vector_weight", "16", "--embed_distil_projection_lr", "1e-2"],
+        "train": [*ROW16, "--embed_distil_vector_weight", "16",
+                  "--embed_distil_projection_lr", "1e-2"],
         "steps": 140},
 }  # fmt: skip
 
