@@ -17,8 +17,8 @@ times each, and reports the medians as one line,
   folder (which sentence-transformers loads with last-token pooling and our EOS rule).
 * ``eval``: a whole ``conretriever eval`` (its own process, corpus cache off) against mteb 2.x +
   sentence-transformers (its own process: ``mteb.evaluate`` of the ``SentenceTransformer`` on the
-  same local BEIR folder, through ``local_mteb_task``), all-MiniLM-L6-v2 on SciFact; both nDCG@10
-  are printed.
+  same local BEIR folder, through ``local_mteb_task``), all-MiniLM-L6-v2 on SciFact, both in
+  ``--dtype``; both nDCG@10 are printed.
 * ``first-load``: the embedded Gemma GGUF's first load (the one-off dequantisation into the
   cache, in its own process with an empty cache folder) against a load of the cached copy; the
   same first load through transformers' own GGUF conversion is timed too (the baseline our
@@ -232,7 +232,9 @@ from sentence_transformers import SentenceTransformer
 from conretriever.data.beir import load_beir_dir
 from conretriever.evaluation.mteb_bridge import local_mteb_task
 from conretriever.model.specs import resolve_model
-model = SentenceTransformer(resolve_model("embedded:minilm"), device=sys.argv[2])
+import torch
+model = SentenceTransformer(resolve_model("embedded:minilm"), device=sys.argv[2],
+                            model_kwargs={"dtype": getattr(torch, sys.argv[3])})
 out = mteb.evaluate(model, [local_mteb_task(load_beir_dir(sys.argv[1]))], cache=None,
                     show_progress_bar=False)
 result = out.task_results[0]
@@ -262,13 +264,13 @@ def evaluate(args) -> dict | None:
             scores["ours"] = result["metrics"]["ndcg_at_10"]
 
     def peer():
-        cmd = [sys.executable, "-c", PEER_EVAL, str(SCIFACT), args.device]
+        cmd = [sys.executable, "-c", PEER_EVAL, str(SCIFACT), args.device, args.dtype]
         done = run(cmd)
         scores["peer"] = json.loads(done.stdout.strip().splitlines()[-1])
 
     ours_s, peer_s, _, _ = interleaved(ours, peer, args.repeats)
-    extra = (f"SciFact, all-MiniLM-L6-v2, nDCG@10 ours {100 * scores['ours']:.2f}, "
-             f"mteb {100 * scores['peer']:.2f}")  # fmt: skip
+    extra = (f"SciFact, all-MiniLM-L6-v2, {args.dtype}, nDCG@10 ours "
+             f"{100 * scores['ours']:.2f}, mteb {100 * scores['peer']:.2f}")  # fmt: skip
     return line("eval", "mteb + sentence-transformers", ours_s, peer_s, extra)
 
 
