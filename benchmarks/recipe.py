@@ -119,6 +119,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -136,7 +137,8 @@ MINILM_REFERENCE = 64.51  # all-MiniLM-L6-v2 on SciFact (MTEB); measured again a
 # measured on), whatever configs/gemma_270m_cpu.yaml says now (row 16's since 2026-12-05)
 ABLATION_BASE = ["--learning_rate", "2e-4", "--embed_distil_rows", "queries",
                  "--n_hard_negative", "1", "--distil_weight", "1",
-                 "--lora_dropout", "0.05"]  # fmt: skip
+                 "--lora_dropout", "0.05", "--mixed_precision", "auto",
+                 "--saved_doc_max_length", "0"]  # fmt: skip
 TODAY = ["--distil_temperature", "1.0"]
 # the config shipped from 2026-12-04 to 2026-12-05 (row 10) over the ablation base: the
 # "shipped, ..." rows 11-18 change it
@@ -294,16 +296,25 @@ ROWS: dict[str, dict] = {
         "train": [*ROW16, "--embed_distil_vector_weight", "16",
                   "--embed_distil_projection_lr", "1e-2"],
         "steps": 140},
-    # row 16's model reading documents at 256 tokens when it is evaluated (row 26; trained at
-    # 128): a SciFact abstract averages ~300 Gemma tokens, and all-MiniLM-L6-v2 reads 256
-    "shipped, no hard negative, no LoRA dropout, embed weight 8, 140 steps, documents at 256 "
-    "tokens": {
-        "model_of": "shipped, no hard negative, no LoRA dropout, embed weight 8, 140 steps",
+    # row 16 computed in fp32 where the CPU has native bf16 (row 26, ``--mixed_precision no``,
+    # the shipped config's setting since 2026-12-05): on an AMX Xeon row 16 itself (``auto``:
+    # bf16 autocast there) scored 54.57 and its steps slowed from ~5 s to ~7.4 s over the run
+    "shipped, no hard negative, no LoRA dropout, embed weight 8, 140 steps, fp32": {
+        "train": [*ROW16, "--mixed_precision", "no"], "steps": 140},
+    # row 26's model reading documents at 256 tokens when it is evaluated (row 27; trained at
+    # 128): a SciFact abstract averages 309 Gemma tokens (96% run past 128, 59% past 256), and
+    # all-MiniLM-L6-v2 reads 256 of its own
+    "shipped, no hard negative, no LoRA dropout, embed weight 8, 140 steps, fp32, documents at "
+    "256 tokens": {
+        "model_of": "shipped, no hard negative, no LoRA dropout, embed weight 8, 140 steps, fp32",
         "eval": ["--doc_max_length", "256"]},
-    # row 16 at the 30-minute budget of a CPU with native bf16 (row 27): an AMX Xeon takes
-    # ~5.4 s a step in bf16 where 2 AVX2 cores take ~11 s in fp32, so 300 steps fit
-    "shipped, no hard negative, no LoRA dropout, embed weight 8, 300 steps (native bf16 "
-    "budget)": {"train": ROW16, "steps": 300},
+    # row 26 at the 30-minute budget of an AMX Xeon (row 28): ~6.5 s a step in fp32 there
+    "shipped, no hard negative, no LoRA dropout, embed weight 8, 250 steps, fp32": {
+        "train": [*ROW16, "--mixed_precision", "no"], "steps": 250},
+    "shipped, no hard negative, no LoRA dropout, embed weight 8, 250 steps, fp32, documents at "
+    "256 tokens": {
+        "model_of": "shipped, no hard negative, no LoRA dropout, embed weight 8, 250 steps, fp32",
+        "eval": ["--doc_max_length", "256"]},
 }  # fmt: skip
 
 
@@ -459,6 +470,7 @@ def main() -> int:
     if unknown:
         print(f"recipe: unknown row {unknown[0]!r}; rows: {', '.join(ROWS)}", file=sys.stderr)
         return 2
+    import torch
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -480,7 +492,7 @@ def main() -> int:
             print(f"--reuse: {name}: {saved[name]['scores']}")
             continue
         out = folder_of(name)
-        train_s = 0.0
+        train_s, precision = 0.0, ""
         if "train" in row:
             flags, data = list(row["train"]), mined
             if row.get("cloze"):
@@ -488,11 +500,13 @@ def main() -> int:
             if row.get("export"):  # save points for an averaging row
                 flags += ["--export_steps", str(max(1, steps // 4))]
             train_s = train(out, flags, steps, data)
+            precision = train_precision(out.with_suffix(".train.log"))
             model = str(out / "final")
         elif "model_of" in row:  # another row's model, evaluated differently
             out.mkdir(parents=True, exist_ok=True)
             model = str(folder_of(row["model_of"]) / "final")
             train_s = saved.get(row["model_of"], {}).get("train_s", 0.0)
+            precision = saved.get(row["model_of"], {}).get("precision", "")
         elif "average_of" in row:
             source = folder_of(row["average_of"])
             exports = sorted(source.glob("export-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -514,7 +528,8 @@ def main() -> int:
         scores, eval_s = evaluate(model, out, row.get("eval", []), cache, beir)
         saved[name] = {"scores": {str(k): v for k, v in scores.items()}, "train_s": train_s,
                        "eval_s": eval_s, "max_steps": steps,
-                       "cpu": cpu_kind()}  # fmt: skip
+                       "cpu": torch.backends.cpu.get_cpu_capability(),
+                       "precision": precision}  # fmt: skip
         saved_path.write_text(json.dumps(saved, indent=1))
         print(f"{name}: {scores} (train {train_s / 60:.1f} min, eval {eval_s / 60:.1f} min)")
     text = table(saved, args, mine_s, beir)
@@ -524,15 +539,11 @@ def main() -> int:
     return 0
 
 
-def cpu_kind() -> str:
-    """The CPU column: torch's kernel level and the precision ``mixed_precision: auto`` picks
-    on it (bf16 where the CPU computes it natively, else fp32), e.g. ``AVX512, bf16``."""
-    import torch
-
-    from conretriever.precision import cpu_has_native_bf16
-
-    precision = "bf16" if cpu_has_native_bf16() else "fp32"
-    return f"{torch.backends.cpu.get_cpu_capability()}, {precision}"
+def train_precision(log: Path) -> str:
+    """The precision a training run computed in, from its log (``this run computes in bf16``):
+    ``mixed_precision: auto`` picks bf16 on a CPU with native bf16, fp32 elsewhere."""
+    match = re.search(r"this run computes in (\w+)", log.read_text()) if log.exists() else None
+    return match.group(1) if match else ""
 
 
 def table(saved: dict, args, mine_s: float, beir: Path) -> str:
@@ -571,9 +582,8 @@ def table(saved: dict, args, mine_s: float, beir: Path) -> str:
         gap = f"{full - reference:+.2f}" if reference else ""
         minutes = f"{r['train_s'] / 60:.1f} | {r['eval_s'] / 60:.1f}"
         steps = "-" if "model" in ROWS[name] else r["max_steps"]
-        lines.append(
-            f"| {name} | {steps} | {full:.2f} | {short:.2f} | {gap} | {minutes} | {r['cpu']} |"
-        )
+        cpu = ", ".join(filter(None, [r["cpu"], r.get("precision")]))  # precision: of training
+        lines.append(f"| {name} | {steps} | {full:.2f} | {short:.2f} | {gap} | {minutes} | {cpu} |")
     missing = [n for n in ROWS if n not in saved]
     if missing:
         lines += ["", f"Not run here ({len(missing)} of {len(ROWS)} rows): " + "; ".join(missing)]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import make_decoder_dir, randomize_lora_b
 
 from conretriever.errors import ConfigError, DataError
@@ -507,6 +508,36 @@ def test_export_steps_writes_folders_to_average(tiny_decoder, tmp_path):
     assert sorted(p.name for p in run.glob("export-*")) == ["export-2"]
     assert cli(["average", str(run / "export-2"), str(run / "final"), "--output",
                 str(tmp_path / "avg")]) == 0  # fmt: skip
+
+
+def test_saved_folders_read_the_saved_document_length(tiny_decoder, tmp_path):
+    """Trained on documents cut at 8 tokens, saved to read 32: final/ and export-N/ record 32
+    (conretriever.json and sentence-transformers' max_seq_length), a long passage is read past
+    token 8, and sentence-transformers encodes it as conretriever does."""
+    from conretriever.cli import main as cli
+
+    st = pytest.importorskip("sentence_transformers")
+    data = _nq_folder(tmp_path)
+    run = tmp_path / "run"
+    assert cli(["train", "--model_name_or_path", str(tiny_decoder), "--train_data", str(data),
+                "--per_device_train_batch_size", "4", "--max_steps", "2", "--report_to", "none",
+                "--query_max_length", "8", "--doc_max_length", "8", "--saved_doc_max_length",
+                "32", "--export_steps", "1", "--output_dir", str(run)]) == 0  # fmt: skip
+    for folder in (run / "export-1", run / "final"):
+        assert json.loads((folder / "conretriever.json").read_text())["doc_max_length"] == 32
+        assert (
+            json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"] == 32
+        )
+    assert (
+        yaml.safe_load((run / "config.yaml").read_text())["model"]["embedder"]["doc_max_length"]
+        == 8
+    )
+    long = [" ".join(f"word{i}" for i in range(40))]
+    ours = Embedder.from_pretrained(str(run / "final"), device="cpu").encode(long, role="passage")
+    cut = Embedder.from_pretrained(str(run / "final"), {"doc_max_length": 8}, device="cpu")
+    assert not np.allclose(ours, cut.encode(long, role="passage"), atol=1e-4)
+    theirs = st.SentenceTransformer(str(run / "final"), device="cpu").encode(long)
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
 
 
 # ----- the loss section: old run configs ---------------------------------------------------------

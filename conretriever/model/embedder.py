@@ -410,13 +410,15 @@ class Embedder(nn.Module):
         out_dir: str | os.PathLike,
         state_dict: dict[str, torch.Tensor] | None = None,
         dtype: torch.dtype | None = None,
+        settings: EmbedderSettings | None = None,
     ) -> Path:
         """Write a self-contained model folder (merged weights, tokenizer, settings, ST files).
 
         Written into ``<out_dir>.tmp`` and renamed, so a crash never leaves a folder that loads
-        but holds half the weights. ``dtype`` casts the floating-point weights (e.g. bfloat16).
+        but holds half the weights. ``dtype`` casts the floating-point weights (e.g. bfloat16);
+        ``settings`` replaces the settings the folder records (default: this model's).
         """
-        return export.save_folder(self, out_dir, state_dict, dtype)
+        return export.save_folder(self, out_dir, state_dict, dtype, settings)
 
 
 def truncate_vectors(vectors: np.ndarray, keep: int | None, normalize: bool = True) -> np.ndarray:

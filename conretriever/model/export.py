@@ -105,12 +105,16 @@ def save_folder(
     out_dir: str | os.PathLike,
     state_dict: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
+    settings: EmbedderSettings | None = None,
 ) -> Path:
     """Write a self-contained model folder (merged weights, tokenizer, settings, ST files).
 
     Written into ``<out_dir>.tmp`` and renamed, so a crash never leaves a folder that loads
-    but holds half the weights.
+    but holds half the weights. ``settings``: what the folder records (pooling, prompts,
+    lengths), when not the embedder's own (a model trained on short documents that is to read
+    longer ones).
     """
+    settings = settings or embedder.settings
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -123,8 +127,8 @@ def save_folder(
     config.architectures = [type(embedder.base_model).__name__]
     config.save_pretrained(tmp)
     embedder.tokenizer.save_pretrained(tmp)
-    (tmp / SETTINGS_FILE).write_text(json.dumps(_settings_dict(embedder.settings), indent=2) + "\n")
-    _write_sentence_transformers_files(tmp, embedder.settings, embedder.dim)
+    (tmp / SETTINGS_FILE).write_text(json.dumps(_settings_dict(settings), indent=2) + "\n")
+    _write_sentence_transformers_files(tmp, settings, embedder.dim)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

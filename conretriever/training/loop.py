@@ -24,7 +24,7 @@ import logging
 import math
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from conretriever.errors import ConfigError, TrainingError
 from conretriever.files import writing
 from conretriever.model.card import write_card
 from conretriever.model.embedder import Embedder
+from conretriever.model.settings import EmbedderSettings
 from conretriever.precision import describe, use_mixed_bf16
 from conretriever.progress import Progress
 from conretriever.runtime import DistInfo
@@ -489,10 +490,19 @@ def export(s: Setup, name: str) -> Path | None:
         weights = state.values() if state is not None else s.model.state_dict().values()
         if not all(torch.isfinite(w).all() for w in weights if w.is_floating_point()):
             raise TrainingError(f"the trained weights hold NaN or infinity; {name}/ not written")
-        path = s.model.save(s.folder.path / name, state_dict=state)
+        path = s.model.save(s.folder.path / name, state_dict=state, settings=saved_settings(s))
         write_card(path, s.folder.path)
     runtime.barrier()
     return path
+
+
+def saved_settings(s: Setup) -> EmbedderSettings:
+    """The settings a saved folder records: the model's, reading ``saved_doc_max_length``
+    document tokens when that is set (training may read fewer, for speed)."""
+    length = s.cfg.model.saved_doc_max_length
+    if not length:
+        return s.model.settings
+    return replace(s.model.settings, doc_max_length=length)
 
 
 def export_final(s: Setup) -> Path | None:
