@@ -14,9 +14,11 @@ full vectors). SciFact is never trained on.
 
 Every trained row uses ``configs/gemma_270m_cpu.yaml`` with the same seed, steps and batch, on
 the ablation's base (``ABLATION_BASE``: LoRA lr 2e-4 with dropout 0.05, one mined hard negative
-with its teacher scores distilled, embedding distillation over query rows: the shipped config
-before 2026-12-04), so the rows keep meaning what they measured when the shipped config moves
-(row 16's since 2026-12-05); the rows add one ingredient at a time:
+with its teacher scores distilled, embedding distillation over query rows, computed in the
+precision the CPU has natively, the saved model reading the 128 document tokens it trained on:
+the shipped config before 2026-12-04), so the rows keep meaning what they measured when the
+shipped config moves (rows 26 and 30's since 2026-12-05); the rows add one ingredient at a
+time:
 
 1. **today's recipe**: mined negatives + score distillation at the old default teacher
    temperature of 1.0 (a near-uniform target for cosine scores);
@@ -98,7 +100,25 @@ before 2026-12-04), so the rows keep meaning what they measured when the shipped
    towards a nearly random map;
 25. **vector distillation, a faster map**: row 24 with the map at lr 1e-2
    (``--embed_distil_projection_lr``), 20x the adapters', so that it follows the student
-   instead of the student bending to it. Not measured yet.
+   instead of the student bending to it. Trained on 2026-12-05 (the map's cosine reached
+   0.705 against row 24's 0.469; the similarity KL was row 16's) but not evaluated: the
+   machine was gone before its evaluation ran.
+
+Rows 26-30 were measured on a 2-core Intel Xeon with AMX (native bf16), where
+``mixed_precision: auto`` trains in bf16 autocast: there row 16 scored 54.57 (45.83 at 256),
+and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 steps);
+
+26. **fp32**: row 16 with ``--mixed_precision no``: 56.49 (47.33), in 16.1 minutes: bf16
+    autocast cost ~1.9 points (one seed each) and saved no time over the whole run;
+27. **documents at 256 tokens**: row 26's model reading 256 document tokens when it is
+    evaluated (trained at 128; SciFact's abstracts average 309 Gemma tokens): 57.97 (48.75),
+    +1.5;
+28. **the AMX budget**: row 26 at 250 steps (~6.5 s a step in fp32 there), and
+29. its model reading documents at 256 tokens: 55.64 (47.51) at 128 tokens, 56.80 (48.96) at
+    256, in 27.0 minutes: more steps do not help on this data (-0.9 and -1.2 against 140);
+30. **documents at 512 tokens**: row 26's model reading 512 (59% of SciFact's abstracts run
+    past 256, 7% past 512): 58.90 (49.30), +0.9 over 256 and +2.4 over 128 (eval 8.5
+    minutes). The shipped config since 2026-12-05 (``saved_doc_max_length: 512``).
 
 and two reference rows, evaluated the same way: the untrained Gemma-3-270M (e5 prompts,
 last-token pooling, the recipe's lengths) and all-MiniLM-L6-v2. The table gives SciFact nDCG@10
@@ -134,7 +154,7 @@ DIMS = (0, 256)  # 0: full
 MINILM_REFERENCE = 64.51  # all-MiniLM-L6-v2 on SciFact (MTEB); measured again as a row
 
 # the base every row changes: the shipped config of 2026-12-03 (which the rows up to 9 were
-# measured on), whatever configs/gemma_270m_cpu.yaml says now (row 16's since 2026-12-05)
+# measured on), whatever configs/gemma_270m_cpu.yaml says now (rows 26 and 30's since 2026-12-05)
 ABLATION_BASE = ["--learning_rate", "2e-4", "--embed_distil_rows", "queries",
                  "--n_hard_negative", "1", "--distil_weight", "1",
                  "--lora_dropout", "0.05", "--mixed_precision", "auto",
@@ -311,6 +331,12 @@ ROWS: dict[str, dict] = {
     # row 26 at the 30-minute budget of an AMX Xeon (row 28): ~6.5 s a step in fp32 there
     "shipped, no hard negative, no LoRA dropout, embed weight 8, 250 steps, fp32": {
         "train": [*ROW16, "--mixed_precision", "no"], "steps": 250},
+    # row 26's model reading documents at 512 tokens (row 30): 59% of SciFact's abstracts run
+    # past 256 Gemma tokens
+    "shipped, no hard negative, no LoRA dropout, embed weight 8, 140 steps, fp32, documents at "
+    "512 tokens": {
+        "model_of": "shipped, no hard negative, no LoRA dropout, embed weight 8, 140 steps, fp32",
+        "eval": ["--doc_max_length", "512"]},
     "shipped, no hard negative, no LoRA dropout, embed weight 8, 250 steps, fp32, documents at "
     "256 tokens": {
         "model_of": "shipped, no hard negative, no LoRA dropout, embed weight 8, 250 steps, fp32",

@@ -532,6 +532,7 @@ def test_saved_folders_read_the_saved_document_length(tiny_decoder, tmp_path):
         yaml.safe_load((run / "config.yaml").read_text())["model"]["embedder"]["doc_max_length"]
         == 8
     )
+    assert "32 (trained on documents of 8)" in (run / "final" / "README.md").read_text()
     long = [" ".join(f"word{i}" for i in range(40))]
     ours = Embedder.from_pretrained(str(run / "final"), device="cpu").encode(long, role="passage")
     cut = Embedder.from_pretrained(str(run / "final"), {"doc_max_length": 8}, device="cpu")

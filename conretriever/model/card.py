@@ -102,7 +102,10 @@ def _recipe(config: dict, settings: dict) -> list[str]:
          else "full"),
         ("pooling / normalised", f"{settings.get('pooling')} / {settings.get('normalize')}"),
         ("lengths (query / document tokens)",
-         f"{settings.get('query_max_length')} / {settings.get('doc_max_length')}"),
+         f"{settings.get('query_max_length')} / {settings.get('doc_max_length')}" + (
+             f" (trained on documents of {m['embedder']['doc_max_length']})"
+             if m.get("saved_doc_max_length") and m.get("embedder", {}).get("doc_max_length")
+             else "")),
         ("batch per device", t.get("per_device_train_batch_size")),
         ("hard negatives per query", d.get("n_hard_negative")),
         ("steps / epochs", f"{t.get('max_steps')} / {t.get('num_train_epochs')}"),
