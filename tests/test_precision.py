@@ -96,7 +96,10 @@ def test_bad_names_are_refused():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_say_auto(path):
+def test_shipped_configs_never_force_bf16(path):
+    """A shipped config computes in bf16 only where the hardware does it natively (``auto``),
+    or in fp32 everywhere (``no``: the CPU recipe, where bf16 autocast trained a worse model on
+    an AMX Xeon in the same time); never ``bf16``, 50-90x slower on an AVX2-only CPU."""
     raw = yaml.safe_load(path.read_text())
-    assert raw["train"].get("mixed_precision") == "auto", f"{path.name}: mixed_precision"
+    assert raw["train"].get("mixed_precision") in ("auto", "no"), f"{path.name}: mixed_precision"
     assert raw["model"].get("dtype", "auto") == "auto", f"{path.name}: dtype"
