@@ -337,6 +337,12 @@ ROWS: dict[str, dict] = {
     "512 tokens": {
         "model_of": "shipped, no hard negative, no LoRA dropout, embed weight 8, 140 steps, fp32",
         "eval": ["--doc_max_length", "512"]},
+    # the shipped config (rows 26 + 30) trained with seed 43 (row 31): another batch plan and
+    # LoRA start, its saved model reading 512 document tokens
+    "shipped, no hard negative, no LoRA dropout, embed weight 8, 140 steps, fp32, documents at "
+    "512 tokens, seed 43": {
+        "train": [*ROW16, "--mixed_precision", "no", "--saved_doc_max_length", "512",
+                  "--seed", "43"], "steps": 140},
     "shipped, no hard negative, no LoRA dropout, embed weight 8, 250 steps, fp32, documents at "
     "256 tokens": {
         "model_of": "shipped, no hard negative, no LoRA dropout, embed weight 8, 250 steps, fp32",
