@@ -58,6 +58,14 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "final" / "model.safetensors"))
 
 
+def assert_same_weight(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Two runs' trained weights agree. Adam divides each gradient by its own running
+    magnitude, so where a gradient is near zero the reduction-order noise moves the weight by a
+    fraction of lr (1e-3 here) whatever its size: 2.2e-5 in 1 of 2048 weights on an AVX-512
+    Xeon. A real difference (a lost or doubled gradient) moves many weights by ~lr."""
+    torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
 def test_lr_schedule_shapes():
     assert [lr_factor(s, 2, 6, "linear") for s in range(3)] == [0.5, 1.0, 1.0]
     assert lr_factor(6, 2, 6, "linear") == 0.0
@@ -95,12 +103,8 @@ def test_two_process_fsdp_equals_one_process(tiny_decoder, tiny_encoder, tmp_pat
     assert w1.keys() == w2.keys()
     moved = 0
     base = load_file(str(tiny_decoder / "model.safetensors"))
-    # Weights: Adam divides each gradient by its own running magnitude, so where a gradient is
-    # near zero the reduction-order noise moves the weight by a fraction of lr (1e-3) whatever
-    # its size: 2.2e-5 in 1 of 2048 weights on an AVX-512 Xeon. A real difference (a lost or
-    # doubled gradient) moves many weights by ~lr.
     for key in w1:
-        torch.testing.assert_close(w2[key], w1[key], atol=5e-5, rtol=1e-4)
+        assert_same_weight(w2[key], w1[key])
         moved += int(not torch.equal(w1[key], base[key]))
     assert moved > 0  # training changed the weights, so the comparison means something
 
@@ -149,12 +153,8 @@ def test_fsdp_forced_on_one_process_trains_resumes_and_exports(tiny_decoder, tmp
     _run(cmd + _args(tiny_decoder, sharded, *common, "--fsdp", "true", "--resume", "true"))
     assert _losses(sharded) == first  # resumed from checkpoint-2: steps 3-4 bit-identical
     w1, w2 = _weights(plain), _weights(sharded)
-    # Weights: Adam divides each gradient by its own running magnitude, so where a gradient is
-    # near zero the reduction-order noise moves the weight by a fraction of lr (1e-3) whatever
-    # its size: 2.2e-5 in 1 of 2048 weights on an AVX-512 Xeon. A real difference (a lost or
-    # doubled gradient) moves many weights by ~lr.
     for key in w1:
-        torch.testing.assert_close(w2[key], w1[key], atol=5e-5, rtol=1e-4)
+        assert_same_weight(w2[key], w1[key])
 
 
 @pytest.mark.slow
@@ -173,12 +173,8 @@ def test_packed_chunks_equal_padded_chunks_under_two_process_fsdp(tiny_decoder, 
               *_args(tiny_decoder, outs[packed], *common, "--packed", packed)])  # fmt: skip
     assert _losses(outs["true"]) == pytest.approx(_losses(outs["false"]), abs=1e-5)
     w1, w2 = _weights(outs["false"]), _weights(outs["true"])
-    # Weights: Adam divides each gradient by its own running magnitude, so where a gradient is
-    # near zero the reduction-order noise moves the weight by a fraction of lr (1e-3) whatever
-    # its size: 2.2e-5 in 1 of 2048 weights on an AVX-512 Xeon. A real difference (a lost or
-    # doubled gradient) moves many weights by ~lr.
     for key in w1:
-        torch.testing.assert_close(w2[key], w1[key], atol=5e-5, rtol=1e-4)
+        assert_same_weight(w2[key], w1[key])
 
 
 def test_full_fine_tuning_with_frozen_embeddings_keeps_them_and_resumes_exactly(
