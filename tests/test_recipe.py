@@ -570,3 +570,33 @@ def test_every_recipe_row_has_its_own_folder():
     long = "best: all pairs (KL), lr 5e-4, embed weight 4, 80 steps"
     assert slug(long) != slug(long + ", averaged (last 3)")
     assert all(len(f) <= 57 and f.replace("_", "").isalnum() for f in folders)
+
+
+def test_every_soup_row_averages_earlier_trained_rows_that_save_alike():
+    """A soup row averages the final models of rows that the recipe trains before it (the rows
+    run in order), whose saved folders must agree (``conretriever average`` refuses others):
+    the same flags but the seed."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from recipe import ROWS
+
+    names = list(ROWS)
+    soups = [n for n in names if "soup_of" in ROWS[n]]
+    assert soups
+    for soup in soups:
+        members = ROWS[soup]["soup_of"]
+        assert len(members) >= 2 and len(set(members)) == len(members)
+        for m in members:
+            assert "train" in ROWS[m] and names.index(m) < names.index(soup), (soup, m)
+
+        def without_seed(flags):
+            return [f for i, f in enumerate(flags)
+                    if f != "--seed" and (i == 0 or flags[i - 1] != "--seed")]  # fmt: skip
+
+        first = ROWS[members[0]]
+        for m in members[1:]:
+            assert without_seed(ROWS[m]["train"]) == without_seed(first["train"])
+            assert ROWS[m].get("steps") == first.get("steps")
+            assert ROWS[m]["train"] != first["train"]  # a different seed: a different run
