@@ -70,6 +70,26 @@ def test_a_second_run_is_refused_and_the_first_is_untouched(tiny_decoder, tmp_pa
     assert not list(out.glob("checkpoint-*"))  # the old run's checkpoints were removed
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_the_folder_free(tiny_decoder, tmp_path,
+                                                                        capsys):  # fmt: skip
+    """A wrong data path fails with one line; the same command with the path corrected then runs
+    in the same folder (no --overwrite_output_dir), and a file already there is kept."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = train_args(tiny_decoder, out, "--max_steps", "1")
+    bad = [tmp_path / "no_such_data" if a == str(DEMO) else a for a in args]
+    assert cli([str(a) for a in bad]) == 2
+    assert "no_such_data" in error_line(capsys, "train")
+    assert not (out / "run.json").exists() and not (out / "config.yaml").exists()
+    assert cli(args) == 0
+    assert [r["step"] for r in rows(out)] == [1]
+    assert (out / "notes.txt").read_text() == "mine"
+    # a run that did train keeps its folder: the next command is refused, as before
+    assert cli(args) == 2
+    assert "holds another run" in error_line(capsys, "train")
+
+
 def test_resume_refuses_a_changed_trajectory_and_force_applies_the_new_values(
     tiny_decoder, tmp_path, capsys
 ):

@@ -520,7 +520,11 @@ def train(cfg: TrainSettings) -> dict:
     folder = prepare(cfg)
     finished = False
     try:
-        s = setup(cfg, info, folder)
+        try:
+            s = setup(cfg, info, folder)
+        except BaseException:  # nothing trained: the folder is free for the corrected command
+            folder.release_unstarted()
+            raise
         start = resume(s)
         # Metrics, checkpoints and exports: a full disk mid-run is one line naming the run
         # folder (checkpoints and final/ are written aside and renamed, so the last complete

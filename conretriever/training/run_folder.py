@@ -11,6 +11,8 @@ is in ``config.yaml``. When a run starts (rank 0 decides, the other ranks are to
   schedule, learning rate, temperature, seed, lengths, negatives...), listing each as
   ``field: old -> new``; ``--resume force`` accepts the change, applies the NEW values
   (scheduler included) and says so;
+* a new run that fails before its first step (data that does not load, a model that does
+  not) removes the records it wrote, so the corrected command runs in the same folder;
 * a lock (``.lock``, held while the run lives) refuses a second run writing to the same folder
   at the same time, which also makes leftovers of killed runs (``checkpoint-*.tmp``,
   ``final.tmp``) safe to remove: no live process owns them.
@@ -61,6 +63,22 @@ class RunFolder:
     resumed: bool  # a previous run of this id exists here (resume true/force)
     changes: dict[str, tuple]  # with resume force: field -> (old, new)
     _lock: object = None
+
+    def release_unstarted(self) -> None:
+        """Undo the claim of a new run that failed before its first step (bad data, a model
+        that does not load): remove the records it wrote (``run.json``, ``config.yaml``,
+        ``tasks_resolved.json``, an empty ``metrics.jsonl``), so that the corrected command
+        runs in the same folder without ``--overwrite_output_dir``. A resumed run keeps its
+        records; rank 0 alone writes them, so rank 0 alone removes them."""
+        if self.resumed or not runtime.is_main():
+            return
+        metrics = self.path / "metrics.jsonl"
+        written = [self.path / RUN_FILE, self.path / "config.yaml",
+                   self.path / "tasks_resolved.json"]  # fmt: skip
+        if metrics.is_file() and metrics.stat().st_size == 0:
+            written.append(metrics)
+        for path in written:
+            path.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._lock is not None:
