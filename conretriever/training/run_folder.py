@@ -78,7 +78,10 @@ class RunFolder:
         if metrics.is_file() and metrics.stat().st_size == 0:
             written.append(metrics)
         for path in written:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # a read-only folder: the error that stopped the run is what matters
+                log.warning("could not remove %s", path)
 
     def close(self) -> None:
         if self._lock is not None:
