@@ -386,6 +386,31 @@ ROWS: dict[str, dict] = {
     "soup: the 120-step seeds 42 and 43 averaged": {
         "soup_of": ["shipped config (fp32, reads 512), 120 steps, seed 42",
                     "shipped config (fp32, reads 512), 120 steps, seed 43"]},
+    # a soup of two data mixtures (rows 36-37): row 34's run (seed 43) with inverse-cloze pairs
+    # as ~38% of its batches (row 11's mixture), averaged with row 33 (seed 42, no cloze), as
+    # EmbeddingGemma merges runs trained on different mixtures: the members then differ in what
+    # they saw, not only in batch order and LoRA start
+    "shipped config (fp32, reads 512), 120 steps, seed 43, + inverse-cloze pairs": {
+        "train": [*SHIPPED_NOW, "--seed", "43"], "steps": 120, "cloze": True},
+    "soup: seed 42 and the seed-43 run with inverse-cloze pairs averaged": {
+        "soup_of": ["shipped config (fp32, reads 512), 120 steps, seed 42",
+                    "shipped config (fp32, reads 512), 120 steps, seed 43, + inverse-cloze "
+                    "pairs"]},
+    # decoupled similarity distillation (rows 38-40, ``--embed_distil_rest_weight 8``): next to
+    # the full KL, the KL of every row without the teacher's nearest text, so the teacher's
+    # order of the other texts is taught (the full target keeps ~0.1-3% of the uniform entropy
+    # at tau, the rest's 15-25%); weight 8 as the full KL's (DKD's own beta is 8)
+    "shipped config (fp32, reads 512), 120 steps, seed 42, + decoupled distillation 8": {
+        "train": [*SHIPPED_NOW, "--seed", "42", "--embed_distil_rest_weight", "8"],
+        "steps": 120},
+    "shipped config (fp32, reads 512), 120 steps, seed 43, + decoupled distillation 8": {
+        "train": [*SHIPPED_NOW, "--seed", "43", "--embed_distil_rest_weight", "8"],
+        "steps": 120},
+    "soup: the seeds 42 and 43 with decoupled distillation averaged": {
+        "soup_of": ["shipped config (fp32, reads 512), 120 steps, seed 42, + decoupled "
+                    "distillation 8",
+                    "shipped config (fp32, reads 512), 120 steps, seed 43, + decoupled "
+                    "distillation 8"]},
 }  # fmt: skip
 
 

@@ -26,7 +26,9 @@ from conretriever.training.config import TrainSettings, trajectory
 from conretriever.training.grad_cache import grad_cache_step
 from conretriever.training.loss import (
     LossSettings,
+    rest_distillation,
     similarity_distillation,
+    similarity_rows,
     teacher_stats,
     training_loss,
     vector_distillation,
@@ -135,6 +137,66 @@ def test_similarity_distillation_over_all_texts_matches_the_float64_hand_computa
         assert float(zero) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("rows", ["queries", "all"])
+def test_rest_distillation_gradient_equals_the_float64_hand_computation(rows):
+    """Decoupled similarity distillation: each row loses the column of the teacher's highest
+    cosine, both softmaxes are renormalised over the rest; with p the renormalised softmaxes,
+    dL/dS_ij = (p_s - p_t)_ij / (N tau) on the kept columns and 0 on the dropped one, computed
+    here row by row with explicit index lists. ``rows=all``: S = X X^T off its diagonal, so
+    dL/dX = (G + G^T) X with G laid back on the full square."""
+    b, n, tau, t_t = 3, 1, 0.05, 0.1
+    q = unit(b, 8).requires_grad_()
+    d = unit(b * (1 + n), 8, seed=1).requires_grad_()
+    tq, td = unit(b, 5, seed=2), unit(b * (1 + n), 5, seed=3)
+    student, teacher, _, world = similarity_rows(q, d, tq, td, t_t, cross_device=False,
+                                                 rows=rows)  # fmt: skip
+    loss, entropy = rest_distillation(student, teacher, tau, t_t)
+    (loss * world).backward()
+    if rows == "all":
+        x, tx = torch.cat([q.detach(), d.detach()]), torch.cat([tq, td])
+        s_full, t_full = x @ x.T, tx @ tx.T
+        columns = [[j for j in range(len(x)) if j != i] for i in range(len(x))]
+    else:
+        s_full, t_full = q.detach() @ d.detach().T, tq @ td.T
+        columns = [list(range(d.shape[0])) for _ in range(b)]
+    g = torch.zeros_like(s_full)
+    expected, entropies = 0.0, []
+    for i, cols in enumerate(columns):
+        top = max(cols, key=lambda j: float(t_full[i, j]))
+        rest = [j for j in cols if j != top]
+        p_s = (s_full[i, rest] / tau).softmax(0)
+        p_t = (t_full[i, rest] / t_t).softmax(0)
+        expected += float((p_t * (p_t.log() - p_s.log())).sum())
+        entropies.append(float(-(p_t * p_t.log()).sum() / math.log(len(rest))))
+        g[i, rest] = (p_s - p_t) / (len(columns) * tau)
+    assert float(loss.detach()) == pytest.approx(expected / len(columns), rel=1e-12)
+    assert entropy == pytest.approx(sum(entropies) / len(entropies), rel=1e-9)
+    if rows == "all":
+        grad_x = (g + g.T) @ x
+        torch.testing.assert_close(q.grad, grad_x[:b], atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(d.grad, grad_x[b:], atol=1e-12, rtol=1e-10)
+    else:
+        torch.testing.assert_close(q.grad, g @ d.detach(), atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(d.grad, g.T @ q.detach(), atol=1e-12, rtol=1e-10)
+
+
+def test_the_rest_target_keeps_the_teachers_order_where_the_full_one_is_one_hot():
+    """A sure teacher (its positive at 0.75, unrelated texts a few hundredths apart at 0.21-0.30):
+    at tau = 0.02 the full row's target is nearly one-hot, so matching it says nothing about the
+    other texts; the rest's target spreads over them in the teacher's order, and a student that
+    ranks the rest backwards is charged for it by the rest (3.7 nats), not by the full KL."""
+    teacher = torch.tensor([[0.75, 0.30, 0.27, 0.24, 0.21]], dtype=torch.float64)
+    backwards = torch.tensor([[0.75, 0.21, 0.24, 0.27, 0.30]], dtype=torch.float64)
+    full = teacher_stats(teacher / 0.02, torch.zeros(1, dtype=torch.long))["entropy"]
+    rest_kl, rest_entropy = rest_distillation(backwards, teacher, 0.02, 0.02)
+    same_kl, _ = rest_distillation(teacher, teacher, 0.02, 0.02)
+    full_kl = F.kl_div((backwards / 0.02).log_softmax(1), (teacher / 0.02).log_softmax(1),
+                       log_target=True, reduction="batchmean")  # fmt: skip
+    assert full < 0.01 and rest_entropy > 0.4
+    assert float(same_kl) == pytest.approx(0.0, abs=1e-12)
+    assert float(rest_kl) > 1.0 and float(full_kl) < 1e-4 * float(rest_kl)
+
+
 def test_query_rows_mse_is_the_summed_squared_cosine_difference():
     q, d = unit(4, 8), unit(8, 8, seed=1)
     tq, td = unit(4, 3, seed=2), unit(8, 3, seed=3)
@@ -173,9 +235,10 @@ def _nq_folder(tmp_path):
     return data
 
 
-@pytest.mark.parametrize("rows, objective", [("queries", "kl"), ("all", "mse")])
+@pytest.mark.parametrize("rows, objective, rest", [("queries", "kl", 0.0), ("all", "mse", 0.0),
+                                                   ("all", "kl", 0.6)])  # fmt: skip
 def test_grad_cache_with_embedding_distillation_equals_the_full_batch(tiny_decoder, rows,
-                                                                      objective):  # fmt: skip
+                                                                      objective, rest):  # fmt: skip
     ref = _model(tiny_decoder)
     cached = copy.deepcopy(ref)
     q, d, teacher_vectors = _distil_batch(ref)
@@ -183,7 +246,8 @@ def test_grad_cache_with_embedding_distillation_equals_the_full_batch(tiny_decod
     settings = LossSettings(temperature=0.05, cross_device_negatives=False, distil_weight=0.5,
                             embed_distil_model="teacher", embed_distil_weight=0.7,
                             embed_distil_temperature=0.1, embed_distil_rows=rows,
-                            embed_distil_objective=objective)  # fmt: skip
+                            embed_distil_objective=objective,
+                            embed_distil_rest_weight=rest)  # fmt: skip
 
     def loss(a, b):
         return training_loss(a, b, settings, None, scores, teacher_vectors)
@@ -196,6 +260,7 @@ def test_grad_cache_with_embedding_distillation_equals_the_full_batch(tiny_decod
     out, g = grads(cached, 2)
     torch.testing.assert_close(out.loss, out_ref.loss, atol=1e-9, rtol=1e-9)
     assert out.stats["embed_kl"] > 0 and all(v.abs().sum() > 0 for v in g.values())
+    assert (out.stats.get("embed_rest_kl", 0) > 0) == (rest > 0)
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], atol=1e-6, rtol=1e-6, msg=name)
 
@@ -330,6 +395,8 @@ def test_embedding_distillation_needs_a_teacher():
 
     with pytest.raises(ConfigError, match="--embed_distil_weight > 0 needs --embed_distil_model"):
         parse_config(["--embed_distil_weight", "1"])
+    with pytest.raises(ConfigError, match="--embed_distil_rest_weight > 0 needs --embed_distil"):
+        parse_config(["--embed_distil_rest_weight", "1"])
 
 
 def test_training_with_an_embedding_teacher_logs_its_terms(tiny_decoder, tiny_encoder, tmp_path,
@@ -575,7 +642,7 @@ def test_every_recipe_row_has_its_own_folder():
 def test_every_soup_row_averages_earlier_trained_rows_that_save_alike():
     """A soup row averages the final models of rows that the recipe trains before it (the rows
     run in order), whose saved folders must agree (``conretriever average`` refuses others):
-    the same flags but the seed."""
+    the same flags but the seed, with the training data's mixture (``cloze``) free to differ."""
     import sys
     from pathlib import Path
 
@@ -599,4 +666,5 @@ def test_every_soup_row_averages_earlier_trained_rows_that_save_alike():
         for m in members[1:]:
             assert without_seed(ROWS[m]["train"]) == without_seed(first["train"])
             assert ROWS[m].get("steps") == first.get("steps")
-            assert ROWS[m]["train"] != first["train"]  # a different seed: a different run
+            # another seed or another data mixture: a different run
+            assert ROWS[m]["train"] != first["train"] or ROWS[m].get("cloze") != first.get("cloze")

@@ -66,6 +66,20 @@ softmax, so the student is taught the teacher's whole geometry (how similar two 
 are, too), which a sharp softmax of an easy batch hardly sees. Both are invariant to a rotation
 of either space, so neither needs a projection.
 
+**Decoupled similarity distillation** (``embed_distil_rest_weight`` > 0, same teacher and rows):
+the KL above is dominated by each row's top text once the teacher is sure of it (on the
+recipe's data the teacher's softmax at tau keeps ~0.1% of the uniform entropy): the target is
+then nearly one-hot, a second InfoNCE, and how the teacher orders the *other* texts (which
+unrelated text is nearer, the knowledge it was trained for) is multiplied by the tiny mass it
+leaves them. Decoupled knowledge distillation (Zhao et al., 2022) splits the classic KL into the
+target's part and the rest's and weights the rest on its own. Here: each row loses the column
+of the teacher's nearest text (its own positive or query, where the teacher agrees with the
+labels), both softmaxes are renormalised over the remaining columns, and the loss is
+``KL(softmax(T_rest / t_t) || softmax(S_rest / tau))``, averaged over rows; the top text is
+left to InfoNCE and the full KL. Its gradient is that of the KL on the kept columns, zero on the
+dropped one. Logged: ``embed_rest_kl`` and ``embed_rest_entropy`` (the rest target's entropy
+as a share of the uniform's: how much it says).
+
 **Vector distillation** (``embed_distil_vector_weight`` > 0, same teacher): every text of the
 batch, query or document, is matched to the teacher's own vector of it, not only to its
 similarities with the batch's other texts. The two spaces differ in size (640 dimensions for
@@ -160,6 +174,14 @@ class LossSettings:
         help="kl: of the rows' softmaxes; mse: squared cosine differences, summed over a row",
     )
 
+    embed_distil_rest_weight: float = opt(
+        0.0,
+        ge=0,
+        help="weight of the similarity KL over each row's other texts, the teacher's nearest "
+        "left out (decoupled distillation: the teacher's order of the rest, however sure it is "
+        "of its top text)",
+    )
+
     embed_distil_vector_weight: float = opt(
         0.0,
         ge=0,
@@ -184,10 +206,12 @@ class LossSettings:
             self.contrastive_weight == 0
             and self.distil_weight == 0
             and (self.embed_distil_weight == 0)
+            and (self.embed_distil_rest_weight == 0)
             and (self.embed_distil_vector_weight == 0)
         ):
             raise ConfigError("--contrastive_weight and every distillation weight are 0: no loss")
-        for name in ("embed_distil_weight", "embed_distil_vector_weight"):
+        for name in ("embed_distil_weight", "embed_distil_rest_weight",
+                     "embed_distil_vector_weight"):  # fmt: skip
             if getattr(self, name) > 0 and not self.embed_distil_model:
                 raise ConfigError(
                     f"--{name} > 0 needs --embed_distil_model (a teacher embedder spec, "
@@ -197,7 +221,8 @@ class LossSettings:
     @property
     def needs_teacher_vectors(self) -> bool:
         """Whether a term of the loss reads the teacher's vectors of the batch's texts."""
-        return self.embed_distil_weight > 0 or self.embed_distil_vector_weight > 0
+        return (self.embed_distil_weight > 0 or self.embed_distil_rest_weight > 0
+                or self.embed_distil_vector_weight > 0)  # fmt: skip
 
     @property
     def score_teacher_temperature(self) -> float:
@@ -317,28 +342,24 @@ def distillation_kl(q: torch.Tensor, d: torch.Tensor, teacher: torch.Tensor, tem
     return F.kl_div(F.log_softmax(student, dim=1), target, log_target=True, reduction="batchmean")
 
 
-def similarity_distillation(
+def similarity_rows(
     q: torch.Tensor,
     d: torch.Tensor,
     teacher_q: torch.Tensor,
     teacher_d: torch.Tensor,
-    temperature: float,
     teacher_temperature: float,
     cross_device: bool = True,
     rows: str = "queries",
-    objective: str = "kl",
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Embedding distillation by similarity matching (see the module docstring).
+) -> tuple[torch.Tensor, torch.Tensor, dict, int]:
+    """The student's and the teacher's rows of cosines that similarity distillation matches.
 
     ``q`` [B, dim] / ``d`` [B * (1 + n), dim]: the student's local unit vectors, laid out as in
     :func:`contrastive_loss`; ``teacher_q`` [B, dim_t] / ``teacher_d``: the teacher's unit vectors
-    of the same texts (any ``dim_t``). ``rows``: ``queries`` matches each query's row of
-    similarities to every document; ``all`` matches every text's row (queries and documents)
-    to every other text of the batch (itself left out). ``objective``: ``kl`` between the rows'
-    softmaxes (student at ``temperature``, teacher at ``teacher_temperature``), or ``mse``: the
-    squared difference of the raw cosines, summed over a row's columns and averaged over rows
-    (no temperature). Returns (global mean loss, the loss to call backward on, teacher stats:
-    those of the query rows' softmax at ``teacher_temperature``)."""
+    of the same texts (any ``dim_t``), gathered across ranks with the student's. ``rows``:
+    ``queries``: each query's row of cosines to every document, [Q, D]; ``all``: every text's
+    row (queries and documents) to every other text of the batch, itself left out,
+    [N, N - 1]. Returns (student rows, teacher rows, the teacher's stats over the query rows'
+    softmax at ``teacher_temperature``, the world size the loss is multiplied by for backward)."""
     world = world_size() if cross_device else 1
     b, docs_per_rank = q.shape[0], d.shape[0]
     if world > 1:
@@ -350,21 +371,64 @@ def similarity_distillation(
     query_rows = teacher_q @ teacher_d.T  # the teacher's query-document cosines
     stats = teacher_stats(query_rows / teacher_temperature,
                           _labels(q.shape[0], b, docs_per_rank, q.device))  # fmt: skip
-    if rows == "all":
-        student_x, teacher_x = torch.cat([q, d]), torch.cat([teacher_q, teacher_d])
-        student, teacher = student_x @ student_x.T, teacher_x @ teacher_x.T
-        keep = ~torch.eye(student.shape[0], dtype=torch.bool, device=q.device)
-        # every row loses its diagonal: [N, N - 1]
-        student, teacher = student[keep].view(len(keep), -1), teacher[keep].view(len(keep), -1)
-    else:
-        student, teacher = q @ d.T, query_rows
+    if rows != "all":
+        return q @ d.T, query_rows, stats, world
+    student_x, teacher_x = torch.cat([q, d]), torch.cat([teacher_q, teacher_d])
+    student, teacher = student_x @ student_x.T, teacher_x @ teacher_x.T
+    keep = ~torch.eye(student.shape[0], dtype=torch.bool, device=q.device)
+    # every row loses its diagonal: [N, N - 1]
+    student, teacher = student[keep].view(len(keep), -1), teacher[keep].view(len(keep), -1)
+    return student, teacher, stats, world
+
+
+def _row_match(student: torch.Tensor, teacher: torch.Tensor, objective: str, temperature: float,
+               teacher_temperature: float) -> torch.Tensor:  # fmt: skip
+    """Mean over rows of KL(softmax(teacher / t_t) || softmax(student / tau)) (``kl``), or of
+    the squared cosine differences summed over a row (``mse``)."""
     if objective == "mse":
-        loss = (student - teacher).pow(2).sum(1).mean()
-    else:
-        target = F.log_softmax(teacher / teacher_temperature, dim=1)
-        loss = F.kl_div(F.log_softmax(student / temperature, dim=1), target, log_target=True,
-                        reduction="batchmean")  # fmt: skip
+        return (student - teacher).pow(2).sum(1).mean()
+    target = F.log_softmax(teacher / teacher_temperature, dim=1)
+    return F.kl_div(F.log_softmax(student / temperature, dim=1), target, log_target=True,
+                    reduction="batchmean")  # fmt: skip
+
+
+def similarity_distillation(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    teacher_q: torch.Tensor,
+    teacher_d: torch.Tensor,
+    temperature: float,
+    teacher_temperature: float,
+    cross_device: bool = True,
+    rows: str = "queries",
+    objective: str = "kl",
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Embedding distillation by similarity matching (see the module docstring) over the rows
+    of :func:`similarity_rows`. ``objective``: ``kl`` between the rows' softmaxes (student at
+    ``temperature``, teacher at ``teacher_temperature``), or ``mse``: the squared difference of
+    the raw cosines, summed over a row's columns and averaged over rows (no temperature).
+    Returns (global mean loss, the loss to call backward on, teacher stats)."""
+    student, teacher, stats, world = similarity_rows(
+        q, d, teacher_q, teacher_d, teacher_temperature, cross_device, rows)  # fmt: skip
+    loss = _row_match(student, teacher, objective, temperature, teacher_temperature)
     return loss, loss * world, stats
+
+
+def rest_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                      teacher_temperature: float) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """Decoupled similarity distillation (see the module docstring): the KL of the rows of
+    :func:`similarity_rows` once each row has lost the column of the teacher's highest cosine,
+    both softmaxes renormalised over the rest. Returns (the mean loss over rows, the rest
+    target's mean entropy as a share of the uniform's over ``columns - 1``)."""
+    n, m = teacher.shape
+    if m < 3:  # a rest of one text is a certain target: nothing to teach
+        return student.sum() * 0, 0.0
+    keep = torch.ones_like(teacher, dtype=torch.bool)
+    keep[torch.arange(n, device=teacher.device), teacher.argmax(dim=1)] = False
+    student, teacher = student[keep].view(n, m - 1), teacher[keep].view(n, m - 1)
+    labels = torch.zeros(n, dtype=torch.long, device=teacher.device)  # unused by the entropy
+    entropy = teacher_stats(teacher / teacher_temperature, labels)["entropy"]
+    return _row_match(student, teacher, "kl", temperature, teacher_temperature), entropy
 
 
 def vector_distillation(
@@ -421,18 +485,25 @@ def training_loss(q, d, settings: LossSettings, doc_text_ids=None, teacher=None,
         out.stats["distil_kl"] = round(shown, 6)
         loss = loss + s.distil_weight * shown
         backward = backward + s.distil_weight * kl  # local mean: FSDP averages over ranks
-    if s.embed_distil_weight > 0:
+    if s.embed_distil_weight > 0 or s.embed_distil_rest_weight > 0:
         if teacher_vectors is None:
-            raise ValueError("embed_distil_weight > 0 needs the teacher's vectors of the batch")
-        kl, kl_backward, stats = similarity_distillation(
-            q, d, *teacher_vectors, s.temperature, s.embed_teacher_temperature,
-            cross_device=s.cross_device_negatives, rows=s.embed_distil_rows,
-            objective=s.embed_distil_objective,
-        )  # fmt: skip
-        out.stats["embed_kl"] = round(float(kl.detach()), 6)
+            raise ValueError("embedding distillation needs the teacher's vectors of the batch")
+        t_t = s.embed_teacher_temperature
+        student, teacher_rows, stats, world = similarity_rows(
+            q, d, *teacher_vectors, t_t, cross_device=s.cross_device_negatives,
+            rows=s.embed_distil_rows)  # fmt: skip
         out.stats.update({f"embed_teacher_{k}": round(v, 4) for k, v in stats.items()})
-        loss = loss + s.embed_distil_weight * kl.detach()
-        backward = backward + s.embed_distil_weight * kl_backward
+        if s.embed_distil_weight > 0:
+            kl = _row_match(student, teacher_rows, s.embed_distil_objective, s.temperature, t_t)
+            out.stats["embed_kl"] = round(float(kl.detach()), 6)
+            loss = loss + s.embed_distil_weight * kl.detach()
+            backward = backward + s.embed_distil_weight * kl * world
+        if s.embed_distil_rest_weight > 0:
+            rest, entropy = rest_distillation(student, teacher_rows, s.temperature, t_t)
+            out.stats["embed_rest_kl"] = round(float(rest.detach()), 6)
+            out.stats["embed_rest_entropy"] = round(entropy, 4)
+            loss = loss + s.embed_distil_rest_weight * rest.detach()
+            backward = backward + s.embed_distil_rest_weight * rest * world
     if s.embed_distil_vector_weight > 0:
         if teacher_vectors is None or projection is None:
             raise ValueError("embed_distil_vector_weight > 0 needs the teacher's vectors of the "
