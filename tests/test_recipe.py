@@ -197,6 +197,66 @@ def test_the_rest_target_keeps_the_teachers_order_where_the_full_one_is_one_hot(
     assert float(rest_kl) > 1.0 and float(full_kl) < 1e-4 * float(rest_kl)
 
 
+def test_a_copy_of_the_teachers_nearest_text_is_left_out_with_it():
+    """Two rows of a batch can hold the same text (SQuAD's questions share paragraphs): its copy
+    ties with the teacher's nearest and would take the whole rest target. Both are left out,
+    so the row still teaches the order of the others, as the row without the copy does."""
+    teacher = torch.tensor([[0.75, 0.30, 0.27, 0.24, 0.21]], dtype=torch.float64)
+    backwards = torch.tensor([[0.75, 0.21, 0.24, 0.27, 0.30]], dtype=torch.float64)
+    alone, alone_entropy = rest_distillation(backwards, teacher, 0.02, 0.02)
+    copy_t = torch.cat([teacher[:, :1], teacher], 1)  # the nearest text twice
+    copy_s = torch.cat([backwards[:, :1], backwards], 1)
+    with_copy, copy_entropy = rest_distillation(copy_s, copy_t, 0.02, 0.02)
+    assert float(with_copy) == pytest.approx(float(alone), rel=1e-12) and float(alone) > 1
+    assert copy_entropy == pytest.approx(alone_entropy, rel=1e-12)
+
+
+def test_a_batch_without_a_rest_says_so_and_adds_nothing():
+    student = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([[0.7, 0.2], [0.1, 0.6]], dtype=torch.float64)
+    with pytest.warns(UserWarning, match="no similarity row keeps two texts"):
+        loss, entropy = rest_distillation(student, teacher, 0.02, 0.02)
+    assert float(loss) == 0.0 and entropy == 0.0
+    # a row that keeps one text adds 0 beside a row that keeps three
+    teacher = torch.tensor([[0.7, 0.7, 0.7, 0.2], [0.6, 0.5, 0.4, 0.1]], dtype=torch.float64)
+    student = torch.tensor([[0.1, 0.9, 0.3, 0.2], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    both, _ = rest_distillation(student, teacher, 0.05, 0.05)
+    second, _ = rest_distillation(student[1:], teacher[1:], 0.05, 0.05)
+    assert float(both) == pytest.approx(float(second) / 2, rel=1e-12)
+
+
+def test_training_loss_adds_each_similarity_term_at_its_weight_and_world(monkeypatch):
+    """The wiring of the two similarity terms in ``training_loss``: the logged loss adds each
+    term's global mean at its weight; the loss called backward on multiplies each by the world
+    size (every rank holds the global value; FSDP averages the gradients over ranks). Two ranks
+    are simulated by gathers that return the local tensors."""
+    import conretriever.training.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "world_size", lambda: 2)
+    monkeypatch.setattr(loss_module, "all_gather_with_grad", lambda x: x)
+    monkeypatch.setattr(loss_module, "all_gather_no_grad", lambda x: x)
+    b, tau, t_t = 4, 0.05, 0.1
+    q, d = unit(b, 8).requires_grad_(), unit(b, 8, seed=1).requires_grad_()
+    tq, td = unit(b, 5, seed=2), unit(b, 5, seed=3)
+    settings = LossSettings(temperature=tau, embed_distil_model="t", embed_distil_weight=0.7,
+                            embed_distil_temperature=t_t, embed_distil_rows="all",
+                            embed_distil_rest_weight=0.3)  # fmt: skip
+    out = training_loss(q, d, settings, teacher_vectors=(tq, td))
+    contrastive = loss_module.contrastive_loss(q, d, tau)
+    student, teacher, _, _ = similarity_rows(q, d, tq, td, t_t, rows="all")
+    kl = F.kl_div((student / tau).log_softmax(1), (teacher / t_t).log_softmax(1),
+                  log_target=True, reduction="batchmean")  # fmt: skip
+    rest, _ = rest_distillation(student, teacher, tau, t_t)
+    expected = contrastive.loss + 0.7 * kl + 0.3 * rest
+    torch.testing.assert_close(out.loss.detach(), expected.detach(), atol=1e-12, rtol=1e-12)
+    grads = torch.autograd.grad(out.backward_loss, [q, d])
+    want = torch.autograd.grad(contrastive.backward_loss + 2 * (0.7 * kl + 0.3 * rest), [q, d])
+    for got, ref in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-10)
+    assert out.stats["embed_rest_kl"] == pytest.approx(float(rest), abs=1e-6)
+    assert out.stats["embed_kl"] == pytest.approx(float(kl), abs=1e-6)
+
+
 def test_query_rows_mse_is_the_summed_squared_cosine_difference():
     q, d = unit(4, 8), unit(8, 8, seed=1)
     tq, td = unit(4, 3, seed=2), unit(8, 3, seed=3)

@@ -68,13 +68,15 @@ of either space, so neither needs a projection.
 
 **Decoupled similarity distillation** (``embed_distil_rest_weight`` > 0, same teacher and rows):
 the KL above is dominated by each row's top text once the teacher is sure of it (on the
-recipe's data the teacher's softmax at tau keeps ~0.1% of the uniform entropy): the target is
+recipe's SQuAD batches the teacher's softmax at tau keeps 0.1-3% of the uniform entropy): it is
 then nearly one-hot, a second InfoNCE, and how the teacher orders the *other* texts (which
 unrelated text is nearer, the knowledge it was trained for) is multiplied by the tiny mass it
 leaves them. Decoupled knowledge distillation (Zhao et al., 2022) splits the classic KL into the
 target's part and the rest's and weights the rest on its own. Here: each row loses the column
 of the teacher's nearest text (its own positive or query, where the teacher agrees with the
-labels), both softmaxes are renormalised over the remaining columns, and the loss is
+labels) and every column the teacher scores as high (a copy of that text elsewhere in the
+batch: it would take the whole rest target), both softmaxes are renormalised over the
+remaining columns, and the loss is
 ``KL(softmax(T_rest / t_t) || softmax(S_rest / tau))``, averaged over rows; the top text is
 left to InfoNCE and the full KL. Its gradient is that of the KL on the kept columns, zero on the
 dropped one. Logged: ``embed_rest_kl`` and ``embed_rest_entropy`` (the rest target's entropy
@@ -96,12 +98,14 @@ saved model encodes exactly as before). It is single-process only (an FSDP run i
 the sharded model's forward never runs ``W``). Its backward is the local mean.
 
 The total is ``contrastive_weight * InfoNCE + distil_weight * KL_scores +
-embed_distil_weight * KL_similarities + embed_distil_vector_weight * (1 - cos)``.
+embed_distil_weight * KL_similarities + embed_distil_rest_weight * KL_rest +
+embed_distil_vector_weight * (1 - cos)``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -414,21 +418,37 @@ def similarity_distillation(
     return loss, loss * world, stats
 
 
+TIE = 1e-6  # teacher cosines this close to a row's highest are the same text (a copy)
+
+
 def rest_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
                       teacher_temperature: float) -> tuple[torch.Tensor, float]:  # fmt: skip
     """Decoupled similarity distillation (see the module docstring): the KL of the rows of
-    :func:`similarity_rows` once each row has lost the column of the teacher's highest cosine,
-    both softmaxes renormalised over the rest. Returns (the mean loss over rows, the rest
-    target's mean entropy as a share of the uniform's over ``columns - 1``)."""
-    n, m = teacher.shape
-    if m < 3:  # a rest of one text is a certain target: nothing to teach
+    :func:`similarity_rows` once each row has lost the column of the teacher's highest cosine
+    (and any column within ``TIE`` of it), both softmaxes renormalised over the rest (masked,
+    so rows may keep different numbers of columns). Returns (the loss summed over rows and
+    divided by their number, rows with fewer than two kept columns adding 0; the rest target's
+    mean entropy as a share of the uniform's over each row's kept columns, over the rows that
+    have two or more)."""
+    keep = teacher < teacher.max(dim=1, keepdim=True).values - TIE
+    kept = keep.sum(1)
+    taught = kept >= 2  # one kept text is a certain target: nothing to teach
+    if not bool(taught.any()):
+        warnings.warn(
+            "embed_distil_rest_weight: no similarity row keeps two texts besides the teacher's "
+            "nearest (a batch this small has no rest to teach): the term is 0",
+            stacklevel=2,
+        )
         return student.sum() * 0, 0.0
-    keep = torch.ones_like(teacher, dtype=torch.bool)
-    keep[torch.arange(n, device=teacher.device), teacher.argmax(dim=1)] = False
-    student, teacher = student[keep].view(n, m - 1), teacher[keep].view(n, m - 1)
-    labels = torch.zeros(n, dtype=torch.long, device=teacher.device)  # unused by the entropy
-    entropy = teacher_stats(teacher / teacher_temperature, labels)["entropy"]
-    return _row_match(student, teacher, "kl", temperature, teacher_temperature), entropy
+    floor = torch.finfo(student.dtype).min
+    log_s = (student / temperature).masked_fill(~keep, floor).log_softmax(1)
+    log_t = (teacher.to(student) / teacher_temperature).masked_fill(~keep, floor).log_softmax(1)
+    p_t = log_t.exp()
+    per_row = (p_t * (log_t - log_s)).masked_fill(~keep, 0).sum(1).masked_fill(~taught, 0)
+    with torch.no_grad():
+        spread = -(p_t * log_t).masked_fill(~keep, 0).sum(1)[taught].double()
+        entropy = float((spread / kept[taught].double().log()).mean())
+    return per_row.sum() / len(per_row), entropy
 
 
 def vector_distillation(
@@ -497,13 +517,13 @@ def training_loss(q, d, settings: LossSettings, doc_text_ids=None, teacher=None,
             kl = _row_match(student, teacher_rows, s.embed_distil_objective, s.temperature, t_t)
             out.stats["embed_kl"] = round(float(kl.detach()), 6)
             loss = loss + s.embed_distil_weight * kl.detach()
-            backward = backward + s.embed_distil_weight * kl * world
+            backward = backward + s.embed_distil_weight * (kl * world)
         if s.embed_distil_rest_weight > 0:
             rest, entropy = rest_distillation(student, teacher_rows, s.temperature, t_t)
             out.stats["embed_rest_kl"] = round(float(rest.detach()), 6)
             out.stats["embed_rest_entropy"] = round(entropy, 4)
             loss = loss + s.embed_distil_rest_weight * rest.detach()
-            backward = backward + s.embed_distil_rest_weight * rest * world
+            backward = backward + s.embed_distil_rest_weight * (rest * world)
     if s.embed_distil_vector_weight > 0:
         if teacher_vectors is None or projection is None:
             raise ValueError("embed_distil_vector_weight > 0 needs the teacher's vectors of the "
