@@ -137,7 +137,15 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
     over the better run, past the milestone of 60. The shipped recipe since 2026-12-05. A
     probe first averaged rows 26 and 31 (140 steps each, 31.7 minutes together, past the
     budget): 61.21 against their 58.90 and 58.77; after it, the config file with seeds 44
-    and 45 (by hand, the same commands): 59.60, so not every pair of seeds passes 60.
+    and 45 (by hand, the same commands): 59.60, so not every pair of seeds passes 60. Two
+    probes by hand found the soup's gain is not a shorter step from the base: seed 43's
+    change from the base model halved scored 57.77 (against 59.10 whole), and the soup's
+    change scaled up by 1.41 (to either member's norm: the two changes are nearly
+    orthogonal, cosine 0.016) 60.81 (against 61.11);
+36. **a soup across data mixtures**: row 34's run (seed 43) trained with inverse-cloze pairs
+    as ~38% of its batches (row 11's mixture): 55.57 (44.89), 3.5 below row 34, and
+37. its average with row 33 (seed 42, no cloze), as EmbeddingGemma merges runs of different
+    mixtures: 58.44 (49.41), below row 33 alone: the cloze pairs hurt here, averaged or not.
 
 and two reference rows, evaluated the same way: the untrained Gemma-3-270M (e5 prompts,
 last-token pooling, the recipe's lengths) and all-MiniLM-L6-v2. The table gives SciFact nDCG@10
