@@ -149,9 +149,10 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
 38. **decoupled similarity distillation**: row 33 (seed 42) plus ``--embed_distil_rest_weight
     8``, each similarity row's KL without the teacher's nearest text, so that MiniLM's order
     of the other texts is taught too (its target kept ~20% of the uniform entropy where the
-    full row's kept ~1%): 56.88 (46.79), 2.5 below row 33 (train 13.9 minutes): the teacher's order
-    of unrelated SQuAD texts does not carry over to SciFact, or at this weight it outweighs
-    InfoNCE (the rest's KL, ~1.5 nats at weight 8, was most of the loss); not tried lower.
+    full row's kept ~1%): 56.88 (46.79), 2.5 below row 33 (train 13.9 minutes): the
+    teacher's order of unrelated SQuAD texts does not carry over to SciFact, or at this
+    weight it outweighs InfoNCE (the rest's KL, ~1.5 nats at weight 8, was most of the
+    loss); not tried lower.
 
 and two reference rows, evaluated the same way: the untrained Gemma-3-270M (e5 prompts,
 last-token pooling, the recipe's lengths) and all-MiniLM-L6-v2. The table gives SciFact nDCG@10
