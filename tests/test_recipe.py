@@ -27,7 +27,6 @@ from conretriever.training.grad_cache import grad_cache_step
 from conretriever.training.loss import (
     LossSettings,
     rest_distillation,
-    similarity_distillation,
     similarity_rows,
     teacher_stats,
     training_loss,
@@ -70,6 +69,20 @@ def test_teacher_entropy_and_agreement_are_logged_each_step():
 
 
 # ----- 2. embedding distillation -----------------------------------------------------------------
+def similarity_distillation(q, d, tq, td, tau, t_t, cross_device=False, rows="queries",
+                            objective="kl"):  # fmt: skip
+    """The similarity term alone as training computes it: ``training_loss`` with InfoNCE at
+    weight 0. Returns (its value, the loss called backward on, the teacher's stats)."""
+    settings = LossSettings(temperature=tau, contrastive_weight=0.0,
+                            cross_device_negatives=cross_device, embed_distil_model="teacher",
+                            embed_distil_weight=1.0, embed_distil_temperature=t_t,
+                            embed_distil_rows=rows, embed_distil_objective=objective)  # fmt: skip
+    out = training_loss(q, d, settings, teacher_vectors=(tq, td))
+    stats = {k.removeprefix("embed_teacher_"): v for k, v in out.stats.items()
+             if k.startswith("embed_teacher_")}  # fmt: skip
+    return out.loss, out.backward_loss, stats
+
+
 def test_similarity_distillation_gradient_equals_the_float64_hand_computation():
     """KL(softmax(T / t) || softmax(S / tau)) over the batch's documents, S = q d^T:
     dL/dS = (softmax(S / tau) - softmax(T / t)) / (N tau), so dL/dq = dL/dS d and

@@ -355,7 +355,8 @@ def similarity_rows(
     cross_device: bool = True,
     rows: str = "queries",
 ) -> tuple[torch.Tensor, torch.Tensor, dict, int]:
-    """The student's and the teacher's rows of cosines that similarity distillation matches.
+    """The student's and the teacher's rows of cosines that embedding distillation matches (see
+    the module docstring), by :func:`similarity_match` and :func:`rest_distillation`.
 
     ``q`` [B, dim] / ``d`` [B * (1 + n), dim]: the student's local unit vectors, laid out as in
     :func:`contrastive_loss`; ``teacher_q`` [B, dim_t] / ``teacher_d``: the teacher's unit vectors
@@ -385,8 +386,8 @@ def similarity_rows(
     return student, teacher, stats, world
 
 
-def _row_match(student: torch.Tensor, teacher: torch.Tensor, objective: str, temperature: float,
-               teacher_temperature: float) -> torch.Tensor:  # fmt: skip
+def similarity_match(student: torch.Tensor, teacher: torch.Tensor, objective: str,
+                     temperature: float, teacher_temperature: float) -> torch.Tensor:  # fmt: skip
     """Mean over rows of KL(softmax(teacher / t_t) || softmax(student / tau)) (``kl``), or of
     the squared cosine differences summed over a row (``mse``)."""
     if objective == "mse":
@@ -394,28 +395,6 @@ def _row_match(student: torch.Tensor, teacher: torch.Tensor, objective: str, tem
     target = F.log_softmax(teacher / teacher_temperature, dim=1)
     return F.kl_div(F.log_softmax(student / temperature, dim=1), target, log_target=True,
                     reduction="batchmean")  # fmt: skip
-
-
-def similarity_distillation(
-    q: torch.Tensor,
-    d: torch.Tensor,
-    teacher_q: torch.Tensor,
-    teacher_d: torch.Tensor,
-    temperature: float,
-    teacher_temperature: float,
-    cross_device: bool = True,
-    rows: str = "queries",
-    objective: str = "kl",
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Embedding distillation by similarity matching (see the module docstring) over the rows
-    of :func:`similarity_rows`. ``objective``: ``kl`` between the rows' softmaxes (student at
-    ``temperature``, teacher at ``teacher_temperature``), or ``mse``: the squared difference of
-    the raw cosines, summed over a row's columns and averaged over rows (no temperature).
-    Returns (global mean loss, the loss to call backward on, teacher stats)."""
-    student, teacher, stats, world = similarity_rows(
-        q, d, teacher_q, teacher_d, teacher_temperature, cross_device, rows)  # fmt: skip
-    loss = _row_match(student, teacher, objective, temperature, teacher_temperature)
-    return loss, loss * world, stats
 
 
 TIE = 1e-6  # teacher cosines this close to a row's highest are the same text (a copy)
@@ -514,7 +493,8 @@ def training_loss(q, d, settings: LossSettings, doc_text_ids=None, teacher=None,
             rows=s.embed_distil_rows)  # fmt: skip
         out.stats.update({f"embed_teacher_{k}": round(v, 4) for k, v in stats.items()})
         if s.embed_distil_weight > 0:
-            kl = _row_match(student, teacher_rows, s.embed_distil_objective, s.temperature, t_t)
+            kl = similarity_match(student, teacher_rows, s.embed_distil_objective, s.temperature,
+                                  t_t)  # fmt: skip
             out.stats["embed_kl"] = round(float(kl.detach()), 6)
             loss = loss + s.embed_distil_weight * kl.detach()
             backward = backward + s.embed_distil_weight * (kl * world)
