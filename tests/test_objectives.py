@@ -140,7 +140,7 @@ def test_grad_cache_with_distillation_and_matryoshka_equals_the_plain_step(tiny_
 
 
 @pytest.mark.slow
-def test_score_mask_with_cross_device_negatives_on_two_ranks(tmp_path):
+def test_score_mask_and_similarity_terms_with_cross_device_negatives_on_two_ranks(tmp_path):
     script = Path(__file__).with_name("loss_dist_check.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -152,6 +152,10 @@ def test_score_mask_with_cross_device_negatives_on_two_ranks(tmp_path):
         assert got["loss"] == pytest.approx(single["loss"], abs=1e-12)
         assert got["masked_share"] == pytest.approx(single["masked_share"], abs=1e-12)
         np.testing.assert_allclose(got["grad"], single["grad"][rank], atol=1e-12)
+        # the similarity terms: the global batch's value on every rank, its gradient averaged
+        assert got["embed_loss"] == pytest.approx(single["embed_loss"], abs=1e-12)
+        assert single["embed_loss"] > 0
+        np.testing.assert_allclose(got["embed_grad"], single["embed_grad"][rank], atol=1e-12)
 
 
 def test_saved_matryoshka_model_truncates_like_sentence_transformers(tiny_decoder, tmp_path):
