@@ -139,11 +139,10 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
     budget): 61.21 against their 58.90 and 58.77; after it, the config file with seeds 44
     and 45 (by hand, the same commands): 59.60 (alone 54.36 and 60.25), and with seeds 46
     and 47 58.87 (alone 55.67 and 59.11): three soups average 59.86, one of three passes
-    60; single runs average 57.97. Two
-    probes by hand found the soup's gain is not a shorter step from the base: seed 43's
-    change from the base model halved scored 57.77 (against 59.10 whole), and the soup's
-    change scaled up by 1.41 (to either member's norm: the two changes are nearly
-    orthogonal, cosine 0.016) 60.81 (against 61.11);
+    60; single runs average 57.97. Two probes by hand found the soup's gain is not a
+    shorter step from the base: seed 43's change from the base model halved scored 57.77
+    (against 59.10 whole), and the soup's change scaled up by 1.41 (to either member's
+    norm: the two changes are nearly orthogonal, cosine 0.016) 60.81 (against 61.11);
 36. **a soup across data mixtures**: row 34's run (seed 43) trained with inverse-cloze pairs
     as ~38% of its batches (row 11's mixture): 55.57 (44.89), 3.5 below row 34, and
 37. its average with row 33 (seed 42, no cloze), as EmbeddingGemma merges runs of different
