@@ -10,6 +10,7 @@ single.json (the one-process reference, gradient rows split per rank).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -72,7 +73,7 @@ def main() -> None:
                                   false_negative_margin=MARGIN)  # fmt: skip
         single.loss.backward()
         grads = full_q.grad
-        one = LossSettings(**{**DISTIL.__dict__, "cross_device_negatives": False})
+        one = dataclasses.replace(DISTIL, cross_device_negatives=False)
         distil_q = q.clone().requires_grad_()
         distil = training_loss(distil_q, torch.cat([pos, neg]), one,
                                teacher_vectors=(tq, torch.cat([tpos, tneg])))  # fmt: skip
