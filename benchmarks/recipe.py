@@ -142,7 +142,10 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
     60; single runs average 57.97. Two probes by hand found the soup's gain is not a
     shorter step from the base: seed 43's change from the base model halved scored 57.77
     (against 59.10 whole), and the soup's change scaled up by 1.41 (to either member's
-    norm: the two changes are nearly orthogonal, cosine 0.016) 60.81 (against 61.11);
+    norm: the two changes are nearly orthogonal, cosine 0.016) 60.81 (against 61.11).
+    More, shorter members did not help: three 80-step runs of the config file (seeds 42-44,
+    ``--max_steps 80``, 26.9 minutes together) averaged scored 58.26; and all six 120-step
+    runs (seeds 42-47, ~76 minutes of training, a probe past the budget) averaged 60.17;
 36. **a soup across data mixtures**: row 34's run (seed 43) trained with inverse-cloze pairs
     as ~38% of its batches (row 11's mixture): 55.57 (44.89), 3.5 below row 34, and
 37. its average with row 33 (seed 42, no cloze), as EmbeddingGemma merges runs of different
@@ -153,7 +156,17 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
     full row's kept ~1%): 56.88 (46.79), 2.5 below row 33 (train 13.9 minutes): the
     teacher's order of unrelated SQuAD texts does not carry over to SciFact, or at this
     weight it outweighs InfoNCE (the rest's KL, ~1.5 nats at weight 8, was most of the
-    loss); not tried lower.
+    loss);
+39. **decoupled distillation at weight 1**: row 38 at an eighth of the weight, where the
+    rest's KL (~1-1.5 nats over the run) is about InfoNCE's size: 59.29 (48.62), row 33's
+    score (59.35, 48.59) within noise, in 13.1 minutes: the term neither helps nor hurts
+    there, and it is not shipped;
+40. **varied instructions**: row 33 (seed 42) on squad rows that each carry one of eight
+    instructions asking for the passage that answers a question (``VARIED_INSTRUCTIONS``,
+    none naming a domain or a query type; written into ``<work>/mined_instructions``), where
+    every other row trains with the registry's one: the model meets SciFact's instruction
+    unseen either way, and several wordings in training should teach it that the words of an
+    instruction may change while the task does not: RESULT40 (running).
 
 and two reference rows, evaluated the same way: the untrained Gemma-3-270M (e5 prompts,
 last-token pooling, the recipe's lengths) and all-MiniLM-L6-v2. The table gives SciFact nDCG@10
@@ -174,6 +187,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import subprocess
@@ -204,6 +218,19 @@ ROW16 = [*SHIPPED, "--n_hard_negative", "0", "--distil_weight", "0", "--lora_dro
 # rows 26 + 30 over row 16: the shipped config since 2026-12-05 (fp32, the saved model reads 512)
 SHIPPED_NOW = [*ROW16, "--mixed_precision", "no", "--saved_doc_max_length", "512"]
 CLOZE_TASKS = REPO / "benchmarks" / "recipe_cloze_tasks.yaml"
+# Row 40's instructions: ways to ask for the passage that answers a question, none of them
+# naming an evaluation task's domain or query type (no claims, no science); the first is the
+# registry's own instruction for squad, which every other row trains with.
+VARIED_INSTRUCTIONS = (
+    "Given a question, retrieve Wikipedia passages that answer the question",
+    "Given a query, retrieve relevant passages",
+    "Retrieve the passage that answers the question",
+    "Given a question, find the paragraph that contains its answer",
+    "Given a search query, retrieve documents relevant to it",
+    "Find a text that answers this question",
+    "Given a user's question, retrieve an encyclopedia passage with the answer",
+    "Retrieve documents that help answer the query",
+)
 EMBED = ["--embed_distil_model", "embedded:minilm", "--embed_distil_weight", "1.0"]
 NO_EMBED = ["--embed_distil_weight", "0"]
 ROWS: dict[str, dict] = {
@@ -419,6 +446,14 @@ ROWS: dict[str, dict] = {
     "shipped config (fp32, reads 512), 120 steps, seed 42, + decoupled distillation 8": {
         "train": [*SHIPPED_NOW, "--seed", "42", "--embed_distil_rest_weight", "8"],
         "steps": 120},
+    # row 38 at the weight where the rest's KL (~1.5 nats) no longer outweighs InfoNCE (row 39)
+    "shipped config (fp32, reads 512), 120 steps, seed 42, + decoupled distillation 1": {
+        "train": [*SHIPPED_NOW, "--seed", "42", "--embed_distil_rest_weight", "1"],
+        "steps": 120},
+    # row 33 (seed 42) on squad rows that each carry one of 8 instructions (row 40): see
+    # ``vary_instructions``
+    "shipped config (fp32, reads 512), 120 steps, seed 42, + varied instructions": {
+        "train": [*SHIPPED_NOW, "--seed", "42"], "steps": 120, "instructions": True},
 }  # fmt: skip
 
 
@@ -475,6 +510,32 @@ def mine_cloze(work: Path, mined: Path) -> Path:
             work / "cloze.log")  # fmt: skip
         cli(["mine", "--data", str(raw), "--output", str(out / "cloze.jsonl"), *MINE_FLAGS,
              "--task", "cloze"], work / "mine_cloze.log")  # fmt: skip
+    return out
+
+
+def vary_instructions(work: Path, mined: Path) -> Path:
+    """``<work>/mined_instructions``: the mined files with every squad row given one of
+    ``VARIED_INSTRUCTIONS`` (drawn with a fixed seed, so a rerun writes the same file) as its
+    own ``instruction``, which wins over the registry's; the other files are linked as they are.
+    The model then sees a question asked for in several words, so an instruction it has never
+    seen (an evaluation task's) should move its query vectors less."""
+    out = work / "mined_instructions"
+    out.mkdir(parents=True, exist_ok=True)
+    for path in mined.glob("*.jsonl"):
+        target = out / path.name
+        if target.exists():
+            continue
+        if path.stem != "squad":
+            os.link(path, target)
+            continue
+        rng = random.Random(0)
+        partial = target.with_suffix(".partial")
+        with path.open(encoding="utf-8") as src, partial.open("w", encoding="utf-8") as dst:
+            for line in src:
+                row = json.loads(line)
+                row["instruction"] = rng.choice(VARIED_INSTRUCTIONS)
+                dst.write(json.dumps(row, ensure_ascii=False) + "\n")
+        partial.replace(target)  # a stopped run leaves no half file under the final name
     return out
 
 
@@ -603,6 +664,8 @@ def main() -> int:
             flags, data = list(row["train"]), mined
             if row.get("cloze"):
                 flags, data = [*flags, "--task_config", str(CLOZE_TASKS)], mine_cloze(work, mined)
+            if row.get("instructions"):
+                data = vary_instructions(work, mined)
             if row.get("export"):  # save points for an averaging row
                 flags += ["--export_steps", str(max(1, steps // 4))]
             train_s = train(out, flags, steps, data)

@@ -741,3 +741,43 @@ def test_every_soup_row_averages_earlier_trained_rows_that_save_alike():
             assert ROWS[m].get("steps") == first.get("steps")
             # another seed or another data mixture: a different run
             assert ROWS[m]["train"] != first["train"] or ROWS[m].get("cloze") != first.get("cloze")
+
+
+def test_varied_instructions_file_keeps_every_row_and_gives_each_a_pool_instruction(tmp_path):
+    """Row 40's data (``vary_instructions``): every squad row comes back unchanged but for its
+    own ``instruction``, drawn from the pool with a fixed seed (a rerun writes the same file),
+    more than one of the pool used; the other task files are the same files; and the training
+    loader gives each item the row's instruction rather than the registry's for squad."""
+    import sys
+    from pathlib import Path
+
+    from conretriever.data.tasks import TaskRegistry
+    from conretriever.data.training import build_items, load_training_data
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from recipe import VARIED_INSTRUCTIONS, vary_instructions
+
+    mined = tmp_path / "mined"
+    mined.mkdir()
+    rows = [{"query": f"question {i}?", "positive": [f"passage {i}"], "negative": []}
+            for i in range(40)]  # fmt: skip
+    (mined / "squad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    other = {**rows[0], "instruction": "Given a question, retrieve passages"}
+    (mined / "nq_sample.jsonl").write_text(json.dumps(other) + "\n")
+
+    out = vary_instructions(tmp_path / "a", mined)
+    again = vary_instructions(tmp_path / "b", mined)
+    assert (out / "squad.jsonl").read_bytes() == (again / "squad.jsonl").read_bytes()
+    assert (out / "nq_sample.jsonl").samefile(mined / "nq_sample.jsonl")
+    assert not list(out.glob("*.partial"))
+    written = [json.loads(line) for line in (out / "squad.jsonl").open()]
+    assert [{k: v for k, v in r.items() if k != "instruction"} for r in written] == rows
+    used = {r["instruction"] for r in written}
+    assert used <= set(VARIED_INSTRUCTIONS) and len(used) > 1
+
+    registry = TaskRegistry()
+    data = load_training_data(out, registry)
+    slots = [("squad", i) for i in range(len(rows))]
+    items = build_items(slots, data, registry, n_negative=0, seed=0, epoch=0, batch_index=0)
+    assert [it.instruction for it in items] == [r["instruction"] for r in written]
+    assert registry.instruction("squad") == VARIED_INSTRUCTIONS[0]
