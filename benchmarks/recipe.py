@@ -138,11 +138,12 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
     probe first averaged rows 26 and 31 (140 steps each, 31.7 minutes together, past the
     budget): 61.21 against their 58.90 and 58.77; after it, the config file with seeds 44
     and 45 (by hand, the same commands): 59.60 (alone 54.36 and 60.25), and with seeds 46
-    and 47 58.87 (alone 55.67 and 59.11): three soups average 59.86, one of three passes
-    60; single runs average 57.97. Two probes by hand found the soup's gain is not a
-    shorter step from the base: seed 43's change from the base model halved scored 57.77
-    (against 59.10 whole), and the soup's change scaled up by 1.41 (to either member's
-    norm: the two changes are nearly orthogonal, cosine 0.016) 60.81 (against 61.11).
+    and 47 58.87 (alone 55.67 and 59.11), and with seeds 48 and 49 57.74 (alone 56.54 and
+    57.78): four soups average 59.33, one of four passes 60; single runs average 57.77.
+    Two probes by hand found the soup's gain is not a shorter step from the base: seed 43's
+    change from the base model halved scored 57.77 (against 59.10 whole), and the soup's change
+    scaled up by 1.41 (to either member's norm: the two changes are nearly orthogonal, cosine
+    0.016) 60.81 (against 61.11).
     More, shorter members did not help: three 80-step runs of the config file (seeds 42-44,
     ``--max_steps 80``, 26.9 minutes together) averaged scored 58.26; and all six 120-step
     runs (seeds 42-47, ~76 minutes of training, a probe past the budget) averaged 60.17;
