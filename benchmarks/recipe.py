@@ -497,14 +497,20 @@ MINE_FLAGS = ["--model", "embedded:minilm", "--corpus", "self", "--window", "2-3
               "--min_negatives", "1", "--no_progress", "--overwrite"]  # fmt: skip
 
 
+def link_mined(mined: Path, out: Path, but: str = "") -> Path:
+    """``out`` holding a hard link to every mined file (``but``: that task's file excepted),
+    for a data variant that changes or adds one file and shares the rest."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in mined.glob("*.jsonl"):
+        if path.stem != but and not (out / path.name).exists():
+            os.link(path, out / path.name)
+    return out
+
+
 def mine_cloze(work: Path, mined: Path) -> Path:
     """``<work>/mined_cloze``: the mined files (linked) plus ``cloze.jsonl``, inverse-cloze
     pairs from every passage of the training files (``conretriever cloze``), mined the same way."""
-    out = work / "mined_cloze"
-    out.mkdir(parents=True, exist_ok=True)
-    for path in mined.glob("*.jsonl"):
-        if not (out / path.name).exists():
-            os.link(path, out / path.name)
+    out = link_mined(mined, work / "mined_cloze")
     if not (out / "cloze.jsonl").exists():
         sources = [str(p) for p in sorted((SHARED / "train").glob("*.jsonl*"))
                    if p.name.split(".")[0] not in EXCLUDED]  # fmt: skip
@@ -522,18 +528,13 @@ def vary_instructions(work: Path, mined: Path) -> Path:
     own ``instruction``, which wins over the registry's; the other files are linked as they are.
     The model then sees a question asked for in several words, so an instruction it has never
     seen (an evaluation task's) should move its query vectors less."""
-    out = work / "mined_instructions"
-    out.mkdir(parents=True, exist_ok=True)
-    for path in mined.glob("*.jsonl"):
-        target = out / path.name
-        if target.exists():
-            continue
-        if path.stem != "squad":
-            os.link(path, target)
-            continue
+    out = link_mined(mined, work / "mined_instructions", but="squad")
+    target = out / "squad.jsonl"
+    if not target.exists():
         rng = random.Random(0)
         partial = target.with_suffix(".partial")
-        with path.open(encoding="utf-8") as src, partial.open("w", encoding="utf-8") as dst:
+        with (mined / "squad.jsonl").open(encoding="utf-8") as src, \
+                partial.open("w", encoding="utf-8") as dst:  # fmt: skip
             for line in src:
                 row = json.loads(line)
                 row["instruction"] = rng.choice(VARIED_INSTRUCTIONS)
