@@ -696,14 +696,24 @@ def test_a_run_saved_with_the_old_layout_has_the_same_trajectory():
     assert {k: v for k, v in b.items() if not k.startswith("loss.embed_")} == a
 
 
-def test_every_recipe_row_has_its_own_folder():
-    """Rows named alike past the folder name's cut (a row and its averaged copy) must not write
-    into one folder: the averaged row would overwrite the model it averages."""
+def recipe_module():
+    """``benchmarks/recipe.py`` as a module (benchmarks are scripts, not a package)."""
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from recipe import ROWS, slug
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    import recipe
+
+    return recipe
+
+
+def test_every_recipe_row_has_its_own_folder():
+    """Rows named alike past the folder name's cut (a row and its averaged copy) must not write
+    into one folder: the averaged row would overwrite the model it averages."""
+    recipe = recipe_module()
+    ROWS, slug = recipe.ROWS, recipe.slug
 
     folders = [slug(name) for name in ROWS]
     assert len(set(folders)) == len(folders)
@@ -716,11 +726,7 @@ def test_every_soup_row_averages_earlier_trained_rows_that_save_alike():
     """A soup row averages the final models of rows that the recipe trains before it (the rows
     run in order), whose saved folders must agree (``conretriever average`` refuses others):
     the same flags but the seed, with the training data's mixture (``cloze``) free to differ."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from recipe import ROWS
+    ROWS = recipe_module().ROWS
 
     names = list(ROWS)
     soups = [n for n in names if "soup_of" in ROWS[n]]
@@ -748,14 +754,11 @@ def test_varied_instructions_file_keeps_every_row_and_gives_each_a_pool_instruct
     own ``instruction``, drawn from the pool with a fixed seed (a rerun writes the same file),
     more than one of the pool used; the other task files are the same files; and the training
     loader gives each item the row's instruction rather than the registry's for squad."""
-    import sys
-    from pathlib import Path
-
     from conretriever.data.tasks import TaskRegistry
     from conretriever.data.training import build_items, load_training_data
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from recipe import VARIED_INSTRUCTIONS, vary_instructions
+    recipe = recipe_module()
+    VARIED_INSTRUCTIONS, vary_instructions = recipe.VARIED_INSTRUCTIONS, recipe.vary_instructions
 
     mined = tmp_path / "mined"
     mined.mkdir()
