@@ -784,3 +784,31 @@ def test_varied_instructions_file_keeps_every_row_and_gives_each_a_pool_instruct
     items = build_items(slots, data, registry, n_negative=0, seed=0, epoch=0, batch_index=0)
     assert [it.instruction for it in items] == [r["instruction"] for r in written]
     assert registry.instruction("squad") == VARIED_INSTRUCTIONS[0]
+
+
+def test_wiki_rows_pair_each_description_with_its_lead_and_leave_out_shared_ones(tmp_path):
+    """Row 43's data (``wiki_rows``): one row per article, its short description as the query
+    and its lead as the only positive, with the row's own instruction; a description two
+    articles share (in any case) names no single positive, so both are left out, and so is an
+    article without a description or a lead."""
+    recipe = recipe_module()
+    articles = {
+        "Aardvark": {"description": "Burrowing mammal native to Africa",
+                     "extract": "The aardvark is a medium-sized, burrowing, nocturnal mammal."},
+        "Robin": {"description": "Family of birds", "extract": "Robins are birds."},
+        "Wren": {"description": "family of birds", "extract": "Wrens are birds."},
+        "Zero": {"extract": "0 is a number."},
+        "Empty": {"description": "A stub", "extract": " "},
+        "Abdomen": {"description": "Part of the body between the chest and pelvis",
+                    "extract": "An abdomen is the front part of the torso."},
+    }  # fmt: skip
+    path = tmp_path / "summaries.json"
+    path.write_text(json.dumps(articles))
+    rows = recipe.wiki_rows(path)
+    assert [(r["query"], r["positive"]) for r in rows] == [
+        ("Burrowing mammal native to Africa",
+         ["The aardvark is a medium-sized, burrowing, nocturnal mammal."]),
+        ("Part of the body between the chest and pelvis",
+         ["An abdomen is the front part of the torso."]),
+    ]  # fmt: skip
+    assert all(r["negative"] == [] and r["instruction"] == recipe.WIKI_INSTRUCTION for r in rows)
