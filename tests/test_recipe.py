@@ -812,3 +812,14 @@ def test_wiki_rows_pair_each_description_with_its_lead_and_leave_out_shared_ones
          ["An abdomen is the front part of the torso."]),
     ]  # fmt: skip
     assert all(r["negative"] == [] and r["instruction"] == recipe.WIKI_INSTRUCTION for r in rows)
+
+
+@pytest.mark.parametrize("text", ['{"Aardvark": {"description": "Mammal"', '["Aardvark"]',
+                                  '{"Aardvark": "Mammal"}'])  # fmt: skip
+def test_wiki_rows_refuse_a_damaged_file_in_one_line_naming_it(tmp_path, text):
+    path = tmp_path / "summaries.json"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        recipe_module().wiki_rows(path)
+    assert str(stop.value).startswith(f"recipe: {path}: not a JSON object of articles (")
+    assert "\n" not in str(stop.value)
