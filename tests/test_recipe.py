@@ -823,3 +823,41 @@ def test_wiki_rows_refuse_a_damaged_file_in_one_line_naming_it(tmp_path, text):
         recipe_module().wiki_rows(path)
     assert str(stop.value).startswith(f"recipe: {path}: not a JSON object of articles (")
     assert "\n" not in str(stop.value)
+
+
+def test_heldout_set_pools_each_claims_evidence_once_with_its_positives_as_qrels(
+    tmp_path, monkeypatch
+):
+    """The recipe's second zero-shot set (``heldout_set``): every claim a query, every distinct
+    evidence sentence one document (a sentence two claims share is one document, relevant to
+    the claim that labels it SUPPORTS/REFUTES and a plain candidate for the other), the
+    positives the qrels; the folder is read as a BEIR folder under Climate-FEVER's
+    instruction; a damaged line is refused naming the file and line."""
+    from conretriever.data.beir import load_beir_dir
+    from conretriever.data.tasks import EVAL_INSTRUCTIONS, eval_instruction
+
+    recipe = recipe_module()
+    shared = tmp_path / "shared"
+    (shared / "train").mkdir(parents=True)
+    rows = [
+        {"query": "Ice is melting", "positive": ["Glaciers shrink.", "Glaciers shrink."],
+         "negative": ["Bears swim."]},
+        {"query": "Bears are fine", "positive": ["Bears swim."], "negative": ["Glaciers shrink."]},
+    ]  # fmt: skip
+    source = shared / "train" / "climate_fever.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(recipe, "SHARED", shared)
+
+    folder = recipe.heldout_set(tmp_path / "work")
+    assert folder.name == "climate-fever"
+    assert eval_instruction(str(folder)) == EVAL_INSTRUCTIONS["ClimateFEVER"]
+    data = load_beir_dir(folder)
+    text = dict(zip(data.corpus_ids, data.corpus_texts, strict=True))
+    assert sorted(text.values()) == ["Bears swim.", "Glaciers shrink."]
+    relevant = {data.queries[q]: sorted(text[d] for d in docs) for q, docs in data.qrels.items()}
+    assert relevant == {"Ice is melting": ["Glaciers shrink."], "Bears are fine": ["Bears swim."]}
+
+    source.write_text(json.dumps(rows[0]) + "\n" + '{"query": "x"}\n')
+    with pytest.raises(SystemExit) as stop:
+        recipe.heldout_set(tmp_path / "other")
+    assert str(stop.value).startswith(f"recipe: {source}:2: not a claim row")
