@@ -861,3 +861,33 @@ def test_heldout_set_pools_each_claims_evidence_once_with_its_positives_as_qrels
     with pytest.raises(SystemExit) as stop:
         recipe.heldout_set(tmp_path / "other")
     assert str(stop.value).startswith(f"recipe: {source}:2: not a claim row")
+
+
+def test_recipe_table_gains_a_held_out_column_only_when_a_row_has_a_held_out_score(tmp_path):
+    """The table's last column holds each row's held-out score, blank for a row not scored
+    there; a table of rows none of which was scored there has no such column; the distance to
+    MiniLM is to the goal's 64.51 whatever this machine measured for MiniLM."""
+    from types import SimpleNamespace
+
+    recipe = recipe_module()
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "1", "text": "a"}\n')
+    args = SimpleNamespace(eval_docs=0, max_steps=120)
+    names = list(recipe.ROWS)
+    scored = {"scores": {"0": 60.0, "256": 50.0}, "train_s": 60.0, "eval_s": 60.0,
+              "max_steps": 120, "cpu": "AVX2", "precision": "float32"}  # fmt: skip
+    minilm = {**scored, "scores": {"0": 64.45, "256": 63.44}}
+    saved = {names[0]: {**scored, "heldout": 25.5}, names[1]: scored,
+             "all-MiniLM-L6-v2 (reference)": minilm}  # fmt: skip
+
+    rows = [line for line in recipe.table(saved, args, 0.0, tmp_path).splitlines()
+            if line.startswith("| ")]  # fmt: skip
+    assert rows[0].endswith("| CPU | held out |")
+    first = next(r for r in rows if r.startswith(f"| {names[0]} |"))
+    second = next(r for r in rows if r.startswith(f"| {names[1]} |"))
+    assert first.endswith("| 25.50 |") and "| -4.51 |" in first
+    assert second.endswith("| AVX2, float32 | |")
+
+    del saved[names[0]]["heldout"]
+    plain = [line for line in recipe.table(saved, args, 0.0, tmp_path).splitlines()
+             if line.startswith("| ")]  # fmt: skip
+    assert plain[0].endswith("| CPU |") and all("held out" not in r for r in plain)
