@@ -887,6 +887,7 @@ def main() -> int:
                 print(f"--heldout: {name}: {saved[name]['heldout']:.2f} (measured before)")
                 continue
             model, extra = row_model(name, folder_of)
+            folder_of(name).mkdir(parents=True, exist_ok=True)  # a reused row's may be gone
             scores, eval_s = evaluate(model, folder_of(name), extra, cache, heldout, dims=(0,))
             saved[name].update(heldout=scores[0], heldout_eval_s=eval_s)
             saved_path.write_text(json.dumps(saved, indent=1))
