@@ -839,7 +839,7 @@ def main() -> int:
             model = str(out / "final")
         elif "model_of" in row:  # another row's model, evaluated differently
             out.mkdir(parents=True, exist_ok=True)
-            model = str(folder_of(row["model_of"]) / "final")
+            model = row_model(name, folder_of)[0]
             train_s = saved.get(row["model_of"], {}).get("train_s", 0.0)
             precision = saved.get(row["model_of"], {}).get("precision", "")
         elif "average_of" in row or "soup_of" in row:
@@ -870,7 +870,7 @@ def main() -> int:
             model = str(out / "final")
         else:
             out.mkdir(parents=True, exist_ok=True)
-            model = row["model"]
+            model = row_model(name, folder_of)[0]
         scores, eval_s = evaluate(model, out, row.get("eval", []), cache, beir)
         saved[name] = {"scores": {str(k): v for k, v in scores.items()}, "train_s": train_s,
                        "eval_s": eval_s, "max_steps": steps,
