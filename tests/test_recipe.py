@@ -891,3 +891,55 @@ def test_recipe_table_gains_a_held_out_column_only_when_a_row_has_a_held_out_sco
     plain = [line for line in recipe.table(saved, args, 0.0, tmp_path).splitlines()
              if line.startswith("| ")]  # fmt: skip
     assert plain[0].endswith("| CPU |") and all("held out" not in r for r in plain)
+
+
+def test_wiki_by_topic_splits_the_mined_leads_into_one_task_per_subject(tmp_path):
+    """Row 47's data (``wiki_by_topic``): each mined Wikipedia row goes, unchanged, to the task
+    of its article's subject (``Uncategorized`` where the package gives none), named as the
+    row's task config names them; the other mined files are linked, not copied; a row whose
+    description no article has is refused in one line naming the file and line."""
+    from conretriever.data.tasks import TaskRegistry
+
+    recipe = recipe_module()
+    articles = {
+        "Aardvark": {"description": "Burrowing mammal", "extract": "The aardvark is a mammal.",
+                     "topic": "Biology and health sciences"},
+        "Abdomen": {"description": "Part of the body", "extract": "The abdomen is the belly.",
+                    "topic": "Biology and health sciences"},
+        "Argon": {"description": "Chemical element with atomic number 18",
+                  "extract": "Argon is a noble gas.", "topic": "Physical sciences"},
+        "Ant": {"description": "Family of insects", "extract": "Ants are insects."},
+    }  # fmt: skip
+    package = tmp_path / "summaries.json"
+    package.write_text(json.dumps(articles))
+    mined = tmp_path / "mined"
+    mined.mkdir()
+    (mined / "squad.jsonl").write_text('{"query": "q", "positive": ["p"], "negative": []}\n')
+    work = tmp_path / "work"
+    (work / "mined_wiki").mkdir(parents=True)
+    lines = [json.dumps({"query": a["description"], "positive": [a["extract"]],
+                         "negative": ["n"], "instruction": recipe.WIKI_INSTRUCTION}) + "\n"
+             for a in articles.values()]  # fmt: skip
+    (work / "mined_wiki" / "wiki_vital.jsonl").write_text("".join(lines))
+
+    out = recipe.wiki_by_topic(work, mined, package)
+    assert (out / "squad.jsonl").samefile(mined / "squad.jsonl")
+    assert (out / "wiki_biology_and_health_sciences.jsonl").read_text() == lines[0] + lines[1]
+    assert (out / "wiki_physical_sciences.jsonl").read_text() == lines[2]
+    assert (out / "wiki_uncategorized.jsonl").read_text() == lines[3]
+    assert not list(out.glob("*.partial"))
+    weights = TaskRegistry.load(recipe.WIKI_TOPIC_TASKS)
+    for task in ("wiki_biology_and_health_sciences", "wiki_physical_sciences",
+                 "wiki_uncategorized"):  # fmt: skip
+        assert weights.weight(task) == 0.4
+
+    (work / "mined_wiki" / "wiki_vital.jsonl").write_text(
+        lines[0] + lines[0].replace("Burrowing mammal", "Nocturnal mammal")
+    )
+    for split in out.glob("wiki_*.jsonl"):
+        split.unlink()
+    with pytest.raises(SystemExit) as stop:
+        recipe.wiki_by_topic(work, mined, package)
+    source = work / "mined_wiki" / "wiki_vital.jsonl"
+    assert str(stop.value).startswith(f"recipe: {source}:2: query: no article")
+    assert "\n" not in str(stop.value)
