@@ -896,8 +896,9 @@ def test_recipe_table_gains_a_held_out_column_only_when_a_row_has_a_held_out_sco
 def test_wiki_by_topic_splits_the_mined_leads_into_one_task_per_subject(tmp_path):
     """Row 47's data (``wiki_by_topic``): each mined Wikipedia row goes, unchanged, to the task
     of its article's subject (``Uncategorized`` where the package gives none), named as the
-    row's task config names them; the other mined files are linked, not copied; a row whose
-    description no article has is refused in one line naming the file and line."""
+    row's task config names them; the other mined files are linked, not copied; a split that
+    stopped before its end is redone; a row whose description no article has, or a damaged
+    line, is refused in one line naming the file and line."""
     from conretriever.data.tasks import TaskRegistry
 
     recipe = recipe_module()
@@ -936,10 +937,13 @@ def test_wiki_by_topic_splits_the_mined_leads_into_one_task_per_subject(tmp_path
     (work / "mined_wiki" / "wiki_vital.jsonl").write_text(
         lines[0] + lines[0].replace("Burrowing mammal", "Nocturnal mammal")
     )
-    for split in out.glob("wiki_*.jsonl"):
-        split.unlink()
+    (out / ".split_done").unlink()  # as if the split had stopped before its end
     with pytest.raises(SystemExit) as stop:
         recipe.wiki_by_topic(work, mined, package)
     source = work / "mined_wiki" / "wiki_vital.jsonl"
-    assert str(stop.value).startswith(f"recipe: {source}:2: query: no article")
+    assert str(stop.value).startswith(f"recipe: {source}:2: query: not the description")
     assert "\n" not in str(stop.value)
+    (work / "mined_wiki" / "wiki_vital.jsonl").write_text(lines[0] + "{not json\n")
+    with pytest.raises(SystemExit) as stop:
+        recipe.wiki_by_topic(work, mined, package)
+    assert str(stop.value).startswith(f"recipe: {source}:2: query: not the description")
