@@ -210,8 +210,8 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
     24.14) stays; rank 64 lost 4.3 (row 42), rank 4 is within one seed's noise below;
 49. **the similarity teacher read at 0.05**: row 33 (seed 42) with ``--embed_distil_temperature
     0.05`` (MiniLM's own training scale; at tau its softmax keeps ~1% of the uniform
-    entropy on average over the run, 4% at 0.05): 58.07 (49.04), held-out 22.54, in 18.1 minutes (a slow hour):
-    no gain at full size on either set.
+    entropy on average over the run, 4% at 0.05): 58.07 (49.04), held-out 22.54, in 18.1
+    minutes (a slow hour): no gain at full size on either set.
 
 ``--heldout`` scores every row's model (full size) on a second zero-shot set too, claims of
 another field (``heldout_set``: Climate-FEVER's 1,061 claims over the 3,617 evidence sentences
