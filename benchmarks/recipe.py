@@ -768,14 +768,24 @@ def heldout_set(work: Path) -> Path:
             ids.setdefault(text, f"s{len(ids)}")
         queries.append({"_id": f"c{n}", "text": claim})
         qrels += [f"c{n}\t{ids[text]}\t1" for text in dict.fromkeys(positives)]
+    corpus = [{"_id": i, "title": "", "text": text} for text, i in ids.items()]
+
+    def as_lines(items: list[dict]) -> list[str]:
+        return [json.dumps(x, ensure_ascii=False) for x in items]
+
+    return write_beir(folder, as_lines(corpus), as_lines(queries), qrels)
+
+
+def write_beir(folder: Path, corpus: list[str], queries: list[str], qrels: list[str]) -> Path:
+    """``folder`` as a BEIR folder of the given JSON lines (``corpus.jsonl``, ``queries.jsonl``)
+    and qrels lines (``qrels/test.tsv``, header included), written under ``<folder>.tmp`` and
+    renamed: a stopped run leaves no folder that looks finished."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "qrels").mkdir(parents=True)
-    corpus = [{"_id": i, "title": "", "text": text} for text, i in ids.items()]
-    for name, items in (("corpus.jsonl", corpus), ("queries.jsonl", queries)):
-        (tmp / name).write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items),
-                                encoding="utf-8")  # fmt: skip
-    (tmp / "qrels" / "test.tsv").write_text("\n".join(qrels) + "\n")
+    for name, lines in (("corpus.jsonl", corpus), ("queries.jsonl", queries),
+                        ("qrels/test.tsv", qrels)):  # fmt: skip
+        (tmp / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     tmp.rename(folder)
     return folder
 
@@ -796,16 +806,9 @@ def scifact_subset(work: Path, docs: int) -> Path:
     ids = [json.loads(line)["_id"] for line in corpus]
     others = [i for i in ids if i not in cited]
     keep = cited | set(random.Random(0).sample(others, max(0, docs - len(cited))))
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "qrels").mkdir(parents=True)
-    (tmp / "corpus.jsonl").write_text(
-        "".join(line + "\n" for line, i in zip(corpus, ids, strict=True) if i in keep)
-    )
-    (tmp / "queries.jsonl").write_text((source / "queries.jsonl").read_text())
-    (tmp / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
-    tmp.rename(folder)
-    return folder
+    kept = [line for line, i in zip(corpus, ids, strict=True) if i in keep]
+    queries = (source / "queries.jsonl").read_text(encoding="utf-8").splitlines()
+    return write_beir(folder, kept, queries, lines)
 
 
 def evaluate(
@@ -816,12 +819,12 @@ def evaluate(
     tic = time.perf_counter()
     scores = {}
     prefix = "scifact" if beir.name.startswith("scifact") else beir.name
+    log = "eval" if prefix == "scifact" else f"eval_{prefix}"  # SciFact's keep their old names
     for dim in dims:
         folder = out / f"{prefix}_dim{dim or 'full'}"
         cli(["eval", "--model", model, "--beir_dir", str(beir), "--output",
              str(folder), "--overwrite", "--truncate_dim", str(dim), "--cache_dir", str(cache),
-             "--no_progress", *extra], out / f"eval{'' if prefix == 'scifact' else '_' + prefix}"
-            f"_dim{dim}.log")  # fmt: skip
+             "--no_progress", *extra], out / f"{log}_dim{dim}.log")  # fmt: skip
         scores[dim] = ndcg_at_10(folder)
     return scores, time.perf_counter() - tic
 
