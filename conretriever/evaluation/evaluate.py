@@ -291,9 +291,11 @@ def _evaluate_data(embedder, data: BeirData, settings: EvalSettings) -> dict:
     else:
         metrics = next(iter(per_part.values()))
     seconds = time.perf_counter() - start
-    fmt = getattr(getattr(embedder, "settings", None), "prompt_format", None)
-    # What queries really got: an encoder saved with prompt_format "none" ignores the instruction.
-    applied = query_prefix(instruction, fmt) if fmt else None
+    saved = getattr(embedder, "settings", None)
+    fmt = getattr(saved, "prompt_format", None)
+    # What queries really got: an encoder saved with prompt_format "none" ignores the instruction,
+    # and so does a model with a fixed query prompt of its own.
+    applied = query_prefix(instruction, fmt, saved.query_prompt) if fmt else None
     metrics = {
         **metrics,
         "instruction": instruction,
@@ -408,7 +410,7 @@ def _write_outputs(out: Path, settings: EvalSettings, spec: str, embedder, resul
                    ) -> None:  # fmt: skip
     for r in results:
         write_json(out / f"{r['task']}.json", r)
-    fmt = embedder.settings.prompt_format
+    fmt, fixed = embedder.settings.prompt_format, embedder.settings.query_prompt
     record = {
         "model": spec,
         "model_fingerprint": model_fingerprint(embedder),
@@ -416,7 +418,7 @@ def _write_outputs(out: Path, settings: EvalSettings, spec: str, embedder, resul
         "eval_settings": to_dict(settings),
         "instructions": {r["task"]: r["metrics"]["instruction"] for r in results},
         "query_prefixes": {
-            r["task"]: query_prefix(r["metrics"]["instruction"], fmt) for r in results
+            r["task"]: query_prefix(r["metrics"]["instruction"], fmt, fixed) for r in results
         },
         "seconds_per_task": {r["task"]: r["metrics"]["seconds"] for r in results},
         "world_size": runtime.world_size(),

@@ -28,6 +28,7 @@ MARK = "conretriever"  # a tag: cards we wrote (and may rewrite) carry it
 KNOWN_BASES = {
     "embedded:gemma-3-270m": ("google/gemma-3-270m", "gemma"),
     "embedded:minilm": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
+    "embedded:embeddinggemma-300m": ("google/embeddinggemma-300m", "gemma"),
     "mistralai/Mistral-7B-v0.1": ("mistralai/Mistral-7B-v0.1", "apache-2.0"),
 }
 
@@ -65,7 +66,8 @@ def _front_matter(base: str | None, lora: bool) -> dict:
 
 
 def _usage(folder: Path, settings: dict, instruction: str | None) -> list[str]:
-    prefix = query_prefix(instruction, settings.get("prompt_format", "e5"))
+    prefix = query_prefix(instruction, settings.get("prompt_format", "e5"),
+                          settings.get("query_prompt"))  # fmt: skip
     shown = json.dumps(prefix)
     inst = json.dumps(instruction) if instruction else "None"
     return [

@@ -118,11 +118,17 @@ def ensure_eos_appended(tokenizer) -> None:
 class Embedder(nn.Module):
     """Text -> L2-normalised vectors. Build with :meth:`from_pretrained`."""
 
-    def __init__(self, backbone: nn.Module, tokenizer, settings: EmbedderSettings):
+    def __init__(self, backbone: nn.Module, tokenizer, settings: EmbedderSettings,
+                 head: nn.Sequential | None = None):  # fmt: skip
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.settings = settings
+        # a sentence-transformers folder's Dense modules after pooling (export.load_dense_head),
+        # float32; None for most models. Frozen: LoRA and full fine-tuning train the backbone.
+        self.head = head
+        if head is not None:
+            head.requires_grad_(False)
         # Right padding: real tokens keep the positions they have unpadded (matters for models
         # with absolute positions) and GradCache can trim a chunk to its longest sequence.
         tokenizer.padding_side = "right"
@@ -195,7 +201,7 @@ class Embedder(nn.Module):
             backbone.config.use_cache = False  # no KV cache: we never generate
         if lora is not None:
             backbone = apply_lora(backbone, lora)
-        model = cls(backbone, tokenizer, effective)
+        model = cls(backbone, tokenizer, effective, export.load_dense_head(path))
         return model.to(dev)
 
     @property
@@ -204,6 +210,8 @@ class Embedder(nn.Module):
 
     @property
     def dim(self) -> int:
+        if self.head is not None:
+            return int([m for m in self.head if isinstance(m, nn.Linear)][-1].out_features)
         return int(self.base_model.config.hidden_size)
 
     @property
@@ -217,9 +225,11 @@ class Embedder(nn.Module):
         fmt = self.settings.prompt_format
         if role == "query":
             inst = instruction if instruction is not None else self.settings.default_instruction
-            return [format_query(t, inst, fmt) for t in texts]
+            fixed = self.settings.query_prompt
+            return [format_query(t, inst, fmt, fixed) for t in texts]
         if role in ("passage", "document"):
-            return [format_passage(t, fmt) for t in texts]
+            fixed = self.settings.document_prompt
+            return [format_passage(t, fmt, fixed) for t in texts]
         raise ValueError(f"role must be 'query' or 'passage', got {role!r}")
 
     def tokenize(self, texts: list[str], max_length: int, padding: bool = True):
@@ -248,8 +258,17 @@ class Embedder(nn.Module):
             return self._packed_forward(packed_ids)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         emb = pool(out.last_hidden_state, attention_mask, self.settings.pooling)
+        return self._finish(emb)
+
+    def _finish(self, emb: torch.Tensor) -> torch.Tensor:
+        """Pooled states -> the model's vectors: float32 (similarities and the loss are computed
+        in at least fp32), through the Dense head if the model has one, unit length if
+        ``normalize``."""
         if emb.dtype in (torch.float16, torch.bfloat16):
-            emb = emb.float()  # similarities and the loss are computed in (at least) fp32
+            emb = emb.float()
+        if self.head is not None:
+            weight = next(self.head.parameters())
+            emb = self.head(emb.to(weight.dtype)).float()
         if self.settings.normalize:
             emb = nn.functional.normalize(emb, p=2, dim=-1)
         return emb
@@ -277,11 +296,7 @@ class Embedder(nn.Module):
                 max_length_k=longest,
             )
         emb = pool_packed(out.last_hidden_state[0], cu, self.settings.pooling)
-        if emb.dtype in (torch.float16, torch.bfloat16):
-            emb = emb.float()  # as in forward: similarities in (at least) fp32
-        if self.settings.normalize:
-            emb = nn.functional.normalize(emb, p=2, dim=-1)
-        return emb
+        return self._finish(emb)
 
     def packing_supported(self) -> bool:
         """Packed forwards compute this model exactly: a decoder with plain causal attention."""

@@ -128,7 +128,10 @@ def save_folder(
     config.save_pretrained(tmp)
     embedder.tokenizer.save_pretrained(tmp)
     (tmp / SETTINGS_FILE).write_text(json.dumps(_settings_dict(settings), indent=2) + "\n")
-    _write_sentence_transformers_files(tmp, settings, embedder.dim)
+    head = getattr(embedder, "head", None)
+    dense = _write_dense_head(tmp, head) if head is not None else []
+    hidden = int(embedder.base_model.config.hidden_size)  # what pooling reads
+    _write_sentence_transformers_files(tmp, settings, hidden, dense)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -136,11 +139,12 @@ def save_folder(
 
 
 def _settings_dict(settings: EmbedderSettings) -> dict:
-    """What ``conretriever.json`` holds; ``truncate_dim`` only when it truncates and
-    ``bidirectional`` only when true, so folders
+    """What ``conretriever.json`` holds; ``truncate_dim`` only when it truncates, and
+    ``bidirectional`` and the prompts only when set, so folders
     saved before the setting existed and those saved since without it are the same bytes."""
     values = asdict(settings)
-    for optional in ("truncate_dim", "bidirectional"):  # written only when set (same reason)
+    # written only when set (same reason)
+    for optional in ("truncate_dim", "bidirectional", "query_prompt", "document_prompt"):
         if not values.get(optional):
             values.pop(optional, None)
     return values
@@ -170,14 +174,126 @@ def saved_settings(path: str) -> EmbedderSettings | None:
         sbert = folder / "sentence_bert_config.json"
         if sbert.exists():
             max_len = int(json.loads(sbert.read_text()).get("max_seq_length", max_len))
+        query_prompt, document_prompt = _stated_prompts(folder)
         return EmbedderSettings(
             pooling=mode,
             normalize=normalize,
             prompt_format="none",
+            query_prompt=query_prompt,
+            document_prompt=document_prompt,
             query_max_length=max_len,
             doc_max_length=max_len,
         )
     return None
+
+
+# the activations sentence-transformers' Dense modules are saved with that a head can apply
+_DENSE_ACTIVATIONS = {
+    "torch.nn.modules.linear.Identity": nn.Identity,
+    "torch.nn.modules.activation.Tanh": nn.Tanh,
+}
+
+
+def load_dense_head(path: str | os.PathLike) -> nn.Sequential | None:
+    """The ``Dense`` modules of a sentence-transformers folder, in pipeline order, as one float32
+    ``nn.Sequential`` applied to the pooled vector before normalisation (EmbeddingGemma projects
+    its 768-dim mean 768 -> 3072 -> 768 this way); None when ``modules.json`` lists none.
+
+    A module of another kind between pooling and normalisation, or an activation other than
+    identity or tanh, is refused in one line: the vectors would not be the model's."""
+    folder = Path(path)
+    listing = folder / "modules.json"
+    if not listing.exists():
+        return None
+    try:
+        modules = json.loads(listing.read_text())
+        types = [(m["type"].rsplit(".", 1)[-1], m.get("path", "")) for m in modules]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{listing}: not a list of modules with 'type' fields ({e})") from None
+    known = {"Transformer", "Pooling", "Dense", "Normalize"}
+    other = [t for t, _ in types if t not in known]
+    if other:
+        raise ValueError(f"{listing}: module {other[0]!r} is not supported (only "
+                         f"{', '.join(sorted(known))})")  # fmt: skip
+    layers: list[nn.Module] = []
+    for kind, sub in types:
+        if kind != "Dense":
+            continue
+        layers.extend(_dense_layer(folder / sub))
+    return nn.Sequential(*layers) if layers else None
+
+
+def _dense_layer(folder: Path) -> list[nn.Module]:
+    from safetensors.torch import load_file
+
+    cfg_file = folder / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+        n_in, n_out = int(cfg["in_features"]), int(cfg["out_features"])
+        bias = bool(cfg.get("bias", True))
+        activation = cfg.get("activation_function", "torch.nn.modules.linear.Identity")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_file}: not a Dense config ({e})") from None
+    if activation not in _DENSE_ACTIVATIONS:
+        raise ValueError(f"{cfg_file}: field 'activation_function' {activation!r} is not "
+                         f"supported (one of: {', '.join(_DENSE_ACTIVATIONS)})")  # fmt: skip
+    if (folder / "model.safetensors").exists():
+        weights = load_file(str(folder / "model.safetensors"))
+    elif (folder / "pytorch_model.bin").exists():
+        weights = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{folder}: a Dense module without model.safetensors")
+    linear = nn.Linear(n_in, n_out, bias=bias)
+    state = {k.removeprefix("linear."): v.float() for k, v in weights.items()}
+    try:
+        linear.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ValueError(f"{folder}: weights do not fit the Dense config ({first})") from None
+    return [linear, _DENSE_ACTIVATIONS[activation]()]
+
+
+def _write_dense_head(folder: Path, head: nn.Sequential) -> list[str]:
+    """``head`` as sentence-transformers Dense module folders ``<i>_Dense``; their paths."""
+    from safetensors.torch import save_file
+
+    names = {cls: name for name, cls in _DENSE_ACTIVATIONS.items()}
+    layers = list(head)
+    paths = []
+    for i in range(0, len(layers), 2):
+        linear, act = layers[i], layers[i + 1]
+        path = f"{2 + i // 2}_Dense"
+        (folder / path).mkdir()
+        cfg = {"in_features": linear.in_features, "out_features": linear.out_features,
+               "bias": linear.bias is not None,
+               "activation_function": names[type(act)]}  # fmt: skip
+        (folder / path / "config.json").write_text(json.dumps(cfg, indent=2))
+        state = {f"linear.{k}": v.detach().float().contiguous().cpu()
+                 for k, v in linear.state_dict().items()}  # fmt: skip
+        save_file(state, str(folder / path / "model.safetensors"))
+        paths.append(path)
+    return paths
+
+
+def _stated_prompts(folder: Path) -> tuple[str | None, str | None]:
+    """The query and document prompts a sentence-transformers folder states (its
+    ``config_sentence_transformers.json``: ``prompts.query`` and ``prompts.document``, the names
+    MTEB applies to retrieval), or None for a role it states none (or an empty one) for."""
+    file = folder / "config_sentence_transformers.json"
+    if not file.exists():
+        return None, None
+    try:
+        prompts = json.loads(file.read_text()).get("prompts") or {}
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{file}: not a JSON object ({e})") from None
+    if not isinstance(prompts, dict):
+        raise ValueError(f"{file}: field 'prompts' is not an object")
+    query = prompts.get("query") or None
+    document = prompts.get("document") or prompts.get("passage") or None
+    for name, value in (("query", query), ("document", document)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{file}: field 'prompts.{name}' is not a string")
+    return query, document
 
 
 def _write_safetensors(sd: dict[str, torch.Tensor], folder: Path, max_shard: str = "5GB") -> None:
@@ -194,7 +310,8 @@ def _write_safetensors(sd: dict[str, torch.Tensor], folder: Path, max_shard: str
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _write_sentence_transformers_files(folder: Path, s: EmbedderSettings, dim: int) -> None:
+def _write_sentence_transformers_files(folder: Path, s: EmbedderSettings, dim: int,
+                                      dense: list[str] = ()) -> None:  # fmt: skip
     """``modules.json``, ``1_Pooling/``, ``2_Normalize/``, ``sentence_bert_config.json`` and
     ``config_sentence_transformers.json`` (prompts), so ``SentenceTransformer(folder)`` pools,
     normalises and prefixes exactly as ``Embedder`` does."""
@@ -207,16 +324,16 @@ def _write_sentence_transformers_files(folder: Path, s: EmbedderSettings, dim: i
             "type": "sentence_transformers.models.Pooling",
         },
     ]
+    for path in dense:  # a projection after pooling (written by _write_dense_head)
+        i = len(modules)
+        modules.append({"idx": i, "name": str(i), "path": path,
+                        "type": "sentence_transformers.models.Dense"})  # fmt: skip
     if s.normalize:
-        modules.append(
-            {
-                "idx": 2,
-                "name": "2",
-                "path": "2_Normalize",
-                "type": "sentence_transformers.models.Normalize",
-            }
-        )
-        (folder / "2_Normalize").mkdir(exist_ok=True)
+        i = len(modules)
+        path = "2_Normalize" if not dense else f"{i}_Normalize"
+        modules.append({"idx": i, "name": str(i), "path": path,
+                        "type": "sentence_transformers.models.Normalize"})  # fmt: skip
+        (folder / path).mkdir(exist_ok=True)
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "1_Pooling").mkdir(exist_ok=True)
     pooling = {
@@ -234,8 +351,8 @@ def _write_sentence_transformers_files(folder: Path, s: EmbedderSettings, dim: i
     sbert = {"max_seq_length": max(s.query_max_length, s.doc_max_length), "do_lower_case": False}
     (folder / "sentence_bert_config.json").write_text(json.dumps(sbert, indent=2))
     prompts = {
-        "query": query_prefix(s.default_instruction, s.prompt_format),
-        "document": document_prefix(s.prompt_format),
+        "query": query_prefix(s.default_instruction, s.prompt_format, s.query_prompt),
+        "document": document_prefix(s.prompt_format, s.document_prompt),
     }
     st_config = {
         "prompts": prompts,

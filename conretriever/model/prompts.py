@@ -7,6 +7,12 @@ Queries get the task's instruction in the model's prompt format; documents get n
 * ``plain`` (the seed project's): ``{instruction}\\n{query}``;
 * ``prefix`` (E5-v2 style encoders): ``query: {query}`` / ``passage: {text}``;
 * ``none``: texts as given (sentence-transformers encoders such as all-MiniLM-L6-v2).
+
+A model may also state prompts of its own (``query_prompt`` / ``document_prompt`` in its
+settings, read from a sentence-transformers folder's ``config_sentence_transformers.json``):
+nomic-embed-text-v1.5 reads ``search_query: `` / ``search_document: ``. Such a fixed prompt
+replaces the format's text for its role, and a query then takes no instruction: the model was
+trained with that one prompt.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ from __future__ import annotations
 PROMPT_FORMATS = ("e5", "plain", "prefix", "none")
 
 
-def query_prefix(instruction: str | None, prompt_format: str = "e5") -> str:
-    """The text put before a query."""
+def query_prefix(instruction: str | None, prompt_format: str = "e5", fixed: str | None = None
+                 ) -> str:  # fmt: skip
+    """The text put before a query (``fixed``: the model's own query prompt, if it states one)."""
+    if fixed is not None:
+        return fixed
     if prompt_format == "e5":
         return f"Instruct: {instruction}\nQuery: " if instruction else ""
     if prompt_format == "plain":
@@ -27,14 +36,17 @@ def query_prefix(instruction: str | None, prompt_format: str = "e5") -> str:
     raise ValueError(f"unknown prompt_format {prompt_format!r}; use one of {PROMPT_FORMATS}")
 
 
-def document_prefix(prompt_format: str = "e5") -> str:
-    """The text put before a document (none but in the ``prefix`` format)."""
+def document_prefix(prompt_format: str = "e5", fixed: str | None = None) -> str:
+    """The text put before a document (none but in the ``prefix`` format, or the model's own)."""
+    if fixed is not None:
+        return fixed
     return "passage: " if prompt_format == "prefix" else ""
 
 
-def format_query(query: str, instruction: str | None, prompt_format: str = "e5") -> str:
-    return query_prefix(instruction, prompt_format) + query
+def format_query(query: str, instruction: str | None, prompt_format: str = "e5",
+                 fixed: str | None = None) -> str:  # fmt: skip
+    return query_prefix(instruction, prompt_format, fixed) + query
 
 
-def format_passage(text: str, prompt_format: str = "e5") -> str:
-    return document_prefix(prompt_format) + text
+def format_passage(text: str, prompt_format: str = "e5", fixed: str | None = None) -> str:
+    return document_prefix(prompt_format, fixed) + text

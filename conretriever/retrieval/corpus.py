@@ -61,8 +61,9 @@ def model_fingerprint(embedder) -> str:
     if is_dataclass(settings):
         # the store keeps full vectors: truncation is applied when they are read
         values = {k: v for k, v in asdict(settings).items() if k != "truncate_dim"}
-        if not values.get("bidirectional"):  # fingerprints from before the setting existed
-            values.pop("bidirectional", None)
+        for newer in ("bidirectional", "query_prompt", "document_prompt"):
+            if not values.get(newer):  # fingerprints from before the setting existed
+                values.pop(newer, None)
         digest.update(json.dumps(values, sort_keys=True).encode())
     tokenizer = getattr(embedder, "tokenizer", None)
     if tokenizer is not None:
