@@ -10,9 +10,9 @@ Queries get the task's instruction in the model's prompt format; documents get n
 
 A model may also state prompts of its own (``query_prompt`` / ``document_prompt`` in its
 settings, read from a sentence-transformers folder's ``config_sentence_transformers.json``):
-nomic-embed-text-v1.5 reads ``search_query: `` / ``search_document: ``. Such a fixed prompt
-replaces the format's text for its role, and a query then takes no instruction: the model was
-trained with that one prompt.
+EmbeddingGemma reads ``task: search result | query: `` / ``title: none | text: ``. Such a
+fixed prompt replaces the format's text for its role, and a query then takes no instruction:
+the model was trained with that one prompt.
 """
 
 from __future__ import annotations

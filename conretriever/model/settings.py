@@ -43,13 +43,13 @@ class EmbedderSettings:
     query_prompt: str | None = opt(
         None,
         help="the model's own text before every query, instead of the prompt format's (it "
-        "then takes no instruction), e.g. nomic-embed-text's 'search_query: '; none: the "
-        "format's",
+        "then takes no instruction), e.g. EmbeddingGemma's 'task: search result | query: '; "
+        "none: the format's",
     )
     document_prompt: str | None = opt(
         None,
         help="the model's own text before every document, instead of the format's, e.g. "
-        "nomic-embed-text's 'search_document: '; none: the format's",
+        "EmbeddingGemma's 'title: none | text: '; none: the format's",
     )
     query_max_length: int | None = opt(
         None, ge=1, help="query tokens, instruction and appended EOS included"
