@@ -244,9 +244,8 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
     against the MiniLM-taught pair's 59.23, and 24.45 held out against 25.49, and one seed's
     spread (58.24-61.33 here) is larger than the difference. Not shipped; more seeds would
     decide.
-57. rows 54-56 again with seeds 44 and 45 (rows 57-59) are defined for that, not measured: row
-    57 was stopped on 2026-12-06 while EmbeddingGemma encoded the training passages (~2.5 a
-    second that day; 2,141 SQuAD paragraphs) for row 60;
+    Rows 57-59 (rows 54-56 with seeds 44 and 45) were started on 2026-12-06 and stopped for
+    row 60 while EmbeddingGemma encoded the 2,141 SQuAD paragraphs (~2.5 a second that day);
 60. **biomedical questions**: row 33 (the shipped config, seed 42, MiniLM teacher) on the mined
     files plus 2,566 biomedical yes/no questions over the PubMed text that answers them
     (``science_pairs``: 1,165 BioASQ questions over their snippets and 1,401 PubMedQA
@@ -644,22 +643,6 @@ ROWS: dict[str, dict] = {
             "shipped config (fp32, reads 512), 120 steps, seed 42, EmbeddingGemma teacher, "
             "+ decoupled distillation 1",
             "shipped config (fp32, reads 512), 120 steps, seed 43, EmbeddingGemma teacher, "
-            "+ decoupled distillation 1"]},
-    # rows 57-59: rows 54-56 again with seeds 44 and 45, to tell the teacher's change from one
-    # seed's luck (the MiniLM-taught config with these seeds: 54.36 and 60.25, soup 59.60)
-    "shipped config (fp32, reads 512), 120 steps, seed 44, EmbeddingGemma teacher, "
-    "+ decoupled distillation 1": {
-        "train": [*SHIPPED_NOW, "--seed", "44", *EMBEDDINGGEMMA,
-                  "--embed_distil_rest_weight", "1"], "steps": 120},
-    "shipped config (fp32, reads 512), 120 steps, seed 45, EmbeddingGemma teacher, "
-    "+ decoupled distillation 1": {
-        "train": [*SHIPPED_NOW, "--seed", "45", *EMBEDDINGGEMMA,
-                  "--embed_distil_rest_weight", "1"], "steps": 120},
-    "soup: seeds 44 and 45 with the EmbeddingGemma teacher, + decoupled distillation 1": {
-        "soup_of": [
-            "shipped config (fp32, reads 512), 120 steps, seed 44, EmbeddingGemma teacher, "
-            "+ decoupled distillation 1",
-            "shipped config (fp32, reads 512), 120 steps, seed 45, EmbeddingGemma teacher, "
             "+ decoupled distillation 1"]},
     # row 60: row 33 (the shipped config, seed 42) on the mined files plus biomedical yes/no
     # questions over the PubMed text that answers them (science_pairs: BioASQ and PubMedQA
