@@ -269,8 +269,9 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
     biomedical instead of ~40%; ``recipe_science_heavy_tasks.yaml``): 63.39
     (53.44), held-out 25.57, in 15.1 minutes (7.25 s a step, median): +1.3 over row 60 with the
     same seed (62.07, 54.50; held-out not measured there), 1.1 below MiniLM: more of the
-    field's questions may help further (one seed; +1.3 is within a seed's spread). The same
-    with seed 43, and the two averaged, were trained by hand that day (README).
+    field's questions may help further (one seed; +1.3 is within a seed's spread). Its
+    seed-43 run was started by hand and stopped at step 35 for the session's end: the soup of
+    this mixture is not measured.
 
 ``--heldout`` scores every row's model (full size) on a second zero-shot set too, claims of
 another field (``heldout_set``: Climate-FEVER's 1,061 claims over the 3,617 evidence sentences
