@@ -749,6 +749,31 @@ def test_every_soup_row_averages_earlier_trained_rows_that_save_alike():
             assert ROWS[m]["train"] != first["train"] or ROWS[m].get("cloze") != first.get("cloze")
 
 
+def test_the_table_marks_a_soups_unscored_members_and_scores_the_soup(tmp_path):
+    """``--unscored_members`` trains a soup's members without scoring them: the table names them
+    unscored (no number where none was measured) and the soup row carries the scores and the
+    members' summed training minutes."""
+    import argparse
+
+    recipe = recipe_module()
+    soup = "soup: the 120-step seeds 42 and 43, + biomedical questions, squad 0.2"
+    first, second = recipe.ROWS[soup]["soup_of"]
+    member = {"scores": {}, "train_s": 900.0, "eval_s": 0.0, "max_steps": 120, "cpu": "AVX2",
+              "precision": "fp32"}  # fmt: skip
+    saved = {first: {**member, "scores": {"0": 63.39, "256": 53.44}, "eval_s": 820.0},
+             second: member,
+             soup: {**member, "scores": {"0": 64.0, "256": 54.0}, "train_s": 1800.0,
+                    "eval_s": 600.0, "heldout": 26.5}}  # fmt: skip
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "1", "text": "x"}\n')
+    args = argparse.Namespace(eval_docs=0, max_steps=120)
+    lines = recipe.table(saved, args, 0.0, tmp_path).splitlines()
+    row = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines if line.startswith("| ")}
+    assert row[second][2] == "not scored" and row[second][5] == "15.0" and row[second][6] == "-"
+    assert row[first][2] == "63.39" and row[soup][2] == "64.00" and row[soup][5] == "30.0"
+    assert row[soup][-1].strip(" |") == "26.50" and all(len(r) == len(row[soup]) for r in
+                                                        row.values())  # fmt: skip
+
+
 def test_varied_instructions_file_keeps_every_row_and_gives_each_a_pool_instruction(tmp_path):
     """Row 40's data (``vary_instructions``): every squad row comes back unchanged but for its
     own ``instruction``, drawn from the pool with a fixed seed (a rerun writes the same file),
