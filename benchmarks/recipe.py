@@ -268,10 +268,14 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
 63. **more biomedical rows**: row 60 with squad at weight 0.2 instead of 0.4 (~56% of the rows
     biomedical instead of ~40%; ``recipe_science_heavy_tasks.yaml``): 63.39
     (53.44), held-out 25.57, in 15.1 minutes (7.25 s a step, median): +1.3 over row 60 with the
-    same seed (62.07, 54.50; held-out not measured there), 1.1 below MiniLM: more of the
-    field's questions may help further (one seed; +1.3 is within a seed's spread). Its
-    seed-43 run was started by hand and stopped at step 35 for the session's end: the soup of
-    this mixture is not measured.
+    same seed (62.07, 54.50; held-out not measured there), 1.1 below MiniLM;
+64. row 63 with seed 43: 60.11 (54.24), in 18.0 minutes: 1.2 below row 61 with the same seed;
+65. rows 63 and 64 averaged: 62.69 (55.91), held-out 24.91, in 33.2 minutes of training for
+    both: below row 62 (63.46, 26.40). The two mixtures' runs average 61.67 (squad 0.4) and
+    61.75 (squad 0.2): more of the field's questions do not add more here, and row 63's +1.3
+    was its seed's. Not shipped;
+66. - 68. the shipped recipe (rows 60-62) with seeds 44 and 45, and their soup: a second soup
+    of the same config, as the SQuAD-only recipe was run with four pairs of seeds.
 
 ``--heldout`` scores every row's model (full size) on a second zero-shot set too, claims of
 another field (``heldout_set``: Climate-FEVER's 1,061 claims over the 3,617 evidence sentences
