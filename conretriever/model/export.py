@@ -219,6 +219,7 @@ def load_dense_head(path: str | os.PathLike) -> nn.Sequential | None:
     # Pooling would act on token vectors, one after Normalize on the unit vector. We apply the
     # head to the pooled vector and normalise last, so only that order gives its vectors.
     kinds = [t for t, _ in types]
+    layers: list[nn.Module] = []
     for position, (kind, sub) in enumerate(types):
         if kind != "Dense":
             continue
@@ -227,10 +228,7 @@ def load_dense_head(path: str | os.PathLike) -> nn.Sequential | None:
             where = "before Pooling" if before_pooling else "after Normalize"
             raise ValueError(f"{listing}: Dense module {sub!r} comes {where}; only Dense "
                              "modules between Pooling and Normalize are supported")  # fmt: skip
-    layers: list[nn.Module] = []
-    for kind, sub in types:
-        if kind == "Dense":
-            layers.extend(_dense_layer(folder / sub))
+        layers.extend(_dense_layer(folder / sub))
     return nn.Sequential(*layers) if layers else None
 
 
