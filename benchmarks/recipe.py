@@ -259,6 +259,7 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
     machine that day: its first 16 steps took 15-26 s each, and the evaluation took 15.9
     minutes where row 33's took 9.3);
 61. row 60 with seed 43: 61.27 (52.92), +2.2 over row 34 (59.10, 50.40), in 16.8 minutes;
+    held-out 26.69 (row 60) and 26.22 (row 61), measured later;
 62. rows 60 and 61 averaged (the shipped recipe's soup): 63.46 (54.45), held-out 26.40, in
     39.5 minutes of training for both on that slow day (row 35, the soup of the same seeds on
     SQuAD alone: 61.11, 25.87): 1.05 below MiniLM's 64.51. The shipped recipe since
@@ -269,7 +270,8 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
     biomedical instead of ~40%; ``recipe_science_heavy_tasks.yaml``): 63.39
     (53.44), held-out 25.57, in 15.1 minutes (7.25 s a step, median): +1.3 over row 60 with the
     same seed (62.07, 54.50; held-out not measured there), 1.1 below MiniLM;
-64. row 63 with seed 43: 60.11 (54.24), in 18.0 minutes: 1.2 below row 61 with the same seed;
+64. row 63 with seed 43: 60.11 (54.24), held-out 23.33, in 18.0 minutes: 1.2 below row 61
+    with the same seed;
 65. rows 63 and 64 averaged: 62.69 (55.91), held-out 24.91, in 33.2 minutes of training for
     both: below row 62 (63.46, 26.40). The two mixtures' runs average 61.67 (squad 0.4) and
     61.75 (squad 0.2): more of the field's questions do not add more here, and row 63's +1.3
