@@ -282,7 +282,9 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
     and were not scored alone (``--unscored_members``); the soup: 62.16 (55.55), held-out
     24.82, +2.56 over the same seeds' soup on SQuAD alone (59.60; held-out 25.29). The two
     soups of the shipped recipe average 62.81, 1.70 below MiniLM;
-69. a probe past the budget: rows 60, 61, 66 and 67 averaged (four runs, ~74 minutes).
+69. a probe past the budget: rows 60, 61, 66 and 67 averaged (four runs, ~74 minutes of
+    training): 62.78 (55.45), held-out 25.58: the two soups' mean (62.81), as six runs
+    averaged on SQuAD alone came near the mean soup of two: more members do not lift it.
 
 ``--heldout`` scores every row's model (full size) on a second zero-shot set too, claims of
 another field (``heldout_set``: Climate-FEVER's 1,061 claims over the 3,617 evidence sentences
