@@ -1216,8 +1216,8 @@ def table(saved: dict, args, mine_s: float, beir: Path) -> str:
         f"machine: {platform.machine()}, {os.cpu_count()} CPU cores "
         f"({torch.backends.cpu.get_cpu_capability()}), no GPU; command: "
         f"`python benchmarks/recipe.py {' '.join(sys.argv[1:])}`; {CONFIG}, "
-        f"16 queries per step, {args.max_steps} steps per row unless the row says, one seed "
-        f"(42) per row; "
+        f"16 queries per step, {args.max_steps} steps per row unless the row says, one run per "
+        f"row (seed 42 unless the row names another); "
         f"mining {mine_s / 60:.1f} min (0: mined by an earlier invocation); evaluation: "
         + (
             f"SciFact's 300 test queries over {docs} documents (the cited ones + random others, "
