@@ -153,14 +153,14 @@ def decontaminate(rows: list[dict], beir: Path) -> tuple[list[dict], int]:
 
 
 def write_tasks(rows: list[dict], out: Path) -> dict[str, int]:
-    """One ``<task>.jsonl`` per task under ``out`` (without the ``task`` key); rows per task."""
-    out.mkdir(parents=True, exist_ok=True)
+    """One ``<task>.jsonl`` per task under ``out`` (without the ``task`` key); rows per task.
+    Each file is written whole or not at all (``files.write_text``)."""
+    from conretriever.files import write_text
+
     by_task: dict[str, list[str]] = {}
     for r in rows:
         body = {k: v for k, v in r.items() if k != "task"}
         by_task.setdefault(r["task"], []).append(json.dumps(body, ensure_ascii=False) + "\n")
     for task, lines in by_task.items():
-        partial = out / f"{task}.partial"  # a stopped write leaves no half file under the name
-        partial.write_text("".join(lines), encoding="utf-8")
-        partial.replace(out / f"{task}.jsonl")
+        write_text(out / f"{task}.jsonl", "".join(lines))
     return {task: len(lines) for task, lines in by_task.items()}
