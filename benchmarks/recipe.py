@@ -362,6 +362,20 @@ VARIED_INSTRUCTIONS = (
 )
 EMBED = ["--embed_distil_model", "embedded:minilm", "--embed_distil_weight", "1.0"]
 NO_EMBED = ["--embed_distil_weight", "0"]
+
+
+def biomedical_soup(seeds: tuple[int, int], science, suffix: str = "") -> dict[str, dict]:
+    """The recipe's soup rows with biomedical questions (rows 60-68): one 120-step run of the
+    shipped config per seed on ``mine_science``'s data (``science``: True for the shipped
+    mixture, "heavy" for squad at 0.2), then the runs averaged."""
+    member = "shipped config (fp32, reads 512), 120 steps, seed {}, + biomedical questions"
+    runs = {member.format(seed) + suffix: {"train": [*SHIPPED_NOW, "--seed", str(seed)],
+                                           "steps": 120, "science": science}
+            for seed in seeds}  # fmt: skip
+    soup = f"soup: the 120-step seeds {seeds[0]} and {seeds[1]}, + biomedical questions{suffix}"
+    return {**runs, soup: {"soup_of": list(runs)}}
+
+
 ROWS: dict[str, dict] = {
     "today's recipe (mined + distilled, T=1)": {"train": [*NO_EMBED, *TODAY]},
     "+ fixed distillation temperature": {"train": NO_EMBED},
@@ -662,43 +676,18 @@ ROWS: dict[str, dict] = {
             "+ decoupled distillation 1",
             "shipped config (fp32, reads 512), 120 steps, seed 43, EmbeddingGemma teacher, "
             "+ decoupled distillation 1"]},
-    # row 60: row 33 (the shipped config, seed 42) on the mined files plus biomedical yes/no
-    # questions over the PubMed text that answers them (science_pairs: BioASQ and PubMedQA
-    # from two PyPI packages, decontaminated against SciFact), ~40% of the rows
-    # (configs/tasks/gemma_270m_cpu.yaml): labelled pairs of SciFact's field, where SQuAD's are of
-    # 48 Wikipedia articles
-    "shipped config (fp32, reads 512), 120 steps, seed 42, + biomedical questions": {
-        "train": [*SHIPPED_NOW, "--seed", "42"], "steps": 120, "science": True},
-    # rows 61-62: row 60 with seed 43, and the two averaged (the shipped recipe's soup)
-    "shipped config (fp32, reads 512), 120 steps, seed 43, + biomedical questions": {
-        "train": [*SHIPPED_NOW, "--seed", "43"], "steps": 120, "science": True},
-    "soup: the 120-step seeds 42 and 43, + biomedical questions": {
-        "soup_of": [
-            "shipped config (fp32, reads 512), 120 steps, seed 42, + biomedical questions",
-            "shipped config (fp32, reads 512), 120 steps, seed 43, + biomedical questions"]},
-    # row 63: row 60 with more of its rows biomedical (~56% instead of ~40%: squad at 0.2)
-    "shipped config (fp32, reads 512), 120 steps, seed 42, + biomedical questions, squad 0.2": {
-        "train": [*SHIPPED_NOW, "--seed", "42"], "steps": 120, "science": "heavy"},
-    # rows 64-65: row 63 with seed 43, and the two averaged (row 62's soup with squad at 0.2)
-    "shipped config (fp32, reads 512), 120 steps, seed 43, + biomedical questions, squad 0.2": {
-        "train": [*SHIPPED_NOW, "--seed", "43"], "steps": 120, "science": "heavy"},
-    "soup: the 120-step seeds 42 and 43, + biomedical questions, squad 0.2": {
-        "soup_of": [
-            "shipped config (fp32, reads 512), 120 steps, seed 42, + biomedical questions, "
-            "squad 0.2",
-            "shipped config (fp32, reads 512), 120 steps, seed 43, + biomedical questions, "
-            "squad 0.2"]},
+    # rows 60-62: row 33 (the shipped config, seed 42), then seed 43, on the mined files plus
+    # biomedical yes/no questions over the PubMed text that answers them (science_pairs:
+    # BioASQ and PubMedQA from two PyPI packages, decontaminated against SciFact), ~40% of the
+    # rows (configs/tasks/gemma_270m_cpu.yaml): labelled pairs of SciFact's field, where
+    # SQuAD's are of 48 Wikipedia articles; and the two averaged (the shipped recipe's soup)
+    **biomedical_soup((42, 43), science=True),
+    # rows 63-65: the same with more of the rows biomedical (~56% instead of ~40%: squad 0.2)
+    **biomedical_soup((42, 43), science="heavy", suffix=", squad 0.2"),
     # rows 66-68: the shipped recipe (row 62) again with seeds 44 and 45: a second soup of the
     # same config, as the SQuAD-only recipe was run with four pairs of seeds (rows 33-35 and
     # the README's seeds 44-49): how much of row 62's score is its seeds
-    "shipped config (fp32, reads 512), 120 steps, seed 44, + biomedical questions": {
-        "train": [*SHIPPED_NOW, "--seed", "44"], "steps": 120, "science": True},
-    "shipped config (fp32, reads 512), 120 steps, seed 45, + biomedical questions": {
-        "train": [*SHIPPED_NOW, "--seed", "45"], "steps": 120, "science": True},
-    "soup: the 120-step seeds 44 and 45, + biomedical questions": {
-        "soup_of": [
-            "shipped config (fp32, reads 512), 120 steps, seed 44, + biomedical questions",
-            "shipped config (fp32, reads 512), 120 steps, seed 45, + biomedical questions"]},
+    **biomedical_soup((44, 45), science=True),
     # row 69, a probe past the budget: the four runs of rows 60, 61, 66 and 67 averaged (~74
     # minutes of training): do more members lift the biomedical recipe, as they barely did
     # on SQuAD alone (six runs averaged: 60.17 against 59.33 for the mean soup of two)?
