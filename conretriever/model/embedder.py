@@ -129,6 +129,10 @@ class Embedder(nn.Module):
         self.head = head
         if head is not None:
             head.requires_grad_(False)
+        # the vector's width: the head's last Linear, else the backbone's hidden size (fixed
+        # from here on: nothing replaces the head or resizes the backbone after construction)
+        linears = [m for m in head if isinstance(m, nn.Linear)] if head is not None else []
+        self._dim = int(linears[-1].out_features if linears else backbone.config.hidden_size)
         # Right padding: real tokens keep the positions they have unpadded (matters for models
         # with absolute positions) and GradCache can trim a chunk to its longest sequence.
         tokenizer.padding_side = "right"
@@ -210,9 +214,8 @@ class Embedder(nn.Module):
 
     @property
     def dim(self) -> int:
-        if self.head is not None:
-            return int([m for m in self.head if isinstance(m, nn.Linear)][-1].out_features)
-        return int(self.base_model.config.hidden_size)
+        """Floats per vector (before any truncation an encode call asks for)."""
+        return self._dim
 
     @property
     def base_model(self) -> nn.Module:
