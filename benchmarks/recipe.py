@@ -347,7 +347,7 @@ MINILM_REFERENCE = 64.51  # all-MiniLM-L6-v2 on SciFact (MTEB); measured again a
 # the base every row changes: the shipped config of 2026-12-03 (which the rows up to 9 were
 # measured on), whatever configs/gemma_270m_cpu.yaml says now (rows 26 and 30's since 2026-12-05;
 # its task weights, row 60's since 2026-12-06: the rows keep the registry's unless they say;
-# its teacher and decoupled term, rows 70-72's since 2026-12-06: the rows keep MiniLM and no
+# its teacher and decoupled term, rows 70-75's since 2026-12-06: the rows keep MiniLM and no
 # decoupled term unless they say, as they were measured)
 ABLATION_BASE = ["--learning_rate", "2e-4", "--embed_distil_rows", "queries",
                  "--n_hard_negative", "1", "--distil_weight", "1",
@@ -389,7 +389,7 @@ NO_EMBED = ["--embed_distil_weight", "0"]
 
 def biomedical_soup(seeds: tuple[int, int], science, suffix: str = "",
                     flags: tuple[str, ...] = ()) -> dict[str, dict]:  # fmt: skip
-    """The recipe's soup rows with biomedical questions (rows 60-68, 70-72): one 120-step run of
+    """The recipe's soup rows with biomedical questions (rows 60-68, 70-75): one 120-step run of
     the shipped config (plus ``flags``) per seed on ``mine_science``'s data (``science``: True
     for the shipped mixture, "heavy" for squad at 0.2), then the runs averaged."""
     member = "shipped config (fp32, reads 512), 120 steps, seed {}, + biomedical questions"
