@@ -1060,7 +1060,9 @@ def main() -> int:
     parser.add_argument("--max_steps", type=int, default=40, help="training steps of every run")
     parser.add_argument("--only", action="append", default=[], help="run just these rows")
     parser.add_argument(
-        "--reuse", action="store_true", help="keep rows measured in <work>/rows.json (same steps)"
+        "--reuse", action="store_true",
+        help="keep rows measured in <work>/rows.json (same steps); score a trained, unscored row "
+        "without training it again",
     )
     parser.add_argument(
         "--heldout",
@@ -1125,7 +1127,13 @@ def main() -> int:
             continue
         out = folder_of(name)
         train_s, precision = 0.0, ""
-        if "train" in row:
+        trained = (args.reuse and known.get("max_steps") == steps and "train" in row
+                   and (out / "final").is_dir())  # fmt: skip
+        if trained:  # a soup's member trained unscored (--unscored_members): score it alone
+            print(f"--reuse: {name}: trained before, scoring it")
+            train_s, precision = known["train_s"], known["precision"]
+            model = str(out / "final")
+        elif "train" in row:
             flags, data = list(row["train"]), mined
             if row.get("cloze"):
                 flags, data = [*flags, "--task_config", str(CLOZE_TASKS)], mine_cloze(work, mined)

@@ -495,7 +495,7 @@ def test_the_teachers_vectors_are_stored_and_read_back_without_encoding(tiny_enc
     instruction too) and passages come from the store, equal to encoding them afresh."""
     from conretriever.data.tasks import TaskRegistry
     from conretriever.data.training import Example
-    from conretriever.training.teacher import TeacherVectors
+    from conretriever.training.teacher import TeacherTexts, TeacherVectors
 
     def ex(i, instruction):
         return Example(f"question {i % 3}", (f"answer {i}",), (f"wrong {i}",), instruction,
@@ -503,7 +503,7 @@ def test_the_teachers_vectors_are_stored_and_read_back_without_encoding(tiny_enc
 
     # the same three query texts under two instructions: six distinct query vectors
     data = {"nq": [ex(i, "Find the answer" if i < 3 else "Find a passage") for i in range(6)]}
-    build = dict(spec=str(tiny_encoder), data=data, registry=TaskRegistry(),
+    build = dict(spec=str(tiny_encoder), texts=TeacherTexts.of_rows(data, TaskRegistry()),
                  device=torch.device("cpu"), cache_dir=tmp_path / "cache",
                  show_progress=False)  # fmt: skip
     calls = []
@@ -529,6 +529,60 @@ def test_the_teachers_vectors_are_stored_and_read_back_without_encoding(tiny_enc
                          instruction=instruction)  # fmt: skip
         rows = [first.query_index[(instruction, f"question {i}")] for i in range(3)]
         np.testing.assert_allclose(first.query_vectors[rows], fresh, atol=1e-6)
+
+
+def test_the_teacher_encodes_only_what_the_steps_draw(tiny_decoder, tiny_encoder, tmp_path,
+                                                     monkeypatch):  # fmt: skip
+    """The batch plan is fixed before training: the teacher encodes the queries and documents
+    of the drawn rows only (2 steps of 4 of 40 rows: 8 queries, 16 documents), and every item
+    of those steps finds the vector the teacher gives it when it encodes the whole data."""
+    from conretriever.cli import main as cli
+    from conretriever.data.tasks import TaskRegistry
+    from conretriever.data.training import load_training_data
+    from conretriever.training import loop
+    from conretriever.training.config import parse_config
+    from conretriever.training.teacher import TeacherTexts, TeacherVectors
+
+    monkeypatch.setenv("CONRETRIEVER_CACHE", str(tmp_path / "cache"))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    rows = [{"query": f"question {i}", "positive": [f"answer {i}"], "negative": [f"wrong {i}"]}
+            for i in range(40)]  # fmt: skip
+    (data_dir / "nq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--model_name_or_path", str(tiny_decoder), "--train_data", str(data_dir),
+            "--per_device_train_batch_size", "4", "--max_steps", "2", "--report_to", "none",
+            "--embed_distil_model", str(tiny_encoder), "--embed_distil_weight", "0.5",
+            "--n_hard_negative", "1"]  # fmt: skip
+    cfg = parse_config(argv)
+    registry = TaskRegistry()
+    data = load_training_data(str(data_dir), registry)
+    sampler = loop.EpochSampler({"nq": 40}, {"nq": 1.0}, 4, seed=cfg.train.seed)
+    items = list(loop.planned_items(cfg, data, registry, sampler, 2))
+    assert len(items) == 8 and len({it.query for it in items}) == 8
+
+    encoded = []
+    original = Embedder.encode
+
+    def counting(self, texts, role="query", *a, **k):
+        encoded.extend((role, t) for t in texts)
+        return original(self, texts, role, *a, **k)
+
+    monkeypatch.setattr(Embedder, "encode", counting)
+    assert cli(["train", *argv, "--output_dir", str(tmp_path / "run")]) == 0
+    monkeypatch.setattr(Embedder, "encode", original)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(r["embed_kl"] > 0 for r in metrics)
+    assert sorted(t for role, t in encoded if role == "query") == sorted(it.query for it in items)
+    assert sorted(t for role, t in encoded if role == "passage") == sorted(
+        {t for it in items for t in (it.positive, *it.negatives)}
+    )
+
+    spec = dict(spec=str(tiny_encoder), device=torch.device("cpu"), show_progress=False)
+    drawn = TeacherVectors.build(texts=TeacherTexts.of_items(items), **spec)
+    whole = TeacherVectors.build(texts=TeacherTexts.of_rows(data, registry), **spec)
+    assert len(drawn.query_index) == 8 and len(whole.query_index) == 40
+    for ours, full in zip(drawn.for_items(items), whole.for_items(items), strict=True):
+        np.testing.assert_allclose(ours.numpy(), full.numpy(), atol=1e-6)
 
 
 # ----- 3. bidirectional attention ----------------------------------------------------------------

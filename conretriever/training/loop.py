@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,7 +50,7 @@ from conretriever.training.loss import training_loss
 from conretriever.training.monitor import BEST_NAME, Monitor
 from conretriever.training.run_folder import RunFolder, prepare
 from conretriever.training.step import StepResult, train_step
-from conretriever.training.teacher import TeacherVectors
+from conretriever.training.teacher import TeacherTexts, TeacherVectors
 from conretriever.training.tracking import RunLog, peak_memory_mb
 
 log = logging.getLogger("conretriever.train")
@@ -210,7 +211,7 @@ def setup(cfg: TrainSettings, info: DistInfo, folder: RunFolder) -> Setup:
             "projection runs outside the sharded model's forward (use --embed_distil_weight, "
             "which needs no projection, for multi-process runs)"
         )
-    teacher = _teacher(cfg, info, registry, data, sampler)
+    teacher = _teacher(cfg, info, registry, data, sampler, total)
     if cfg.loss.embed_distil_vector_weight > 0:
         add_distil_projection(model, teacher.dim, cfg.train.seed)
     if sharded:
@@ -246,20 +247,41 @@ def param_groups(model: Embedder, lr: float, projection_lr: float | None) -> lis
     return groups
 
 
-def _teacher(cfg: TrainSettings, info: DistInfo, registry, data: dict,
-             sampler: EpochSampler) -> TeacherVectors | None:  # fmt: skip
-    """The teacher's vectors of every training text, where a loss term or the topic batches
-    (which it also sets up here) read them; None otherwise."""
+def _teacher(cfg: TrainSettings, info: DistInfo, registry, data: dict, sampler: EpochSampler,
+             total: int) -> TeacherVectors | None:  # fmt: skip
+    """The teacher's vectors of the texts the run's ``total`` steps train on, where a loss term
+    or the topic batches (which it also sets up here) read them; None otherwise."""
     if not (cfg.loss.needs_teacher_vectors or cfg.data.topic_rows > 0):
         return None
     from conretriever.evaluation.evaluate import default_cache_dir
 
-    teacher = TeacherVectors.build(cfg.loss.embed_distil_model, data, registry, info.device,
+    if cfg.data.topic_rows > 0:  # the topics, and so the plan, need every document's vector
+        texts = TeacherTexts.of_rows(data, registry)
+    else:  # the plan is fixed by the seed: only the texts its batches will hold
+        texts = TeacherTexts.of_items(planned_items(cfg, data, registry, sampler, total))
+        if info.is_main:
+            log.info("teacher: the %d steps draw %d distinct queries and %d documents (the "
+                     "data has %d rows)", total, sum(map(len, texts.queries.values())),
+                     len(texts.docs), sum(map(len, data.values())))  # fmt: skip
+    teacher = TeacherVectors.build(cfg.loss.embed_distil_model, texts, info.device,
                                    cache_dir=default_cache_dir())  # fmt: skip
     if cfg.data.topic_rows > 0:
         sampler.topics = _topics(data, teacher, cfg.data.topic_rows, cfg.train.seed)
     # built for the topics only: no distillation term reads it
     return teacher if cfg.loss.needs_teacher_vectors else None
+
+
+def planned_items(cfg: TrainSettings, data: dict, registry, sampler: EpochSampler,
+                  total: int) -> Iterator:  # fmt: skip
+    """Every training item of global batches ``0..total``, as the ranks will build them (a
+    rank's slice of a batch is the same slots, drawn with the same per-slot seeds)."""
+    plan_epoch, plan = -1, []
+    for step in range(total):
+        epoch, index = divmod(step, len(sampler))
+        if epoch != plan_epoch:
+            plan_epoch, plan = epoch, sampler.batches(epoch)
+        yield from build_items(plan[index], data, registry, cfg.data.n_hard_negative,
+                               cfg.train.seed, epoch, index)  # fmt: skip
 
 
 def add_distil_projection(model: Embedder, teacher_dim: int, seed: int) -> None:

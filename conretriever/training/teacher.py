@@ -1,10 +1,14 @@
 """The teacher of embedding distillation: its vectors of every training text, computed once.
 
 Before the first step, the teacher embedder (``loss.embed_distil_model``, any model spec) encodes
-every distinct text the run can put in a batch: each row's query (with the instruction the row
-is trained with, in the teacher's own prompt format) and each positive and hard negative (as a
-passage). A batch then only looks its texts up: the teacher never runs during training, and
-its weights are freed before training starts.
+every distinct text the run's batches will hold (:class:`TeacherTexts`): each drawn row's query
+(with the instruction the row is trained with, in the teacher's own prompt format) and the
+positive and hard negatives drawn with it (as passages). The batch plan is fixed by the seed
+before training starts, so these are known in advance; a 120-step run of 16 rows a step draws
+1,920 of the CPU recipe's 12,661 rows, and the teacher encodes only those (every row's, when
+topic batches need the teacher's vectors of all documents to make the plan). A batch then only
+looks its texts up: the teacher never runs during training, and its weights are freed before
+training starts.
 
 Queries and passages go through the verified embedding store (``retrieval.store``, under the
 evaluation's cache folder, ``$CONRETRIEVER_CACHE/embeddings``): a second run with the same
@@ -20,7 +24,8 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +33,37 @@ import torch
 from conretriever import runtime
 
 log = logging.getLogger("conretriever.teacher")
+
+
+@dataclass
+class TeacherTexts:
+    """The distinct texts a teacher encodes: queries grouped by the instruction they are
+    trained with (a query's vector depends on both), and passages; each in first-seen order."""
+
+    queries: dict[str | None, dict[str, None]] = field(default_factory=dict)
+    docs: dict[str, None] = field(default_factory=dict)
+
+    def add(self, instruction: str | None, query: str, docs: Sequence[str]) -> None:
+        self.queries.setdefault(instruction, {})[query] = None
+        self.docs.update(dict.fromkeys(docs))
+
+    @classmethod
+    def of_rows(cls, data: dict, registry) -> TeacherTexts:
+        """Every row's query and every positive and negative of ``data`` ({task: [Example]})."""
+        texts = cls()
+        for task, rows in data.items():
+            for ex in rows:
+                texts.add(ex.instruction or registry.instruction(task), ex.query,
+                          [*ex.positives, *ex.negatives])  # fmt: skip
+        return texts
+
+    @classmethod
+    def of_items(cls, items: Iterable) -> TeacherTexts:
+        """The texts of training items (``TrainItem``: the slots batches are built from)."""
+        texts = cls()
+        for it in items:
+            texts.add(it.instruction, it.query, [it.positive, *it.negatives])
+        return texts
 
 
 class TeacherVectors:
@@ -44,30 +80,22 @@ class TeacherVectors:
         return int(self.doc_vectors.shape[1])
 
     @classmethod
-    def build(cls, spec: str, data: dict, registry, device: torch.device, cache_dir=None,
+    def build(cls, spec: str, texts: TeacherTexts, device: torch.device, cache_dir=None,
               show_progress: bool = True) -> TeacherVectors:  # fmt: skip
-        """Encode every query and document of ``data`` ({task: [Example]}) with ``spec``."""
+        """Encode ``texts`` with the teacher ``spec`` (through the store under ``cache_dir``)."""
         from conretriever.model.embedder import Embedder
 
         teacher = Embedder.from_pretrained(spec, device=device)
         teacher.eval()
-        by_instruction: dict[str | None, dict[str, None]] = {}
-        docs: dict[str, None] = {}
-        for task, rows in data.items():
-            for ex in rows:
-                instruction = ex.instruction or registry.instruction(task)
-                by_instruction.setdefault(instruction, {})[ex.query] = None
-                docs.update(dict.fromkeys(ex.positives))
-                docs.update(dict.fromkeys(ex.negatives))
         query_index: dict[tuple[str | None, str], int] = {}
         parts = []
-        for instruction, queries in by_instruction.items():
-            texts = list(queries)
-            parts.append(_encode_all(teacher, texts, cache_dir, show_progress, role="query",
+        for instruction, queries in texts.queries.items():
+            listed = list(queries)
+            parts.append(_encode_all(teacher, listed, cache_dir, show_progress, role="query",
                                      instruction=instruction))  # fmt: skip
             base = len(query_index)
-            query_index.update({(instruction, q): base + i for i, q in enumerate(texts)})
-        doc_texts = list(docs)
+            query_index.update({(instruction, q): base + i for i, q in enumerate(listed)})
+        doc_texts = list(texts.docs)
         vectors = _encode_all(teacher, doc_texts, cache_dir, show_progress)
         doc_index = {text: i for i, text in enumerate(doc_texts)}
         query_vectors = np.concatenate(parts, axis=0) if parts else np.zeros((0, teacher.dim))
