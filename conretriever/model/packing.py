@@ -151,16 +151,21 @@ def _packed_attention_forward(
             window_size=(window - 1 if window else -1, 0),  # (-1, 0) = causal, unlimited left
         )
     else:
-        out = torch.empty_like(q)
-        bounds = cu.tolist()
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
-            if window and end - start > window:
-                mask = _band_mask(end - start, window, q.device, causal)
+        # Split, not slice: the backward of n slices writes each gradient into its own
+        # zero-filled [T, H, D] tensor (n x T memory traffic per layer, ~10% of a CPU training
+        # step at 32 texts); a split's backward is one concatenation.
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        pieces = []
+        for qs, ks, vs in zip(*(t.split(lengths) for t in (q, k, v)), strict=True):
+            qs, ks, vs = (t.transpose(0, 1) for t in (qs, ks, vs))  # [H, L, D]
+            length = qs.shape[1]
+            if window and length > window:
+                mask = _band_mask(length, window, q.device, causal)
                 res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling)
             else:
                 res = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scaling)
-            out[start:end] = res.transpose(0, 1)
+            pieces.append(res.transpose(0, 1))
+        out = torch.cat(pieces)
     return out.unsqueeze(0), None
 
 
