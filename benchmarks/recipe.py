@@ -390,15 +390,16 @@ NO_EMBED = ["--embed_distil_weight", "0"]
 
 
 def biomedical_soup(seeds: tuple[int, int], science, suffix: str = "",
-                    flags: tuple[str, ...] = ()) -> dict[str, dict]:  # fmt: skip
-    """The recipe's soup rows with biomedical questions (rows 60-68, 70-75): one 120-step run of
-    the shipped config (plus ``flags``) per seed on ``mine_science``'s data (``science``: True
-    for the shipped mixture, "heavy" for squad at 0.2), then the runs averaged."""
-    member = "shipped config (fp32, reads 512), 120 steps, seed {}, + biomedical questions"
+                    flags: tuple[str, ...] = (), steps: int = 120) -> dict[str, dict]:  # fmt: skip
+    """The recipe's soup rows with biomedical questions (rows 60-68, 70-78): one run of
+    ``steps`` of the shipped config (plus ``flags``) per seed on ``mine_science``'s data
+    (``science``: True for the shipped mixture, "heavy" for squad at 0.2), then the runs
+    averaged."""
+    member = f"shipped config (fp32, reads 512), {steps} steps, seed {{}}, + biomedical questions"
     runs = {member.format(seed) + suffix: {"train": [*SHIPPED_NOW, "--seed", str(seed), *flags],
-                                           "steps": 120, "science": science}
+                                           "steps": steps, "science": science}
             for seed in seeds}  # fmt: skip
-    soup = f"soup: the 120-step seeds {seeds[0]} and {seeds[1]}, + biomedical questions{suffix}"
+    soup = f"soup: the {steps}-step seeds {seeds[0]} and {seeds[1]}, + biomedical questions{suffix}"
     return {**runs, soup: {"soup_of": list(runs)}}
 
 
@@ -734,6 +735,10 @@ ROWS: dict[str, dict] = {
     "soup: seeds 42 and 43 with the EmbeddingGemma teacher": {"soup_of": [
         "shipped config (fp32, reads 512), 120 steps, seed 42, EmbeddingGemma teacher",
         "shipped config (fp32, reads 512), 120 steps, seed 43, EmbeddingGemma teacher"]},
+    # rows 76-78: rows 70-72 at 80 steps a run (the same schedule, warmup 4 then linear to 0):
+    # two runs and the teacher's vectors of what they draw inside the 30 minutes
+    **biomedical_soup((42, 43), science=True, suffix=", EmbeddingGemma teacher + decoupled 1",
+                      flags=tuple(EMBEDDINGGEMMA_DECOUPLED), steps=80),
 }  # fmt: skip
 
 

@@ -48,15 +48,15 @@ uniform) and how often its top candidate is the labelled positive
 ranks makes it the global mean.
 
 **Embedding distillation** (``embed_distil_weight`` > 0, teacher ``embed_distil_model``: any
-embedder spec, e.g. ``embedded:minilm``): the teacher's vectors of every training text are
-computed once before training (``training.teacher``), and the student is matched to the
-teacher's *similarity structure*, which needs no projection between their dimensions: for each
-query of the global batch, over every document of the global batch (the in-batch, hard and
-cross-device candidates of InfoNCE), ``KL(softmax(T_i / t_t) || softmax(S_i / tau))`` with
-``S = q d^T`` the student's cosines, ``T`` the teacher's, and ``t_t`` =
-``embed_distil_temperature`` (none: tau). Like InfoNCE it is computed on the gathered batch, the
-same value on every rank, and multiplied by ``world`` for backward. The teacher is never saved
-with the student: there is nothing to drop at export. Two options widen what is matched:
+embedder spec, e.g. ``embedded:minilm``): the teacher's vectors of every text the run's
+batches will hold are computed before training (``training.teacher``), and the student is
+matched to the teacher's *similarity structure*, which needs no projection between their
+dimensions: for each query of the global batch, over every document of the global batch (the
+in-batch, hard and cross-device candidates of InfoNCE),
+``KL(softmax(T_i / t_t) || softmax(S_i / tau))`` with ``S = q d^T`` the student's cosines,
+``T`` the teacher's, and ``t_t`` = ``embed_distil_temperature`` (none: tau). Like InfoNCE it
+is computed on the gathered batch, the same value on every rank, and multiplied by ``world``
+for backward. The teacher is never saved with the student: there is nothing to drop at export. Two options widen what is matched:
 ``embed_distil_rows all`` matches every text's row (queries AND documents, against every other
 text of the batch: query-query, document-document and both directions of query-document),
 about 4x the pairs of the default ``queries`` rows for one hard negative; and

@@ -1,4 +1,4 @@
-"""The teacher of embedding distillation: its vectors of every training text, computed once.
+"""The teacher of embedding distillation: its vectors of the texts a run trains on, computed first.
 
 Before the first step, the teacher embedder (``loss.embed_distil_model``, any model spec) encodes
 every distinct text the run's batches will hold (:class:`TeacherTexts`): each drawn row's query
