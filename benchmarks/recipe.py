@@ -1065,7 +1065,8 @@ def main() -> int:
     parser.add_argument("--max_steps", type=int, default=40, help="training steps of every run")
     parser.add_argument("--only", action="append", default=[], help="run just these rows")
     parser.add_argument(
-        "--reuse", action="store_true",
+        "--reuse",
+        action="store_true",
         help="keep rows measured in <work>/rows.json (same steps); score a trained, unscored row "
         "without training it again",
     )

@@ -56,7 +56,8 @@ in-batch, hard and cross-device candidates of InfoNCE),
 ``KL(softmax(T_i / t_t) || softmax(S_i / tau))`` with ``S = q d^T`` the student's cosines,
 ``T`` the teacher's, and ``t_t`` = ``embed_distil_temperature`` (none: tau). Like InfoNCE it
 is computed on the gathered batch, the same value on every rank, and multiplied by ``world``
-for backward. The teacher is never saved with the student: there is nothing to drop at export. Two options widen what is matched:
+for backward. The teacher is never saved with the student: there is nothing to drop at
+export. Two options widen what is matched:
 ``embed_distil_rows all`` matches every text's row (queries AND documents, against every other
 text of the batch: query-query, document-document and both directions of query-document),
 about 4x the pairs of the default ``queries`` rows for one hard negative; and
