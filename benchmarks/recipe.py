@@ -294,7 +294,8 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
     field. Its vectors of the 12,661 queries and 4,704 passages took 17.7 minutes once, with
     its loading (stored, then read back in seconds by every later run on the same data); the
     runs trained in 21.2 (a test run shared the cores) and 19.1 minutes (39.1 and 19.4 with
-    the teacher) and were not scored alone. The soup:
+    the teacher); scored alone later (``--reuse`` scores a trained, unscored row): 64.38
+    (53.54), held-out 29.74, and 63.22 (53.97), 28.19. The soup:
     **65.31** (55.78), held-out **28.26**: +0.80 over MiniLM, +1.85 over row 62 (63.46,
     26.40) with the same seeds and batches, and the best held-out score of any Gemma row.
     58.5 minutes of training with the teacher's vectors (40.3 without): past the budget on
