@@ -298,12 +298,12 @@ def _distil_batch(model):
     return q, d, (unit(6, 5, seed=4), unit(12, 5, seed=5))
 
 
-def _nq_folder(tmp_path):
-    """A training folder of one task, nq.jsonl: eight rows with a positive and a negative."""
+def _nq_folder(tmp_path, n: int = 8):
+    """A training folder of one task, nq.jsonl: ``n`` rows with a positive and a negative."""
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"query": f"question {i}", "positive": [f"answer {i}"], "negative": [f"wrong {i}"]}
-            for i in range(8)]  # fmt: skip
+            for i in range(n)]  # fmt: skip
     (data / "nq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return data
 
@@ -544,11 +544,7 @@ def test_the_teacher_encodes_only_what_the_steps_draw(tiny_decoder, tiny_encoder
     from conretriever.training.teacher import TeacherTexts, TeacherVectors
 
     monkeypatch.setenv("CONRETRIEVER_CACHE", str(tmp_path / "cache"))
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    rows = [{"query": f"question {i}", "positive": [f"answer {i}"], "negative": [f"wrong {i}"]}
-            for i in range(40)]  # fmt: skip
-    (data_dir / "nq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data_dir = _nq_folder(tmp_path, 40)
     argv = ["--model_name_or_path", str(tiny_decoder), "--train_data", str(data_dir),
             "--per_device_train_batch_size", "4", "--max_steps", "2", "--report_to", "none",
             "--embed_distil_model", str(tiny_encoder), "--embed_distil_weight", "0.5",
