@@ -537,8 +537,7 @@ def test_the_teacher_encodes_only_what_the_steps_draw(tiny_decoder, tiny_encoder
     of the drawn rows only (2 steps of 4 of 40 rows: 8 queries, 16 documents), and every item
     of those steps finds the vector the teacher gives it when it encodes the whole data."""
     from conretriever.cli import main as cli
-    from conretriever.data.tasks import TaskRegistry
-    from conretriever.data.training import load_training_data
+    from conretriever.runtime import DistInfo
     from conretriever.training import loop
     from conretriever.training.config import parse_config
     from conretriever.training.teacher import TeacherTexts, TeacherVectors
@@ -550,10 +549,9 @@ def test_the_teacher_encodes_only_what_the_steps_draw(tiny_decoder, tiny_encoder
             "--embed_distil_model", str(tiny_encoder), "--embed_distil_weight", "0.5",
             "--n_hard_negative", "1"]  # fmt: skip
     cfg = parse_config(argv)
-    registry = TaskRegistry()
-    data = load_training_data(str(data_dir), registry)
-    sampler = loop.EpochSampler({"nq": 40}, {"nq": 1.0}, 4, seed=cfg.train.seed)
-    items = list(loop.planned_items(cfg, data, registry, sampler, 2))
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    registry, data, sampler, total = loop._data(cfg, info)  # the run's own plan
+    items = list(loop.planned_items(cfg, data, registry, sampler, total))
     assert len(items) == 8 and len({it.query for it in items}) == 8
 
     encoded = []
