@@ -315,6 +315,18 @@ and its steps slowed from ~5 s to ~7.4 s over the run (16.2 minutes for 140 step
     queries and 1,993 passages 5.1 minutes from a cold store, 8.63 s a step): 27.3 minutes of
     training, inside the budget; 64.08 (54.87), held-out 30.56, against 64.38 (29.74) at 120
     steps: one run does not pass MiniLM with more steps.
+80. row 70 with the step in bf16 autocast (AMX computes bf16 matrix products natively; the
+    teacher's vectors read from the store): 63.96 (53.60), held-out 29.69, against fp32's
+    64.38 (29.74): no loss measured at this seed; 12.6 minutes of training, steps 5.2 s at
+    first and ~6.6 by step 60, as the process's memory grew (5 to 10 GB; fp32's stays at ~9).
+    Rows 81-82 (its seed 43 and soup) not run: rows 83-85 went further;
+83. - 85. rows 80-82 with the teacher reading the student's 128 document tokens
+    (``--embed_distil_doc_max_length 128``): from a cold store its vectors of a run's draws
+    took 91 and 90 s instead of ~4.5 minutes; each run 14.8 and 14.7 minutes (steps 5.2 s at
+    first, 8.5-8.8 by the end), **29.6 for the soup**: inside the budget, at the line. Seed 42
+    alone: 64.21 (54.58); the soup: **64.79** (55.66), held-out 28.42: 0.28 above MiniLM,
+    one pair of seeds. Shipped (configs/gemma_270m_cpu.yaml: mixed_precision auto, the
+    teacher at 128 tokens).
 
 ``--heldout`` scores every row's model (full size) on a second zero-shot set too, claims of
 another field (``heldout_set``: Climate-FEVER's 1,061 claims over the 3,617 evidence sentences
@@ -359,14 +371,17 @@ MINILM_REFERENCE = 64.51  # all-MiniLM-L6-v2 on SciFact (MTEB); measured again a
 # measured on), whatever configs/gemma_270m_cpu.yaml says now (rows 26 and 30's since 2026-12-05;
 # its task weights, row 60's since 2026-12-06: the rows keep the registry's unless they say;
 # its teacher and decoupled term, rows 70-75's since 2026-12-06: the rows keep MiniLM and no
-# decoupled term unless they say, as they were measured)
+# decoupled term unless they say, as they were measured; its precision (auto) and the
+# teacher's 128 document tokens, rows 83-85's since 2026-12-06: the rows keep fp32 where they
+# say and the teacher's own 2,048 tokens unless they say)
 ABLATION_BASE = ["--learning_rate", "2e-4", "--embed_distil_rows", "queries",
                  "--n_hard_negative", "1", "--distil_weight", "1",
                  "--lora_dropout", "0.05", "--mixed_precision", "auto",
                  "--saved_doc_max_length", "0",
                  "--task_config", "none",
                  "--embed_distil_model", "embedded:minilm",
-                 "--embed_distil_rest_weight", "0"]  # fmt: skip
+                 "--embed_distil_rest_weight", "0",
+                 "--embed_distil_doc_max_length", "0"]  # fmt: skip
 TODAY = ["--distil_temperature", "1.0"]
 # the config shipped from 2026-12-04 to 2026-12-05 (row 10) over the ablation base: the
 # "shipped, ..." rows 11-18 change it
@@ -401,12 +416,15 @@ NO_EMBED = ["--embed_distil_weight", "0"]
 
 
 def biomedical_soup(seeds: tuple[int, int], science, suffix: str = "",
-                    flags: tuple[str, ...] = (), steps: int = 120) -> dict[str, dict]:  # fmt: skip
-    """The recipe's soup rows with biomedical questions (rows 60-68, 70-78): one run of
-    ``steps`` of the shipped config (plus ``flags``) per seed on ``mine_science``'s data
-    (``science``: True for the shipped mixture, "heavy" for squad at 0.2), then the runs
-    averaged."""
-    member = f"shipped config (fp32, reads 512), {steps} steps, seed {{}}, + biomedical questions"
+                    flags: tuple[str, ...] = (), steps: int = 120,
+                    precision: str = "fp32") -> dict[str, dict]:  # fmt: skip
+    """The recipe's soup rows with biomedical questions (rows 60-68, 70-78, 80-82): one run
+    of ``steps`` of the shipped config (plus ``flags``; ``precision`` names the step's
+    arithmetic in the row's name) per seed on ``mine_science``'s data (``science``: True for
+    the shipped mixture, "heavy" for squad at 0.2), then the runs averaged."""
+    member = (
+        f"shipped config ({precision}, reads 512), {steps} steps, seed {{}}, + biomedical questions"
+    )
     runs = {member.format(seed) + suffix: {"train": [*SHIPPED_NOW, "--seed", str(seed), *flags],
                                            "steps": steps, "science": science}
             for seed in seeds}  # fmt: skip
@@ -757,6 +775,23 @@ ROWS: dict[str, dict] = {
     "EmbeddingGemma teacher + decoupled 1": {
         "train": [*SHIPPED_NOW, "--seed", "42", *EMBEDDINGGEMMA_DECOUPLED], "steps": 150,
         "science": True},
+    # rows 80-82: rows 70-72 with the step in bf16 autocast (AMX computes bf16 matrix products
+    # natively): 5.9 s a step against fp32's 7.8 in a 10-step probe (2026-12-06), which would
+    # put two 120-step runs and their teacher near the 30 minutes. Row 16 lost 1.9 in bf16 on
+    # an older config, one seed; this measures it again on the shipped one
+    **biomedical_soup((42, 43), science=True, suffix=", EmbeddingGemma teacher + decoupled 1",
+                      flags=(*EMBEDDINGGEMMA_DECOUPLED, "--mixed_precision", "bf16"),
+                      precision="bf16 autocast"),
+    # rows 83-85: rows 80-82 with the teacher reading the 128 document tokens the student
+    # trains on instead of its own 2,048 (a third of BioASQ's passages run past 512 tokens, and
+    # those dominate the teacher's minutes); it then judges the text the student sees. The
+    # teacher's vectors of two runs' draws from a cold store, then two bf16 runs: the soup
+    # aimed at the 30 minutes
+    **biomedical_soup((42, 43), science=True,
+                      suffix=", EmbeddingGemma teacher reading 128 doc tokens + decoupled 1",
+                      flags=(*EMBEDDINGGEMMA_DECOUPLED, "--mixed_precision", "bf16",
+                             "--embed_distil_doc_max_length", "128"),
+                      precision="bf16 autocast"),
 }  # fmt: skip
 
 

@@ -579,6 +579,38 @@ def test_the_teacher_encodes_only_what_the_steps_draw(tiny_decoder, tiny_encoder
         np.testing.assert_allclose(ours.numpy(), full.numpy(), atol=1e-6)
 
 
+def test_the_teacher_reads_documents_cut_where_asked(tiny_encoder, tmp_path):
+    """``--embed_distil_doc_max_length N``: the teacher's document vectors are those of the
+    documents' first N tokens (the queries keep the teacher's own limit), and the store keeps
+    them apart from the full-length vectors of the same texts, in either order of building."""
+    from conretriever.data.tasks import TaskRegistry
+    from conretriever.data.training import Example
+    from conretriever.training.config import parse_config
+    from conretriever.training.teacher import TeacherTexts, TeacherVectors
+
+    long_doc = " ".join(f"word{i}" for i in range(60))
+    query = " ".join(f"ask{i}" for i in range(30))  # longer than the cut: must stay whole
+    data = {"nq": [Example(query, (long_doc,), ("short text",), None, "nq", "nq.jsonl:1")]}
+    build = dict(spec=str(tiny_encoder), texts=TeacherTexts.of_rows(data, TaskRegistry()),
+                 device=torch.device("cpu"), cache_dir=tmp_path / "cache",
+                 show_progress=False)  # fmt: skip
+    cut = TeacherVectors.build(**build, doc_max_length=8)
+    full = TeacherVectors.build(**build)
+    teacher = Embedder.from_pretrained(str(tiny_encoder), device="cpu")
+    docs = [long_doc, "short text"]
+    np.testing.assert_allclose(cut.documents(docs), teacher.encode(docs, "passage", max_length=8),
+                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(full.documents(docs), teacher.encode(docs, "passage"), atol=1e-6)
+    assert not np.allclose(cut.documents([long_doc]), full.documents([long_doc]), atol=1e-3)
+    np.testing.assert_allclose(cut.documents(["short text"]), full.documents(["short text"]),
+                               atol=1e-6)  # fmt: skip
+    np.testing.assert_array_equal(cut.query_vectors, full.query_vectors)
+    again = TeacherVectors.build(**build, doc_max_length=8)  # read back: still the cut ones
+    np.testing.assert_array_equal(again.doc_vectors, cut.doc_vectors)
+    flag = ["--embed_distil_doc_max_length", "8", "--output", str(tmp_path / "run")]
+    assert parse_config(flag).loss.embed_distil_doc_max_length == 8
+
+
 # ----- 3. bidirectional attention ----------------------------------------------------------------
 def _gemma(path, window: int | None = None):
     from transformers import AutoConfig, AutoModel

@@ -264,7 +264,8 @@ def _teacher(cfg: TrainSettings, info: DistInfo, registry, data: dict, sampler: 
                      "data has %d rows)", total, sum(map(len, texts.queries.values())),
                      len(texts.docs), sum(map(len, data.values())))  # fmt: skip
     teacher = TeacherVectors.build(cfg.loss.embed_distil_model, texts, info.device,
-                                   cache_dir=default_cache_dir())  # fmt: skip
+                                   cache_dir=default_cache_dir(),
+                                   doc_max_length=cfg.loss.embed_distil_doc_max_length)  # fmt: skip
     if cfg.data.topic_rows > 0:
         sampler.topics = _topics(data, teacher, cfg.data.topic_rows, cfg.train.seed)
     # built for the topics only: no distillation term reads it
@@ -536,6 +537,7 @@ def export_final(s: Setup) -> Path | None:
 
 def train(cfg: TrainSettings) -> dict:
     """Run training as ``cfg`` says; returns ``{"final": path, "last": last metrics row}``."""
+    runtime.bound_kernel_cache()  # before the teacher's or the model's first matrix product
     info = runtime.init_distributed(group_of_one=bool(cfg.train.fsdp))
     np.random.seed(cfg.train.seed)
     random.seed(cfg.train.seed)

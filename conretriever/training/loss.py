@@ -165,6 +165,12 @@ class LossSettings:
     embed_distil_weight: float = opt(
         0.0, ge=0, help="weight of the KL to the teacher's in-batch similarities"
     )
+    embed_distil_doc_max_length: int = opt(
+        0,
+        ge=0,
+        help="document tokens the teacher reads (appended EOS included); 0: the teacher's own "
+        "limit. The student's --doc_max_length makes the teacher judge what the student sees",
+    )
     embed_distil_temperature: float | None = opt(
         None, gt=0, help="teacher similarities' softmax temperature; none: tau"
     )

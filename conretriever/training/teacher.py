@@ -81,11 +81,15 @@ class TeacherVectors:
 
     @classmethod
     def build(cls, spec: str, texts: TeacherTexts, device: torch.device, cache_dir=None,
-              show_progress: bool = True) -> TeacherVectors:  # fmt: skip
-        """Encode ``texts`` with the teacher ``spec`` (through the store under ``cache_dir``)."""
+              show_progress: bool = True, doc_max_length: int = 0) -> TeacherVectors:  # fmt: skip
+        """Encode ``texts`` with the teacher ``spec`` (through the store under ``cache_dir``),
+        its documents cut at ``doc_max_length`` tokens (0: the teacher's own limit; the store
+        keys vectors by that limit, so two limits never share a vector)."""
         from conretriever.model.embedder import Embedder
+        from conretriever.model.settings import EmbedderSettings
 
-        teacher = Embedder.from_pretrained(spec, device=device)
+        cut = EmbedderSettings(doc_max_length=doc_max_length) if doc_max_length else None
+        teacher = Embedder.from_pretrained(spec, cut, device=device)
         teacher.eval()
         query_index: dict[tuple[str | None, str], int] = {}
         parts = []
