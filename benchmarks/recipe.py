@@ -428,7 +428,10 @@ def biomedical_soup(seeds: tuple[int, int], science, suffix: str = "",
     runs = {member.format(seed) + suffix: {"train": [*SHIPPED_NOW, "--seed", str(seed), *flags],
                                            "steps": steps, "science": science}
             for seed in seeds}  # fmt: skip
+    # the precision joins the soup's name where it is not fp32: rows 80-82's soup would
+    # otherwise take rows 70-72's name (their members' names differ by it)
     soup = f"soup: the {steps}-step seeds {seeds[0]} and {seeds[1]}, + biomedical questions{suffix}"
+    soup += f", {precision}" if precision != "fp32" else ""
     return {**runs, soup: {"soup_of": list(runs)}}
 
 
