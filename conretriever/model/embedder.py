@@ -35,6 +35,7 @@ from conretriever import runtime
 from conretriever.errors import ConfigError, UserError
 from conretriever.model import export
 from conretriever.model.batching import auto_token_budget, token_budget_batches
+from conretriever.model.lora import fuse_lora_forward
 from conretriever.model.prompts import format_passage, format_query
 from conretriever.model.settings import EmbedderSettings, LoraSettings
 from conretriever.model.specs import resolve_model
@@ -604,6 +605,9 @@ def apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
     the backward pass at the first adapted layer, and a step costs the forward pass plus the
     backward of those layers alone).
 
+    Each adapted layer runs the fused forward of ``conretriever.model.lora`` (peft's sum, one
+    ``addmm`` instead of three passes over the layer's output).
+
     A module name the model does not have is checked here, before peft sees it (peft's own
     ValueError would surface as a traceback), with peft's matching rule: ``name`` matches a
     module whose dotted path is ``name`` or ends in ``.name``. Whatever else peft refuses (a
@@ -648,6 +652,7 @@ def apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
         # every frozen layer again; ours is non-reentrant and needs none. Registered last, this
         # hook hands the layers a tensor outside the graph, whatever the earlier hooks did.
         model.get_base_model().get_input_embeddings().register_forward_hook(_outside_the_graph)
+    fuse_lora_forward(model)  # the adapter summed inside the layer's GEMM: see model/lora.py
     return model
 
 
