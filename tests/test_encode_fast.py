@@ -101,6 +101,24 @@ def test_batches_respect_the_token_budget(tiny_decoder):
     assert shapes[-1].shape[0] > shapes[0].shape[0]  # short texts: more per batch
 
 
+@pytest.mark.parametrize("dtype, budget", [(torch.float32, 1024), (torch.bfloat16, 4096)])
+def test_the_auto_budget_on_a_cpu_follows_the_weights_dtype(tiny_decoder, dtype, budget):
+    """bf16 matrix products pay a fixed cost per call on a CPU, so bf16 weights get bigger
+    batches than fp32 ones: a batch fills up to the budget and no further."""
+    emb = Embedder.from_pretrained(tiny_decoder, device="cpu", dtype=dtype)
+    texts = ["abcdefghij klmnopqrst uvwxyz"] * 600  # 600 texts of one length
+    length = len(emb.tokenize(texts[:1], 512, padding=False)["input_ids"][0])
+    rows = []
+    hook = emb.backbone.register_forward_pre_hook(
+        lambda mod, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        emb.encode(texts, role="passage", batch_size=1000)
+    finally:
+        hook.remove()
+    assert rows[0] == budget // length
+
+
 def testtoken_budget_batches_cover_every_index_once():
     rng = random.Random(0)
     lengths = [rng.randint(1, 100) for _ in range(500)]
