@@ -9,9 +9,8 @@ peft computes a LoRA-adapted linear layer (frozen ``W`` [out, in], adapter ``A``
 
 Steps 2 and 3 are rank-``r`` work but move ``tokens x out`` floats four times, and so do their
 backward passes (the multiply's gradient is another full pass). On a CPU, where memory traffic
-is what these passes cost, that is ~10% of a LoRA training step on Gemma-3-270M: a
-[2,039 x 2,048] MLP output costs 24 ms in its GEMM and ~9 ms more in the adapter's
-elementwise passes.
+is what these passes cost, that was ~9% of a LoRA training step on Gemma-3-270M on 2 AMX
+cores (2026-12-06; the timings: docs/training.md, "LoRA's forward is fused").
 
 :func:`fuse_lora_forward` gives each adapted layer the same sum as ONE ``addmm``:
 
