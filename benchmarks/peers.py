@@ -13,8 +13,10 @@ times each, and reports the medians as one line,
   N of ``../shared/data/scifact``; seeded synthetic passages when it is absent) through
   ``Embedder.encode`` and through ``SentenceTransformer.encode`` (its defaults, which sort by
   length), same model folder, same dtype (``--dtype``), same maximum length; the largest absolute
-  difference between the two sets of vectors is printed. Gemma-3-270M goes through our exported
-  folder (which sentence-transformers loads with last-token pooling and our EOS rule).
+  difference between the two sets of vectors is printed, and the lowest cosine between a text's
+  two vectors (each renormalised: the peer normalises in bf16 when the model runs in it).
+  Gemma-3-270M goes through our exported folder (which sentence-transformers loads with
+  last-token pooling and our EOS rule).
 * ``eval``: a whole ``conretriever eval`` (its own process, corpus cache off) against mteb 2.x +
   sentence-transformers (its own process: ``mteb.evaluate`` of the ``SentenceTransformer`` on the
   same local BEIR folder, through ``local_mteb_task``), all-MiniLM-L6-v2 on SciFact, both in
@@ -127,8 +129,13 @@ def encode(name: str, spec: str, args, texts: list[str]) -> dict:
             ),  # fmt: skip
             args.repeats,
         )
-    diff = float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max())
-    extra = f"{len(texts)} passages, {args.dtype}, max abs difference {diff:.2e}"
+    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+    diff = float(np.abs(a - b).max())
+    # The peer normalises in the model's dtype (bf16 lengths 0.998-1.004): compare directions.
+    a, b = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (a, b))
+    lowest = float((a * b).sum(axis=1).min())
+    extra = (f"{len(texts)} passages, {args.dtype}, max abs difference {diff:.2e}, "
+             f"lowest cosine {lowest:.5f}")  # fmt: skip
     return line(name, "sentence-transformers", ours_s, peer_s, extra)
 
 
